@@ -1,0 +1,51 @@
+"""``python -m worker`` / ``mlx-worker``: protect stdout, say ready, serve until stdin closes."""
+
+import logging
+import os
+import signal
+import sys
+
+
+def _protect_stdout() -> int:
+    """Keep fd 1 for protocol lines only: save it, then point fd 1 and sys.stdout at stderr.
+
+    Anything else that prints (Python code, C libraries) lands on stderr instead of corrupting
+    the stream.
+    """
+    sys.stdout.flush()
+    out_fd = os.dup(1)
+    os.set_inheritable(out_fd, False)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return out_fd
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    from . import blas
+
+    blas.maybe_reexec(argv)
+    out_fd = _protect_stdout()
+    # no model hub, ever: everything is loaded from local directories
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=os.environ.get("MLX_WORKER_LOG", "INFO").upper(),
+        format="mlx-worker %(levelname)s: %(message)s",
+    )
+    from .ready import ready_event
+    from .server import Server
+
+    server = Server(out_fd)
+    signal.signal(signal.SIGTERM, lambda *_: server.request_exit(0))
+    signal.signal(signal.SIGINT, lambda *_: server.request_exit(0))
+    code = server.serve(sys.stdin.buffer, ready_event(server.max_line_bytes))
+    logging.shutdown()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Loading a model directory into a ModelKit: the mlx-lm text model, its tokenizer and facts about it."""
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import get_total_parameters, load_model, load_tokenizer
+
+from .protocol import LoadOptions, ModelInfo, WorkerError
+
+log = logging.getLogger("worker")
+
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+_CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length")
+
+
+@dataclass
+class ModelKit:
+    path: Path
+    model: nn.Module
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    config: dict
+    options: LoadOptions
+    info: ModelInfo
+    warnings: list = field(default_factory=list)
+
+
+def read_config(path: Path) -> dict:
+    if not path.exists():
+        raise WorkerError("model_not_found", f"model path does not exist: {path}")
+    if not path.is_dir():
+        raise WorkerError("model_not_found", f"model path is not a directory: {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise WorkerError("model_not_found", f"no config.json in {path}: not a model directory")
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WorkerError("model_load_failed", f"config.json is not readable JSON: {exc}")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise WorkerError("model_load_failed", "config.json has no `model_type`")
+    return config
+
+
+def check_remote_code(path: Path, config: dict, trust: bool) -> None:
+    """Refuse checkpoints that ask for their own Python code, before any of it can run."""
+    wants = [k for k in ("model_file", "auto_map") if k in config]
+    tok_cfg = path / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        try:
+            if "auto_map" in json.loads(tok_cfg.read_text(encoding="utf-8")):
+                wants.append("tokenizer_config.auto_map")
+        except (OSError, ValueError):
+            pass
+    if wants and not trust:
+        raise WorkerError(
+            "remote_code_refused",
+            f"the checkpoint asks to run its own code ({', '.join(wants)}); "
+            "load it with options.trust_remote_code=true only if you trust its source",
+        )
+
+
+def compute_dtype(options: LoadOptions, stored: mx.Dtype) -> Optional[mx.Dtype]:
+    """The float dtype to run in, or None to keep the stored one.
+
+    On the CPU, bf16/fp16 matmuls have no BLAS path, so "auto" computes in float32 there.
+    """
+    if options.dtype in _DTYPES:
+        return _DTYPES[options.dtype]
+    if options.dtype == "auto" and mx.default_device().type == mx.DeviceType.cpu:
+        if stored in (mx.bfloat16, mx.float16):
+            return mx.float32
+    return None
+
+
+def _stored_dtype(model: nn.Module) -> mx.Dtype:
+    counts = {}
+    for _, p in tree_flatten(model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.size
+    return max(counts, key=counts.get) if counts else mx.float32
+
+
+def _dtype_name(d: mx.Dtype) -> str:
+    return str(d).split(".")[-1]
+
+
+def load(path_str: str, options: LoadOptions, progress: Callable[[float], None]) -> ModelKit:
+    tic = time.perf_counter()
+    path = Path(path_str).expanduser()
+    config = read_config(path)
+    check_remote_code(path, config, options.trust_remote_code)
+    if not any(path.glob("*.safetensors")):
+        raise WorkerError("model_load_failed", f"no *.safetensors weights in {path}")
+    progress(0.05)
+    try:
+        model, config = load_model(path, lazy=True, trust_remote_code=options.trust_remote_code)
+    except WorkerError:
+        raise
+    except Exception as exc:  # mlx-lm raises ValueError, FileNotFoundError, RuntimeError...
+        raise WorkerError("model_load_failed", f"could not build the model: {exc}") from exc
+    progress(0.3)
+    stored = _stored_dtype(model)
+    target = compute_dtype(options, stored)
+    if target is not None and target != stored:
+        model.set_dtype(target, lambda d: mx.issubdtype(d, mx.floating))
+    try:
+        mx.eval(model.parameters())
+    except Exception as exc:
+        raise WorkerError("model_load_failed", f"could not read the weights: {exc}") from exc
+    progress(0.8)
+    try:
+        tokenizer = load_tokenizer(
+            path,
+            {"trust_remote_code": options.trust_remote_code},
+            eos_token_ids=config.get("eos_token_id"),
+        )
+    except Exception as exc:
+        raise WorkerError("model_load_failed", f"could not load the tokenizer: {exc}") from exc
+    progress(0.95)
+    if options.seed is not None:
+        mx.random.seed(options.seed)
+    text_cfg = config.get("text_config") or {}
+    context = next(
+        (c[k] for c in (config, text_cfg) for k in _CONTEXT_KEYS if isinstance(c.get(k), int)), None
+    )
+    vocab = config.get("vocab_size") or text_cfg.get("vocab_size") or len(tokenizer.vocab)
+    warnings = []
+    if "vision_config" in config:
+        warnings.append("this checkpoint has a vision tower; images are not supported yet, text only")
+    info = ModelInfo(
+        path=str(path.resolve()),
+        model_type=config["model_type"],
+        context_length=context,
+        vocab_size=int(vocab),
+        vision=False,
+        eos_token_ids=sorted(int(t) for t in tokenizer.eos_token_ids),
+        chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        compute_dtype=_dtype_name(_stored_dtype(model)),
+        stored_dtype=_dtype_name(stored),
+        parameters=int(get_total_parameters(model)),
+        load_s=round(time.perf_counter() - tic, 4),
+    )
+    return ModelKit(path, model, tokenizer, config, options, info, warnings)

@@ -1,0 +1,31 @@
+"""Stable error codes. Every error a host can cause is a ``WorkerError`` carrying one of these."""
+
+# code -> JSON-RPC style number (the standard ones where they fit, -32000.. for ours)
+CODES = {
+    "parse_error": -32700,  # the line is not valid JSON (or not UTF-8)
+    "invalid_request": -32600,  # JSON, but not a request object (no id, no type, duplicate id...)
+    "unknown_type": -32601,  # a request type this worker does not know
+    "invalid_params": -32602,  # a field has the wrong type or an out-of-range value
+    "internal": -32603,  # a bug or an unexpected failure inside the worker
+    "line_too_long": -32001,  # the line exceeded limits.max_line_bytes; it was skipped
+    "no_model": -32002,  # generate/tokenize without a loaded model
+    "model_not_found": -32003,  # load: the path does not exist or is not a model directory
+    "model_load_failed": -32004,  # load: the checkpoint could not be read or built
+    "remote_code_refused": -32005,  # load: the checkpoint wants custom code, trust_remote_code is false
+    "queue_full": -32006,  # too many queued work requests
+    "context_overflow": -32007,  # the prompt alone is longer than the context window
+    "shutting_down": -32008,  # the worker is exiting and takes no new work
+}
+
+
+class WorkerError(Exception):
+    def __init__(self, code: str, message: str):
+        if code not in CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def number(self) -> int:
+        return CODES[self.code]

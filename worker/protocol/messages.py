@@ -1,0 +1,201 @@
+"""Every message on the wire, as msgspec Structs: the single definition of the protocol.
+
+Requests are a tagged union on ``type``; events carry ``type``, ``id`` and ``seq``. The writer
+thread assigns ``seq`` just before encoding, so events are built with ``seq=0``.
+"""
+
+from typing import Literal, Optional, Union
+
+import msgspec
+from msgspec import Meta, Struct
+from typing_extensions import Annotated
+
+PROTOCOL_VERSION = "1.0"
+
+NonNeg = Annotated[int, Meta(ge=0)]
+Pos = Annotated[int, Meta(ge=1)]
+RequestId = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+# ---------------------------------------------------------------- requests
+
+
+class Request(Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    id: RequestId
+
+
+class LoadOptions(Struct, forbid_unknown_fields=True, kw_only=True):
+    max_kv_size: Optional[Pos] = None
+    prefill_step_size: Annotated[int, Meta(ge=1, le=65536)] = 2048
+    trust_remote_code: bool = False
+    seed: Optional[NonNeg] = None
+    dtype: Literal["auto", "stored", "float32", "float16", "bfloat16"] = "auto"
+
+
+class Load(Request, tag="load", kw_only=True):
+    model_path: Annotated[str, Meta(min_length=1)]
+    options: LoadOptions = msgspec.field(default_factory=LoadOptions)
+
+
+class TextPart(Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
+    text: str
+
+
+class Message(Struct, forbid_unknown_fields=True, kw_only=True):
+    role: Annotated[str, Meta(min_length=1)]
+    content: Union[str, list[TextPart]] = ""
+
+
+class Prompt(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Exactly one of ``text``, ``tokens`` or ``messages``."""
+
+    text: Optional[str] = None
+    tokens: Optional[list[NonNeg]] = None
+    messages: Optional[list[Message]] = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+
+
+class GenerateParams(Struct, forbid_unknown_fields=True, kw_only=True):
+    max_tokens: Annotated[int, Meta(ge=0, le=1_000_000)] = 512
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=0)] = 0
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    seed: Optional[NonNeg] = None
+    stop: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=16)] = []
+
+
+class Generate(Request, tag="generate", kw_only=True):
+    prompt: Prompt
+    params: GenerateParams = msgspec.field(default_factory=GenerateParams)
+
+
+class Cancel(Request, tag="cancel", kw_only=True):
+    target: str
+
+
+class Unload(Request, tag="unload", kw_only=True):
+    pass
+
+
+class Tokenize(Request, tag="tokenize", kw_only=True):
+    text: str
+    add_special_tokens: bool = True
+
+
+class Status(Request, tag="status", kw_only=True):
+    pass
+
+
+class Shutdown(Request, tag="shutdown", kw_only=True):
+    pass
+
+
+AnyRequest = Union[Load, Generate, Cancel, Unload, Tokenize, Status, Shutdown]
+REQUEST_TYPES = {cls.__struct_config__.tag: cls for cls in AnyRequest.__args__}
+
+
+# ---------------------------------------------------------------- events
+
+
+class Event(Struct, tag_field="type", omit_defaults=True, kw_only=True):
+    id: Optional[str]
+    seq: int = 0
+
+
+class DeviceInfo(Struct, omit_defaults=True, kw_only=True):
+    type: Literal["cpu", "gpu"]
+    name: str = ""
+    compute_dtype: str
+    blas: Optional[dict] = None
+
+
+class Limits(Struct, kw_only=True):
+    max_line_bytes: int
+    max_queue: int
+
+
+class Ready(Event, tag="ready", kw_only=True):
+    protocol_version: str = PROTOCOL_VERSION
+    versions: dict[str, str]
+    device: DeviceInfo
+    pid: int
+    capabilities: list[str]
+    limits: Limits
+
+
+class Progress(Event, tag="progress", kw_only=True):
+    stage: Literal["load", "prompt"]
+    fraction: float
+    total: Optional[int] = None
+    cached: Optional[int] = None
+    processed: Optional[int] = None
+
+
+class Token(Event, tag="token", kw_only=True):
+    text: str
+    tokens: list[int]
+
+
+class Stats(Event, tag="stats", kw_only=True):
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    ttft_s: float
+    prompt_tps: float
+    generation_tps: float
+    peak_memory_bytes: int
+    total_s: float
+
+
+class ModelInfo(Struct, omit_defaults=True, kw_only=True):
+    path: str
+    model_type: str
+    context_length: Optional[int] = None
+    vocab_size: int
+    vision: bool = False
+    eos_token_ids: list[int]
+    chat_template: bool
+    compute_dtype: str
+    stored_dtype: str
+    parameters: int
+    load_s: float
+
+
+StopReason = Literal["eos", "stop_string", "max_tokens", "context_full", "cancelled"]
+
+
+class Done(Event, tag="done", kw_only=True):
+    """The terminal success event. Which fields are present depends on the request type."""
+
+    request: str
+    # generate (and a cancelled request of any type)
+    stop_reason: Optional[StopReason] = None
+    stop_string: Optional[str] = None
+    text: Optional[str] = None
+    # load, status
+    model: Optional[ModelInfo] = None
+    warnings: Optional[list[str]] = None
+    # tokenize
+    tokens: Optional[list[int]] = None
+    # cancel
+    cancelled: Optional[bool] = None
+    # status
+    state: Optional[str] = None
+    active: Optional[str] = None
+    queue: Optional[list[str]] = None
+
+
+class Error(Event, tag="error", kw_only=True):
+    code: str
+    number: int
+    message: str
+
+
+class Log(Event, tag="log", kw_only=True):
+    level: Literal["debug", "info", "warning", "error"]
+    message: str
+
+
+AnyEvent = Union[Ready, Progress, Token, Stats, Done, Error, Log]
