@@ -20,11 +20,23 @@ def _protect_stdout() -> int:
     return out_fd
 
 
+def _parse(argv):
+    import argparse
+
+    from .protocol import DEFAULT_MAX_LINE_BYTES
+
+    ap = argparse.ArgumentParser(prog="mlx-worker", description=__doc__)
+    ap.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
+                    help="longest request line accepted (bytes); longer lines are skipped")
+    return ap.parse_args(argv)
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     from . import blas
 
     blas.maybe_reexec(argv)
+    args = _parse(argv)
     out_fd = _protect_stdout()
     # no model hub, ever: everything is loaded from local directories
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -39,7 +51,7 @@ def main(argv=None) -> None:
     from .ready import ready_event
     from .server import Server
 
-    server = Server(out_fd)
+    server = Server(out_fd, max(64, args.max_line_bytes))
     signal.signal(signal.SIGTERM, lambda *_: server.request_exit(0))
     signal.signal(signal.SIGINT, lambda *_: server.request_exit(0))
     code = server.serve(sys.stdin.buffer, ready_event(server.max_line_bytes))

@@ -1,0 +1,100 @@
+"""A small test host: spawns the real worker process and talks NDJSON to it."""
+
+import json
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = ("done", "error")
+
+
+class Worker:
+    def __init__(self, args=(), env=None, cmd=None):
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        base = shlex.split(os.environ["MLX_WORKER_CMD"]) if os.environ.get("MLX_WORKER_CMD") else None
+        self.proc = subprocess.Popen(
+            cmd or [*(base or [sys.executable, "-m", "worker"]), *args],
+            cwd=ROOT, env=full_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.events = queue.Queue()
+        self.raw_lines = []
+        self.stderr_lines = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._pump_err, daemon=True).start()
+        self.backlog = []
+        self.ready = self.next_event(timeout=60)
+        assert self.ready["type"] == "ready", self.ready
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self.raw_lines.append(line)
+            self.events.put(json.loads(line))  # a non-JSON line fails the test loudly
+        self.events.put(None)
+
+    def _pump_err(self):
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line.decode("utf-8", "replace"))
+
+    def send_raw(self, data: bytes):
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def send(self, obj):
+        self.send_raw((json.dumps(obj) + "\n").encode())
+
+    def next_event(self, timeout=60):
+        ev = self.events.get(timeout=timeout)
+        if ev is None:
+            raise EOFError("worker closed stdout; stderr:\n" + "".join(self.stderr_lines[-20:]))
+        return ev
+
+    def collect(self, rid, timeout=120):
+        """Events of request ``rid`` up to its terminal event (others are kept for later)."""
+        out = [e for e in self.backlog if e.get("id") == rid]
+        self.backlog = [e for e in self.backlog if e.get("id") != rid]
+        deadline = time.monotonic() + timeout
+        while not out or out[-1]["type"] not in TERMINAL:
+            ev = self.next_event(timeout=max(0.01, deadline - time.monotonic()))
+            if ev.get("id") == rid:
+                out.append(ev)
+            else:
+                self.backlog.append(ev)
+        return out
+
+    def request(self, obj, timeout=120):
+        self.send(obj)
+        return self.collect(obj["id"], timeout)
+
+    def load(self, path, **options):
+        evs = self.request({"type": "load", "id": f"load-{path}", "model_path": str(path),
+                            "options": options})
+        assert evs[-1]["type"] == "done", evs[-1]
+        return evs[-1]["model"]
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def generated_tokens(events):
+    return [t for e in events if e["type"] == "token" for t in e["tokens"]]
+
+
+def generated_text(events):
+    return "".join(e["text"] for e in events if e["type"] == "token")

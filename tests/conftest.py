@@ -1,0 +1,45 @@
+import pytest
+
+from tests.client import Worker
+from tests.fixtures import fixture_dir
+
+
+@pytest.fixture(scope="session")
+def fixtures_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("fixtures")
+
+
+@pytest.fixture(scope="session")
+def llama_dir(fixtures_root):
+    return fixture_dir("llama", fixtures_root)
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(fixtures_root):
+    return fixture_dir("qwen2", fixtures_root)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(fixtures_root):
+    return fixture_dir("gemma3_text", fixtures_root)
+
+
+@pytest.fixture(scope="session")
+def family_dirs(llama_dir, qwen2_dir, gemma3_dir):
+    return {"llama": llama_dir, "qwen2": qwen2_dir, "gemma3_text": gemma3_dir}
+
+
+@pytest.fixture
+def worker():
+    w = Worker()
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def llama_worker(llama_dir):
+    """One worker with the llama fixture loaded, shared by a module's tests."""
+    w = Worker()
+    w.load(llama_dir)
+    yield w
+    w.close()

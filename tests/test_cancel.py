@@ -1,0 +1,82 @@
+"""Acceptance: cancel while decoding, while prefilling and while queued; the worker then serves correctly."""
+
+from tests import reference as ref
+from tests.client import generated_tokens
+
+LONG = {"max_tokens": 100000}
+
+
+def _wait_for(worker, rid, pred, timeout=60):
+    while True:
+        ev = worker.next_event(timeout)
+        if ev.get("id") == rid and pred(ev):
+            return ev
+        worker.backlog.append(ev)
+
+
+def _check_still_serving(worker, path):
+    events = worker.request({"type": "generate", "id": "after", "prompt": {"text": "after cancel"},
+                             "params": {"max_tokens": 10}})
+    assert generated_tokens(events) == ref.generate(path, ref.text_ids(path, "after cancel"), 10)
+
+
+def test_cancel_during_decode(worker, llama_dir):
+    worker.load(llama_dir)
+    worker.send({"type": "generate", "id": "g", "prompt": {"tokens": [3, 4, 5]}, "params": LONG})
+    _wait_for(worker, "g", lambda e: e["type"] == "token")
+    ack = worker.request({"type": "cancel", "id": "c", "target": "g"})
+    assert ack[-1] == {**ack[-1], "type": "done", "cancelled": True}
+    events = worker.collect("g")
+    assert events[-1]["type"] == "done" and events[-1]["stop_reason"] == "cancelled"
+    assert [e for e in events if e["type"] in ("done", "error")] == [events[-1]]
+    _check_still_serving(worker, llama_dir)
+
+
+def test_cancel_during_prefill(worker, llama_dir):
+    worker.load(llama_dir, prefill_step_size=4)
+    worker.send({"type": "generate", "id": "p", "prompt": {"tokens": [9] * 1800}, "params": LONG})
+    first = _wait_for(worker, "p", lambda e: e["type"] == "progress")
+    worker.send({"type": "cancel", "id": "c2", "target": "p"})
+    events = [first] + worker.collect("p")
+    assert events[-1]["stop_reason"] == "cancelled"
+    assert not [e for e in events if e["type"] == "token"], "cancelled before the first token"
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress[-1]["processed"] < 1800
+    assert worker.collect("c2")[-1]["cancelled"] is True
+    _check_still_serving(worker, llama_dir)
+
+
+def test_cancel_while_queued(worker, llama_dir):
+    worker.load(llama_dir)
+    worker.send({"type": "generate", "id": "a", "prompt": {"tokens": [3, 4]}, "params": LONG})
+    worker.send({"type": "generate", "id": "b", "prompt": {"tokens": [3, 4]}, "params": LONG})
+    status = worker.request({"type": "status", "id": "s"})[-1]
+    assert "b" in status["queue"] and status["state"] in ("generating", "idle")
+    b_events = worker.request({"type": "cancel", "id": "cb", "target": "b"})
+    assert b_events[-1]["cancelled"] is True
+    b = worker.collect("b")
+    assert b == [b[-1]] and b[-1]["stop_reason"] == "cancelled"
+    worker.send({"type": "cancel", "id": "ca", "target": "a"})
+    assert worker.collect("a")[-1]["stop_reason"] == "cancelled"
+    _check_still_serving(worker, llama_dir)
+
+
+def test_cancel_unknown_or_finished_is_not_an_error(llama_worker):
+    done = llama_worker.request({"type": "cancel", "id": "c", "target": "nope"})[-1]
+    assert done["type"] == "done" and done["cancelled"] is False
+    llama_worker.request({"type": "generate", "id": "fin", "prompt": {"text": "x"},
+                          "params": {"max_tokens": 2}})
+    done = llama_worker.request({"type": "cancel", "id": "c3", "target": "fin"})[-1]
+    assert done["cancelled"] is False
+
+
+def test_stdin_eof_exits_quickly(worker, llama_dir):
+    import time
+
+    worker.load(llama_dir)
+    worker.send({"type": "generate", "id": "g", "prompt": {"tokens": [3]}, "params": LONG})
+    _wait_for(worker, "g", lambda e: e["type"] == "token")
+    t = time.monotonic()
+    worker.proc.stdin.close()
+    assert worker.proc.wait(5) == 0
+    assert time.monotonic() - t < 1.5
