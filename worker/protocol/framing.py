@@ -1,5 +1,6 @@
 """Line framing and request decoding: bytes in, a typed request (or a precise error) out."""
 
+import json
 from typing import BinaryIO, Iterator, Optional, Tuple
 
 import msgspec
@@ -58,7 +59,10 @@ def _diagnose(line: bytes, typed_error: Exception) -> Tuple[str, str, Optional[s
     try:
         obj = _raw_decoder.decode(line)
     except msgspec.DecodeError as exc:
-        return "parse_error", f"the line is not valid JSON: {exc}", None
+        try:  # valid JSON that msgspec cannot hold, e.g. a number beyond float range
+            obj = json.loads(line, parse_constant=_reject)
+        except (ValueError, RecursionError):
+            return "parse_error", f"the line is not valid JSON: {exc}", None
     if not isinstance(obj, dict):
         return "invalid_request", f"a request must be a JSON object, got {type(obj).__name__}", None
     rid = obj.get("id")
@@ -71,3 +75,7 @@ def _diagnose(line: bytes, typed_error: Exception) -> Tuple[str, str, Optional[s
         known = ", ".join(sorted(REQUEST_TYPES))
         return "unknown_type", f"unknown request type {kind!r}; known types: {known}", rid
     return "invalid_params", f"invalid `{kind}` request: {typed_error}", rid
+
+
+def _reject(name):
+    raise ValueError(f"{name} is not JSON")

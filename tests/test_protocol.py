@@ -1,0 +1,70 @@
+"""The protocol definition: generated docs and schema are fresh, decoding classifies errors."""
+
+import json
+
+import msgspec
+import pytest
+
+from worker.protocol import CODES, WorkerError, decode_request, messages
+from worker.protocol.docs import ROOT, refresh
+from worker.protocol.framing import TooLong, read_lines
+from worker.protocol.schema import schema_text
+
+
+def test_schema_is_fresh():
+    committed = (ROOT / "schema" / "protocol.schema.json").read_text(encoding="utf-8")
+    assert committed == schema_text(), "run: python -m worker.protocol.docs --write"
+
+
+def test_protocol_md_is_fresh():
+    text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
+    assert text == refresh(text), "run: python -m worker.protocol.docs --write"
+
+
+def test_every_code_and_stop_reason_is_documented():
+    text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
+    prose = text.split("<!-- BEGIN GENERATED")[0]
+    for code in CODES:
+        assert f"`{code}`" in prose, code
+    for reason in messages.StopReason.__args__:
+        assert f"`{reason}`" in prose, reason
+    for tag in messages.REQUEST_TYPES:
+        assert f"`{tag}`" in prose, tag
+
+
+def test_schema_validates_examples():
+    schema = json.loads(schema_text())
+    assert set(messages.REQUEST_TYPES) <= set(json.dumps(schema["$defs"]["Request"]).split('"'))
+    ev = messages.Done(id="x", request="generate", stop_reason="eos", text="hi", seq=3)
+    assert json.loads(msgspec.json.encode(ev)) == {
+        "type": "done", "id": "x", "seq": 3, "request": "generate", "stop_reason": "eos", "text": "hi"}
+
+
+@pytest.mark.parametrize("line,code", [
+    (b"{", "parse_error"), (b"null", "invalid_request"), (b'{"id": ""}', "invalid_request"),
+    (b'{"id": "a", "type": 1}', "invalid_request"), (b'{"id": "a", "type": "x"}', "unknown_type"),
+    (b'{"id": "a", "type": "tokenize"}', "invalid_params"),
+    (b'{"id": "a", "type": "generate", "prompt": {}, "params": {"top_p": 0}}', "invalid_params"),
+    (b'{"id": "a", "type": "generate", "prompt": {}, "params": {"max_tokens": 1e400}}', "invalid_params"),
+])
+def test_decode_errors(line, code):
+    with pytest.raises(WorkerError) as info:
+        decode_request(line)
+    assert info.value.code == code
+    assert info.value.number == CODES[code]
+
+
+def test_decode_ok():
+    req = decode_request(b'{"id": "a", "type": "generate", "prompt": {"text": "hi"}, '
+                         b'"params": {"stop": ["\\n"]}}')
+    assert isinstance(req, messages.Generate) and req.params.stop == ["\n"]
+
+
+def test_read_lines_skips_long_lines():
+    import io
+
+    data = b'{"a":1}\n' + b"x" * 100 + b"\n\n" + b"y" * 30 + b'\n{"b":2}'
+    out = list(read_lines(io.BytesIO(data), max_bytes=32))
+    assert out[0] == b'{"a":1}'
+    assert isinstance(out[1], TooLong) and out[1].size == 101
+    assert out[2] == b"" and out[3] == b"y" * 30 and out[4] == b'{"b":2}'
