@@ -1,0 +1,53 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= test
+UNAME := $(shell uname -s)
+
+.PHONY: setup blas model demo test test-fast bench schema clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@$(MAKE) --no-print-directory blas
+	@touch $@
+
+# Linux CPU fast path: Debian/Ubuntu's OpenBLAS, which the worker preloads under MLX by itself.
+blas:
+ifeq ($(UNAME),Linux)
+	@if ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then \
+	  echo "OpenBLAS present"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  $$SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q libopenblas0-pthread >/dev/null; } || \
+	  echo "could not install libopenblas0-pthread: the worker runs on MLX's slower reference BLAS"; \
+	else \
+	  echo "not a Debian-like system: install OpenBLAS yourself (see README) for ~10x faster CPU prefill"; \
+	fi
+endif
+
+model: setup
+	$(PY) -m worker.default_model
+
+demo: setup
+	$(PY) host_examples/python/demo_chat.py --model "$$($(PY) -m worker.default_model)"
+
+test: setup model
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not real_model"
+
+bench: setup model
+	$(PY) -m bench
+
+schema: setup
+	$(PY) -m worker.protocol.docs --write
+
+clean:
+	rm -rf $(VENV) build *.egg-info
