@@ -8,7 +8,6 @@ from typing import Callable, List
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .model import ModelKit
@@ -57,9 +56,10 @@ def prompt_tokens(kit: ModelKit, req: Generate) -> List[int]:
 
 
 def _content(content):
+    """Text-only part lists become one string: many chat templates only accept strings."""
     if isinstance(content, str):
         return content
-    return [{"type": "text", "text": part.text} for part in content]
+    return "".join(part.text for part in content)
 
 
 def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bool]) -> Done:
@@ -76,7 +76,8 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     if params.seed is not None:
         mx.random.seed(params.seed)
     sampler = make_sampler(params.temperature, params.top_p, params.min_p, top_k=params.top_k)
-    cache = make_prompt_cache(kit.model, max_kv_size=kit.options.max_kv_size)
+    lease = kit.cache.take(ids, req.cache_key)
+    cached = lease.reused
     stream = TextStream(kit.tokenizer.detokenizer, params.stop)
     eos = set(kit.info.eos_token_ids)
     last_progress = [0.0]
@@ -87,20 +88,24 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
         now = time.perf_counter()
         if processed in (0, total) or now - last_progress[0] >= PROGRESS_INTERVAL_S:
             last_progress[0] = now
-            emit(Progress(id=req.id, stage="prompt", fraction=processed / max(total, 1),
-                          total=n_prompt, cached=n_prompt - total, processed=processed))
+            done = cached + processed
+            emit(Progress(id=req.id, stage="prompt", fraction=round(done / n_prompt, 4),
+                          total=n_prompt, cached=cached, processed=done))
 
     mx.reset_peak_memory()
     gen = generate_step(
-        mx.array(ids), kit.model, max_tokens=budget, sampler=sampler, prompt_cache=cache,
+        mx.array(ids[cached:]), kit.model, max_tokens=budget, sampler=sampler,
+        prompt_cache=lease.cache,
         prefill_step_size=kit.options.prefill_step_size, prompt_progress_callback=on_prefill,
     )
     n_gen, reason, t_first = 0, None, None
+    generated = []
     try:
         for token, _ in gen:
             if t_first is None:
                 t_first = time.perf_counter()
             n_gen += 1
+            generated.append(token)
             if token in eos:
                 reason = "eos"
                 break
@@ -117,6 +122,7 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
         reason = "cancelled"
     finally:
         gen.close()
+    kit.cache.put(ids + generated, lease.cache, req.cache_key)
     if reason is None:
         reason = "max_tokens" if budget == params.max_tokens else "context_full"
         if cancelled():
@@ -129,11 +135,13 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     prompt_s = (t_first or toc) - tic
     decode_s = toc - t_first if t_first is not None else 0.0
     emit(Stats(
-        id=req.id, prompt_tokens=n_prompt, cached_tokens=0, generated_tokens=n_gen,
+        id=req.id, prompt_tokens=n_prompt, cached_tokens=cached,
+        cache_miss_reason=lease.miss_reason, generated_tokens=n_gen,
         ttft_s=round(prompt_s, 6) if t_first is not None else 0.0,
-        prompt_tps=round(n_prompt / prompt_s, 3) if t_first is not None and prompt_s > 0 else 0.0,
+        prompt_tps=round((n_prompt - cached) / prompt_s, 3) if t_first is not None and prompt_s > 0 else 0.0,
         generation_tps=round((n_gen - 1) / decode_s, 3) if n_gen > 1 and decode_s > 0 else 0.0,
         peak_memory_bytes=int(mx.get_peak_memory()), total_s=round(toc - tic, 6),
     ))
     return Done(id=req.id, request="generate", stop_reason=reason,
-                stop_string=stream.stop_string, text=stream.text)
+                stop_string=stream.stop_string, text=stream.text, cached_tokens=cached,
+                cache_miss_reason=lease.miss_reason)

@@ -10,8 +10,10 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import get_total_parameters, load_model, load_tokenizer
 
+from .cache import DiskCache, PromptCacheStore, layout_identity, model_identity
 from .protocol import LoadOptions, ModelInfo, WorkerError
 
 log = logging.getLogger("worker")
@@ -28,6 +30,7 @@ class ModelKit:
     config: dict
     options: LoadOptions
     info: ModelInfo
+    cache: PromptCacheStore
     warnings: list = field(default_factory=list)
 
 
@@ -147,4 +150,18 @@ def load(path_str: str, options: LoadOptions, progress: Callable[[float], None])
         parameters=int(get_total_parameters(model)),
         load_s=round(time.perf_counter() - tic, 4),
     )
-    return ModelKit(path, model, tokenizer, config, options, info, warnings)
+    return ModelKit(path, model, tokenizer, config, options, info, make_store(path, model, options, info),
+                    warnings)
+
+
+def make_store(path: Path, model: nn.Module, options: LoadOptions, info: ModelInfo) -> PromptCacheStore:
+    disk = None
+    if options.cache_dir:
+        layout = layout_identity(dtype=info.compute_dtype, max_kv_size=options.max_kv_size)
+        try:
+            disk = DiskCache(Path(options.cache_dir), model_identity(path), layout,
+                             len(make_prompt_cache(model)), options.cache_disk_bytes)
+        except OSError as exc:
+            raise WorkerError("invalid_params", f"options.cache_dir is not usable: {exc}")
+    return PromptCacheStore(model, options.max_kv_size, options.cache_max_bytes,
+                            options.cache_max_entries, disk)

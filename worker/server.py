@@ -18,7 +18,7 @@ import msgspec
 
 from . import engine
 from .protocol import (
-    DEFAULT_MAX_LINE_BYTES, Cancel, Done, Error, Generate, Load, Shutdown, Status, Tokenize,
+    DEFAULT_MAX_LINE_BYTES, CacheClear, CacheStats, Cancel, Done, Error, Generate, Load, Shutdown, Status, Tokenize,
     TooLong, Unload, WorkerError, decode_request, read_lines,
 )
 
@@ -245,6 +245,7 @@ class Server:
             model=self.kit.info if self.kit is not None else None,
             active=self.active.req.id if self.active else None,
             queue=[j.req.id for j in self.queue],
+            cache=CacheStats(**self.kit.cache.stats()) if self.kit is not None else None,
         )
 
     # ------------------------------------------------------------ engine side
@@ -263,6 +264,11 @@ class Server:
                 self.live.pop(job.req.id, None)
                 self.active = None
             self.emit(event)
+            if self.kit is not None:
+                try:
+                    self.kit.cache.persist()
+                except Exception:
+                    log.exception("prompt cache: could not persist an entry")
 
     def _run(self, job: Job):
         req = job.req
@@ -282,6 +288,10 @@ class Server:
                 raise WorkerError("no_model", "no model is loaded; send a `load` request first")
             if isinstance(req, Tokenize):
                 return engine.tokenize(self.kit, req)
+            if isinstance(req, CacheClear):
+                dropped = self.kit.cache.clear()
+                engine.release_memory()
+                return Done(id=req.id, request="cache_clear", cache=CacheStats(**dropped))
             return engine.generate(self.kit, req, self.emit, job.cancel.is_set)
         except WorkerError as exc:
             return Error(id=req.id, code=exc.code, number=exc.number, message=exc.message)

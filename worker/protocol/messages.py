@@ -30,6 +30,10 @@ class LoadOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     trust_remote_code: bool = False
     seed: Optional[NonNeg] = None
     dtype: Literal["auto", "stored", "float32", "float16", "bfloat16"] = "auto"
+    cache_max_bytes: NonNeg = 2 << 30
+    cache_max_entries: NonNeg = 8
+    cache_dir: Optional[str] = None
+    cache_disk_bytes: NonNeg = 8 << 30
 
 
 class Load(Request, tag="load", kw_only=True):
@@ -68,6 +72,7 @@ class GenerateParams(Struct, forbid_unknown_fields=True, kw_only=True):
 
 class Generate(Request, tag="generate", kw_only=True):
     prompt: Prompt
+    cache_key: Optional[Annotated[str, Meta(min_length=1, max_length=256)]] = None
     params: GenerateParams = msgspec.field(default_factory=GenerateParams)
 
 
@@ -88,11 +93,15 @@ class Status(Request, tag="status", kw_only=True):
     pass
 
 
+class CacheClear(Request, tag="cache_clear", kw_only=True):
+    pass
+
+
 class Shutdown(Request, tag="shutdown", kw_only=True):
     pass
 
 
-AnyRequest = Union[Load, Generate, Cancel, Unload, Tokenize, Status, Shutdown]
+AnyRequest = Union[Load, Generate, Cancel, Unload, Tokenize, Status, CacheClear, Shutdown]
 REQUEST_TYPES = {cls.__struct_config__.tag: cls for cls in AnyRequest.__args__}
 
 
@@ -141,12 +150,22 @@ class Token(Event, tag="token", kw_only=True):
 class Stats(Event, tag="stats", kw_only=True):
     prompt_tokens: int
     cached_tokens: int
+    cache_miss_reason: Optional[str] = None
     generated_tokens: int
     ttft_s: float
     prompt_tps: float
     generation_tps: float
     peak_memory_bytes: int
     total_s: float
+
+
+class CacheStats(Struct, kw_only=True):
+    entries: int
+    tokens: int
+    bytes: int
+    disk_entries: int
+    max_bytes: int
+    max_entries: int
 
 
 class ModelInfo(Struct, omit_defaults=True, kw_only=True):
@@ -174,6 +193,8 @@ class Done(Event, tag="done", kw_only=True):
     stop_reason: Optional[StopReason] = None
     stop_string: Optional[str] = None
     text: Optional[str] = None
+    cached_tokens: Optional[int] = None
+    cache_miss_reason: Optional[str] = None
     # load, status
     model: Optional[ModelInfo] = None
     warnings: Optional[list[str]] = None
@@ -185,6 +206,8 @@ class Done(Event, tag="done", kw_only=True):
     state: Optional[str] = None
     active: Optional[str] = None
     queue: Optional[list[str]] = None
+    # status, cache_clear (for cache_clear: what was dropped)
+    cache: Optional[CacheStats] = None
 
 
 class Error(Event, tag="error", kw_only=True):

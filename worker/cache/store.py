@@ -1,0 +1,181 @@
+"""In-memory prompt-cache entries: longest-prefix reuse, trimming, LRU eviction within a byte budget.
+
+Unlike mlx-lm's LRUPromptCache, a fetched entry is *taken* (no deep copy: the request owns and
+extends it, then puts it back), a request can pin a conversation with a key, and every fetch says
+why fewer tokens than possible were reused.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.utils import common_prefix_len
+
+log = logging.getLogger("worker")
+
+MAX_GHOSTS = 32
+
+
+@dataclass
+class Entry:
+    tokens: List[int]
+    cache: Optional[list]  # None while it lives on disk only
+    nbytes: int
+    key: Optional[str] = None
+    used: float = field(default_factory=time.monotonic)
+    disk_name: Optional[str] = None
+
+
+@dataclass
+class Lease:
+    cache: list
+    reused: int
+    miss_reason: Optional[str]
+
+
+def cache_nbytes(cache) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+def cache_len(cache) -> Optional[int]:
+    """Tokens held by the cache, or None when its layers do not say (e.g. SSM state only)."""
+    offsets = [c.offset for c in cache if hasattr(c, "offset")]
+    return max(offsets) if offsets else None
+
+
+class PromptCacheStore:
+    def __init__(self, model, max_kv_size=None, max_bytes=2 << 30, max_entries=8, disk=None):
+        self.model = model
+        self.max_kv_size = max_kv_size
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.disk = disk
+        self.entries: List[Entry] = []
+        self.ghosts: List[List[int]] = []  # token lists of evicted entries, for miss reasons
+        self._unsaved: Optional[Entry] = None
+        if disk is not None:
+            self.entries.extend(disk.index())
+
+    def fresh(self) -> list:
+        return make_prompt_cache(self.model, max_kv_size=self.max_kv_size)
+
+    def take(self, ids: List[int], key: Optional[str] = None) -> Lease:
+        """The best cache for a prompt; the chosen entry leaves the store until ``put`` back."""
+        pool = [e for e in self.entries if key is None or e.key == key]
+        best, common = None, 0
+        for e in pool:
+            n = common_prefix_len(e.tokens, ids)
+            if n > common or (n == common and best is not None and n and e.used > best.used):
+                best, common = e, n
+        if best is None or common == 0:
+            return Lease(self.fresh(), 0, self._reason_for_nothing(pool, ids))
+        reuse = min(common, len(ids) - 1)  # keep one token to process, so decoding has logits
+        if reuse == 0:
+            return Lease(self.fresh(), 0, "prefix_diverged_at 0")
+        cache = best.cache
+        if cache is None:
+            cache = self.disk.load(best)
+            if cache is None:
+                self.entries.remove(best)
+                return Lease(self.fresh(), 0, "disk_entry_unreadable")
+        excess = len(best.tokens) - reuse
+        if excess > 0:
+            if not can_trim_prompt_cache(cache):
+                best.cache = cache
+                return Lease(self.fresh(), 0, "untrimmable")
+            trim_prompt_cache(cache, excess)
+        self.entries.remove(best)
+        if best.disk_name is not None:  # the file stays a candidate until an extension replaces it
+            self.entries.append(Entry(best.tokens, None, best.nbytes, best.key, best.used,
+                                      best.disk_name))
+        reason = None
+        if common < len(best.tokens) and reuse < len(ids) - 1:
+            reason = f"prefix_diverged_at {common}"
+        elif reuse < len(ids) - 1 and self._ghost_match(ids) > reuse:
+            reason = "evicted"
+        return Lease(cache, reuse, reason)
+
+    def put(self, tokens: List[int], cache: list, key: Optional[str] = None) -> None:
+        n = cache_len(cache)
+        if n is None or n == 0 or n > len(tokens):
+            return  # nothing reusable, or we cannot tell which tokens it holds
+        tokens = list(tokens[:n])
+        if key is not None:
+            self._drop([e for e in self.entries if e.key == key])
+        if can_trim_prompt_cache(cache):  # an entry that this one extends is now redundant
+            self._drop([e for e in self.entries if e.key == key and len(e.tokens) <= n
+                        and tokens[: len(e.tokens)] == e.tokens])
+        entry = Entry(tokens, cache, cache_nbytes(cache), key)
+        self.entries.append(entry)
+        self._evict()
+        if self.disk is not None and entry in self.entries:
+            self._unsaved = entry
+
+    def persist(self) -> None:
+        """Write the newest entry to disk; called after the request's terminal event is sent."""
+        entry, self._unsaved = self._unsaved, None
+        if entry is not None and entry.cache is not None and entry.disk_name is None:
+            self.disk.save(entry)
+            self._evict_disk_only()
+
+    def clear(self) -> dict:
+        dropped = self.stats()
+        self._drop(list(self.entries))
+        self.ghosts.clear()
+        if self.disk is not None:
+            self.disk.clear()
+        return dropped
+
+    def stats(self) -> dict:
+        live = [e for e in self.entries if e.cache is not None]
+        return {
+            "entries": len(live),
+            "tokens": sum(len(e.tokens) for e in live),
+            "bytes": sum(e.nbytes for e in live),
+            "disk_entries": sum(1 for e in self.entries if e.disk_name is not None),
+            "max_bytes": self.max_bytes,
+            "max_entries": self.max_entries,
+        }
+
+    # ------------------------------------------------------------------
+
+    def _reason_for_nothing(self, pool, ids) -> str:
+        if self._ghost_match(ids) > 0:
+            return "evicted"
+        if not pool:
+            if self.disk is not None and self.disk.other_layouts():
+                return "options_changed"
+            return "no_entry"
+        return "prefix_diverged_at 0"
+
+    def _ghost_match(self, ids) -> int:
+        return max((common_prefix_len(g, ids) for g in self.ghosts), default=0)
+
+    def _drop(self, entries) -> None:
+        for e in entries:
+            if e in self.entries:
+                self.entries.remove(e)
+            if self.disk is not None and e.disk_name is not None:
+                self.disk.remove(e)
+
+    def _evict(self) -> None:
+        def in_memory():
+            return [e for e in self.entries if e.cache is not None]
+
+        while in_memory() and (len(in_memory()) > self.max_entries
+                               or sum(e.nbytes for e in in_memory()) > self.max_bytes):
+            victim = min(in_memory(), key=lambda e: e.used)
+            log.info("prompt cache: evicting an entry of %d tokens (%d bytes)",
+                     len(victim.tokens), victim.nbytes)
+            self.ghosts = (self.ghosts + [victim.tokens])[-MAX_GHOSTS:]
+            if victim.disk_name is not None:
+                victim.cache = None  # still on disk: it can come back
+            else:
+                self.entries.remove(victim)
+
+    def _evict_disk_only(self) -> None:
+        for e in self.disk.enforce_budget():
+            if e in self.entries and e.cache is None:
+                self.entries.remove(e)
