@@ -9,8 +9,12 @@ from mlx_lm.sample_utils import make_sampler
 
 
 @functools.lru_cache(maxsize=4)
-def load_model(path):
-    return load(str(path))
+def load_model(path, dtype=None):
+    """mlx-lm's own load; ``dtype="float32"`` casts like the worker does on the CPU."""
+    model, tok = load(str(path))
+    if dtype is not None:
+        model.set_dtype(getattr(mx, dtype))
+    return model, tok
 
 
 def chat_ids(path, messages):
@@ -26,8 +30,9 @@ def text_ids(path, text):
     return list(tok.encode(text))
 
 
-def generate(path, ids, max_tokens, temperature=0.0, seed=None, stop_at_eos=True, top_p=1.0):
-    model, tok = load_model(path)
+def generate(path, ids, max_tokens, temperature=0.0, seed=None, stop_at_eos=True, top_p=1.0,
+             dtype=None):
+    model, tok = load_model(path, dtype)
     if seed is not None:
         mx.random.seed(seed)
     out = []
