@@ -26,7 +26,7 @@ def ready_event(max_line_bytes: int) -> Ready:
     info = DeviceInfo(
         type="gpu" if is_gpu else "cpu",
         name=str(dev),
-        blas=None if is_gpu else blas.blas_info(),
+        blas=None if is_gpu else blas.log_blas_status(),
         compute_dtype="auto" if is_gpu else "float32",
     )
     return Ready(
