@@ -9,7 +9,6 @@ import logging
 import os
 import queue
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 from typing import BinaryIO, Optional
@@ -101,6 +100,8 @@ class Server:
         self.exiting = threading.Event()
         self.exit_code = 0
         self.shutdown_job: Optional[Job] = None
+        self.engine_idle = threading.Event()  # set when no job runs and its cache is persisted
+        self.engine_idle.set()
         self.engine_thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
 
     # ------------------------------------------------------------ plumbing
@@ -131,12 +132,8 @@ class Server:
     def _finish(self) -> int:
         """Cancel everything, let the engine end its request, answer shutdown, flush, exit."""
         self._cancel_all()
-        deadline = time.monotonic() + (10.0 if self.shutdown_job else EOF_EXIT_S)
-        while time.monotonic() < deadline:
-            with self.lock:
-                if self.active is None:
-                    break
-            time.sleep(0.005)
+        # a shutdown request waits for the running request and its cache write; EOF waits < 1 s
+        self.engine_idle.wait(60.0 if self.shutdown_job else EOF_EXIT_S)
         if self.shutdown_job is not None:
             self.emit(Done(id=self.shutdown_job.req.id, request="shutdown"))
         self.writer.flush(0.5)
@@ -257,6 +254,7 @@ class Server:
                     self.work.wait()
                 job = self.queue.popleft()
                 self.active = job
+                self.engine_idle.clear()
             event = self._run(job)
             with self.lock:
                 if isinstance(event, Done) and event.request == "generate" and job.cancel.is_set():
@@ -269,6 +267,8 @@ class Server:
                     self.kit.cache.persist()
                 except Exception:
                     log.exception("prompt cache: could not persist an entry")
+            with self.lock:
+                self.engine_idle.set()
 
     def _run(self, job: Job):
         req = job.req
