@@ -80,3 +80,30 @@ def test_stdin_eof_exits_quickly(worker, llama_dir):
     worker.proc.stdin.close()
     assert worker.proc.wait(5) == 0
     assert time.monotonic() - t < 1.5
+
+
+def test_sigterm_exits_cleanly(worker, llama_dir):
+    import signal
+    import time
+
+    worker.load(llama_dir)
+    worker.send({"type": "generate", "id": "g", "prompt": {"tokens": [3]}, "params": LONG})
+    _wait_for(worker, "g", lambda e: e["type"] == "token")
+    t = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(5) == 0
+    assert time.monotonic() - t < 1.5
+    events = worker.collect("g", timeout=5)
+    assert events[-1]["type"] == "done" and events[-1]["stop_reason"] == "cancelled"
+
+
+def test_shutdown_cancels_queued_work(worker, llama_dir):
+    worker.load(llama_dir)
+    worker.send({"type": "generate", "id": "g1", "prompt": {"tokens": [3]}, "params": LONG})
+    worker.send({"type": "generate", "id": "g2", "prompt": {"tokens": [3]}, "params": LONG})
+    _wait_for(worker, "g1", lambda e: e["type"] == "token")
+    worker.send({"type": "shutdown", "id": "bye"})
+    assert worker.collect("g2", timeout=10)[-1]["stop_reason"] == "cancelled"
+    assert worker.collect("g1", timeout=10)[-1]["stop_reason"] == "cancelled"
+    assert worker.collect("bye", timeout=10)[-1]["request"] == "shutdown"
+    assert worker.proc.wait(5) == 0
