@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= test
 UNAME := $(shell uname -s)
 
-.PHONY: setup blas model demo test test-fast bench schema clean
+.PHONY: setup sysdeps model demo test test-fast bench schema clean
 
 setup: $(VENV)/.installed
 
@@ -13,12 +13,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
-	@$(MAKE) --no-print-directory blas
+	@$(MAKE) --no-print-directory sysdeps
 	@touch $@
 
-# Linux CPU fast path: Debian/Ubuntu's OpenBLAS, which the worker preloads under MLX by itself.
-blas:
+# Linux CPU fast path: Debian/Ubuntu's OpenBLAS, which the worker preloads under MLX by itself;
+# and jq for the shell host examples (their tests skip without it).
+sysdeps:
 ifeq ($(UNAME),Linux)
+	@command -v jq >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; $$SUDO apt-get install -y -q jq >/dev/null 2>&1; } ; } || \
+	  echo "jq not installed: the shell host examples need it"
 	@if ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then \
 	  echo "OpenBLAS present"; \
 	elif command -v apt-get >/dev/null 2>&1; then \
@@ -39,6 +43,8 @@ demo: setup
 
 test: setup model
 	$(PY) -m pytest -q -ra
+	node host_examples/node/gen_types.js --check
+	MLX_WORKER_PYTHON=$(abspath $(PY)) node --test host_examples/node/test/
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not real_model"

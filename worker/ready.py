@@ -6,7 +6,7 @@ from importlib.metadata import PackageNotFoundError, version
 import mlx.core as mx
 
 from . import __version__, blas
-from .protocol import DeviceInfo, Limits, Ready
+from .protocol import PROTOCOL_VERSION, DeviceInfo, Limits, Ready
 from .server import MAX_QUEUE
 
 CAPABILITIES = ["load", "generate", "cancel", "tokenize", "status", "unload", "shutdown",
@@ -31,6 +31,7 @@ def ready_event(max_line_bytes: int) -> Ready:
     )
     return Ready(
         id=None,
+        protocol_version=PROTOCOL_VERSION,
         versions={"worker": __version__, "mlx": _version("mlx"), "mlx-lm": _version("mlx-lm"),
                   "mlx-vlm": _version("mlx-vlm"), "python": os.sys.version.split()[0]},
         device=info,

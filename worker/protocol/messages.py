@@ -126,7 +126,7 @@ class Limits(Struct, kw_only=True):
 
 
 class Ready(Event, tag="ready", kw_only=True):
-    protocol_version: str = PROTOCOL_VERSION
+    protocol_version: str
     versions: dict[str, str]
     device: DeviceInfo
     pid: int
