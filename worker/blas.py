@@ -14,7 +14,7 @@ stderr.
 Environment
 -----------
 ``MLX_WORKER_BLAS``
-    unset / ``auto`` / ``on``: search the candidates below.
+    unset / ``auto`` (or any other word): search the candidates below.
     ``off`` / ``0`` / ``none`` / ``reference`` (also ``no``, ``false``, ``disable[d]``): never preload.
     ``openblas`` / ``mkl`` / ``blis``: search only candidates of that kind.
     a path (contains ``/``): preload exactly that library (anything exporting ``cblas_sgemm``).
@@ -23,14 +23,13 @@ Environment
 ``MLX_WORKER_DEVICE``
     ``gpu`` / ``cuda`` / ``metal``: skip (CPU BLAS is beside the point there).
 
-Before the exec, and only where the user has not set them, it also sets:
+Before the exec, and only where the user has not set them, it also sets
 ``OPENBLAS_NUM_THREADS`` / ``MKL_NUM_THREADS`` / ``BLIS_NUM_THREADS`` to the CPUs this process
 may really use (affinity and cgroup quota: OpenBLAS counts the host's cores, so under a
-``--cpus`` quota it oversubscribes; BLIS defaults to one thread), ``OPENBLAS_CORETYPE=SkylakeX``
-when the CPU has the full AVX-512 set but a DYNAMIC_ARCH OpenBLAS too old to know it picked
-an AVX2 kernel (Debian 12's 0.3.21 takes a Zen 5 for Haswell: 250 vs 490 GFLOP/s here), and
-``MKL_THREADING_LAYER`` for MKL (its default Intel layer aborts the process unless libiomp5 is
-loaded).
+``--cpus`` quota it oversubscribes; BLIS defaults to one thread), and ``MKL_THREADING_LAYER``
+for MKL (its default Intel layer kills the process with a symbol lookup error unless libiomp5
+is loaded). ``OPENBLAS_CORETYPE`` is left alone: a value in the environment (e.g. ``Haswell``
+on an AVX-512 CPU) is the user's choice, and OpenBLAS's own detection is used otherwise.
 """
 
 from __future__ import annotations
@@ -44,16 +43,13 @@ ENV_MARKER = "MLX_WORKER_BLAS_REEXEC"
 ENV_DEVICE = "MLX_WORKER_DEVICE"
 
 OFF_VALUES = frozenset({"off", "0", "none", "reference", "no", "false", "disable", "disabled"})
-AUTO_VALUES = frozenset({"", "auto", "on", "1", "yes", "true"})
 KINDS = ("openblas", "mkl", "blis")
 GPU_DEVICES = frozenset({"gpu", "cuda", "metal"})
 
 LOG_PREFIX = "mlx-worker blas:"
 INSTALL_HINT = "apt-get install libopenblas0-pthread"
 
-# OpenBLAS cores that already use AVX-512 sgemm kernels; any other core name on a CPU with the
-# full AVX-512 set means OpenBLAS did not recognise the CPU.
-_AVX512_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
+# what cmeel-openblas's x86_64 build (TARGET=SKYLAKEX, no DYNAMIC_ARCH) needs
 _AVX512_FLAGS = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
 
 _MULTIARCH = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu",
@@ -122,6 +118,13 @@ def _source_of(path: str, env: Optional[dict] = None) -> str:
     return "system"
 
 
+def _realpath(p: str) -> str:
+    try:
+        return os.path.realpath(p)
+    except (OSError, ValueError):
+        return p
+
+
 def _same_file(a: str, b: str) -> bool:
     if a == b:
         return True
@@ -143,10 +146,6 @@ def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset:
     except OSError:
         pass
     return frozenset()
-
-
-def _has_avx512(flags: Optional[frozenset] = None) -> bool:
-    return _AVX512_FLAGS <= (_cpu_flags() if flags is None else flags)
 
 
 def _machine() -> str:
@@ -327,19 +326,13 @@ def _lib_dirs() -> list:
                         "/lib64", "/usr/lib", "/lib") if d]
 
 
-def _tuning_env(cand: Candidate, info: dict, env, flags: Optional[frozenset] = None) -> tuple:
+def _tuning_env(cand: Candidate, info: dict, env) -> tuple:
     """(env changes, extra libraries to preload before ``cand``) for the chosen library."""
     changes, extra = {}, []
     threads = str(effective_cpus())
     if cand.kind == "openblas":
         if not any(env.get(k) for k in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")):
             changes["OPENBLAS_NUM_THREADS"] = threads
-        core = (info.get("core") or "").lower()
-        config = info.get("config") or ""
-        if (not env.get("OPENBLAS_CORETYPE") and "DYNAMIC_ARCH" in config and core
-                and core not in _AVX512_CORES and _MULTIARCH.get(_machine()) == "x86_64-linux-gnu"
-                and _has_avx512(flags)):
-            changes["OPENBLAS_CORETYPE"] = "SkylakeX"
     elif cand.kind == "mkl":
         if not env.get("MKL_NUM_THREADS") and not env.get("OMP_NUM_THREADS"):
             changes["MKL_NUM_THREADS"] = threads
@@ -384,6 +377,17 @@ def _split_preload(value: str) -> list:
     return [p for p in value.replace(" ", ":").split(":") if p]
 
 
+def _resolve_preload(entry: str) -> str:
+    """Resolved path of an LD_PRELOAD entry; a bare name is looked up like ld.so would (roughly)."""
+    if "/" in entry:
+        return _realpath(entry)
+    for d in _lib_dirs():
+        p = os.path.join(d, entry)
+        if os.path.exists(p):
+            return _realpath(p)
+    return entry
+
+
 def _skip_reason(env) -> Optional[str]:
     if not sys.platform.startswith("linux"):
         return "not Linux"
@@ -412,13 +416,13 @@ def _maybe_reexec(argv: list, maps_path: str, module: str) -> None:
     env = os.environ
     if _skip_reason(env) or not sys.executable:
         return
-    current = blas_info(maps_path)
+    current = blas_info(maps_path, detail=False)
     if env.get(ENV_MARKER):
-        if current["name"] not in KINDS:
+        if current["name"] not in KINDS and current["source"] != "env":
             _log(f"LD_PRELOAD={env.get('LD_PRELOAD', '')!r} did not map an optimized BLAS; "
                  "continuing on MLX's reference BLAS")
         return
-    if current["name"] in KINDS:
+    if current["name"] in KINDS and current["preloaded"]:
         return  # the user preloaded one already
     cand, info = find_blas(env)
     if cand is None:
@@ -426,7 +430,7 @@ def _maybe_reexec(argv: list, maps_path: str, module: str) -> None:
             _log(f"cannot use {info}; continuing without a preload")
         return
     preload = _split_preload(env.get("LD_PRELOAD", ""))
-    if any(_same_file(p, cand.path) for p in preload):
+    if _realpath(cand.path) in {_resolve_preload(p) for p in preload}:
         _log(f"LD_PRELOAD lists {cand.path} but it is not mapped; not re-executing")
         return
     changes, extra = _tuning_env(cand, info, env)
@@ -444,7 +448,7 @@ def _maybe_reexec(argv: list, maps_path: str, module: str) -> None:
     args = [sys.executable, *_interpreter_flags(), "-m", module, *argv]
     try:
         os.execv(sys.executable, args)
-    except OSError as e:
+    except Exception as e:  # OSError, or a bad sys.executable
         for k, v in old.items():
             if v is None:
                 env.pop(k, None)
@@ -487,9 +491,11 @@ def blas_info(maps_path: str = "/proc/self/maps", *, env: Optional[dict] = None,
 
     {"name": "openblas"|"mkl"|"blis"|"reference"|"unknown", "path": str|None,
      "preloaded": bool, "source": "env"|"system"|"pip"|None}; with ``detail`` and OpenBLAS
-    mapped, also "core" (kernel set) and "threads". "reference" means only MLX's bundled
-    Netlib BLAS is mapped; "unknown" means nothing recognisable is (e.g. before mlx is
-    imported). On macOS: {"name": "accelerate", ...}.
+    in use, also "core" (its kernel set) and "threads". The library reported is the one that
+    serves MLX: a mapped library named in LD_PRELOAD (``MLX_WORKER_BLAS``'s first), else MLX's
+    bundled Netlib copy ("reference"), else any other optimized BLAS mapped. "unknown": nothing
+    recognisable is mapped (e.g. before mlx is imported), or the user's own library is of no
+    known kind. On macOS: {"name": "accelerate", ...}. Reads ``maps_path`` once (~0.1 ms).
     """
     env = os.environ if env is None else env
     if sys.platform == "darwin":
@@ -500,18 +506,31 @@ def blas_info(maps_path: str = "/proc/self/maps", *, env: Optional[dict] = None,
         paths = _mapped_paths(maps_path)
     except OSError:
         return info
-    found = {}
-    for p in paths:
+    named = env.get(ENV_CHOICE, "").strip()
+    named = _realpath(named) if "/" in named else None
+    preload = {_resolve_preload(p) for p in _split_preload(env.get("LD_PRELOAD", ""))}
+    fast, reference, other = [], None, []
+    for p in paths:  # the kernel shows resolved paths
         kind = classify(p)
-        if kind != "unknown":
-            found.setdefault(kind, p)
-    for kind in (*KINDS, "reference"):
-        if kind in found:
-            path = found[kind]
-            info["name"], info["path"] = kind, path
-            info["preloaded"] = any(_same_file(p, path) for p in _split_preload(env.get("LD_PRELOAD", "")))
-            info["source"] = None if kind == "reference" else _source_of(path, env)
-            break
+        if named and p == named:
+            (fast if p in preload else other).insert(0, (kind, p))  # the user's library first
+        elif kind in KINDS:
+            (fast if p in preload else other).append((kind, p))
+        elif kind == "reference" and reference is None:
+            reference = p
+    # What serves MLX's cblas_sgemm: a preloaded library (searched before libmlx's own
+    # NEEDED libblas); else the bundled reference. A library mapped without LD_PRELOAD (a
+    # probe before a failed exec, numpy's private copy) only counts when no reference is mapped.
+    if fast:
+        kind, path = fast[0]
+    elif reference:
+        kind, path = "reference", reference
+    elif other:
+        kind, path = other[0]
+    else:
+        return info
+    info["name"], info["path"], info["preloaded"] = kind, path, path in preload
+    info["source"] = None if kind == "reference" else _source_of(path, env)
     if detail and info["name"] == "openblas" and maps_path == "/proc/self/maps":
         info.update(_openblas_runtime(info["path"]))
     return info

@@ -4,13 +4,14 @@ Runs on the engine thread only. Emits events through ``emit``; never formats JSO
 """
 
 import time
-from typing import Callable, List
+from typing import Callable
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
 from .model import ModelKit
+from .prompt import build_prompt
 from .protocol import Done, Generate, Progress, Stats, Token, WorkerError
 from .textstream import TextStream
 
@@ -21,51 +22,11 @@ class Cancelled(Exception):
     """Raised from inside prefill when the request was cancelled."""
 
 
-def prompt_tokens(kit: ModelKit, req: Generate) -> List[int]:
-    p = req.prompt
-    given = [x is not None for x in (p.text, p.tokens, p.messages)]
-    if sum(given) != 1:
-        raise WorkerError("invalid_params", "prompt needs exactly one of `text`, `tokens`, `messages`")
-    tok = kit.tokenizer
-    if p.tokens is not None:
-        bad = [t for t in p.tokens if t >= kit.info.vocab_size]
-        if bad:
-            raise WorkerError(
-                "invalid_params",
-                f"prompt.tokens has ids outside the vocabulary (size {kit.info.vocab_size}): {bad[:5]}",
-            )
-        ids = list(p.tokens)
-    elif p.text is not None:
-        ids = tok.encode(p.text, add_special_tokens=p.add_special_tokens)
-    else:
-        if not kit.info.chat_template:
-            raise WorkerError(
-                "invalid_params", "this model has no chat template; send prompt.text or prompt.tokens"
-            )
-        messages = [{"role": m.role, "content": _content(m.content)} for m in p.messages]
-        try:
-            text = tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=p.add_generation_prompt
-            )
-        except Exception as exc:  # jinja errors: the template refused these messages
-            raise WorkerError("invalid_params", f"the chat template failed on these messages: {exc}")
-        ids = tok.encode(text, add_special_tokens=False)
-    if not ids:
-        raise WorkerError("invalid_params", "the prompt is empty")
-    return ids
-
-
-def _content(content):
-    """Text-only part lists become one string: many chat templates only accept strings."""
-    if isinstance(content, str):
-        return content
-    return "".join(part.text for part in content)
-
-
 def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bool]) -> Done:
     tic = time.perf_counter()
     params = req.params
-    ids = prompt_tokens(kit, req)
+    plan = build_prompt(kit, req)
+    ids = plan.ids
     n_prompt = len(ids)
     ctx = kit.info.context_length if kit.options.max_kv_size is None else None
     if ctx is not None and n_prompt >= ctx:
@@ -76,7 +37,7 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     if params.seed is not None:
         mx.random.seed(params.seed)
     sampler = make_sampler(params.temperature, params.top_p, params.min_p, top_k=params.top_k)
-    lease = kit.cache.take(ids, req.cache_key)
+    lease = kit.cache.take(plan.key, req.cache_key)
     cached = lease.reused
     stream = TextStream(kit.tokenizer.detokenizer, params.stop)
     eos = set(kit.info.eos_token_ids)
@@ -96,6 +57,7 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     gen = generate_step(
         mx.array(ids[cached:]), kit.model, max_tokens=budget, sampler=sampler,
         prompt_cache=lease.cache,
+        input_embeddings=plan.embeddings[cached:] if plan.embeddings is not None else None,
         prefill_step_size=kit.options.prefill_step_size, prompt_progress_callback=on_prefill,
     )
     n_gen, reason, t_first = 0, None, None
@@ -122,7 +84,7 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
         reason = "cancelled"
     finally:
         gen.close()
-    kit.cache.put(ids + generated, lease.cache, req.cache_key)
+    kit.cache.put(plan.key + generated, lease.cache, req.cache_key)
     if reason is None:
         reason = "max_tokens" if budget == params.max_tokens else "context_full"
         if cancelled():

@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import get_total_parameters, load_model, load_tokenizer
 
+from .addons import load_addon
 from .cache import DiskCache, PromptCacheStore, layout_identity, model_identity
 from .protocol import LoadOptions, ModelInfo, WorkerError
 
@@ -32,6 +33,7 @@ class ModelKit:
     info: ModelInfo
     cache: PromptCacheStore
     warnings: list = field(default_factory=list)
+    addon: object = None  # a VisionAddOn (worker/addons/) when the checkpoint has a supported vision tower
 
 
 def read_config(path: Path) -> dict:
@@ -135,14 +137,17 @@ def load(path_str: str, options: LoadOptions, progress: Callable[[float], None])
     )
     vocab = config.get("vocab_size") or text_cfg.get("vocab_size") or len(tokenizer.vocab)
     warnings = []
+    addon = None
     if "vision_config" in config:
-        warnings.append("this checkpoint has a vision tower; images are not supported yet, text only")
+        addon, warning = load_addon(path, config, model, options)
+        if warning:
+            warnings.append(warning)
     info = ModelInfo(
         path=str(path.resolve()),
         model_type=config["model_type"],
         context_length=context,
         vocab_size=int(vocab),
-        vision=False,
+        vision=addon is not None,
         eos_token_ids=sorted(int(t) for t in tokenizer.eos_token_ids),
         chat_template=bool(getattr(tokenizer, "chat_template", None)),
         compute_dtype=_dtype_name(_stored_dtype(model)),
@@ -151,7 +156,7 @@ def load(path_str: str, options: LoadOptions, progress: Callable[[float], None])
         load_s=round(time.perf_counter() - tic, 4),
     )
     return ModelKit(path, model, tokenizer, config, options, info, make_store(path, model, options, info),
-                    warnings)
+                    warnings, addon)
 
 
 def make_store(path: Path, model: nn.Module, options: LoadOptions, info: ModelInfo) -> PromptCacheStore:

@@ -12,7 +12,7 @@ import msgspec.inspect as mi
 
 from .errors import CODES
 from .messages import AnyEvent, AnyRequest, GenerateParams, LoadOptions, Message, ModelInfo, Prompt
-from .messages import DeviceInfo, Limits, TextPart
+from .messages import DeviceInfo, ImagePart, ImageUrl, ImageUrlPart, Limits, TextPart
 from .schema import schema_text
 
 BEGIN, END = "<!-- BEGIN GENERATED: python -m worker.protocol.docs --write -->", "<!-- END GENERATED -->"
@@ -69,7 +69,7 @@ def generated_markdown() -> str:
     for cls in AnyRequest.__args__:
         parts += [f"#### {cls.__name__}", "", _table(cls), ""]
     parts += ["### Request parts", ""]
-    for cls in (LoadOptions, Prompt, Message, TextPart, GenerateParams):
+    for cls in (LoadOptions, Prompt, Message, TextPart, ImagePart, ImageUrlPart, ImageUrl, GenerateParams):
         parts += [f"#### {cls.__name__}", "", _table(cls), ""]
     parts += ["### Events", "", "Every event also carries `seq` (integer, increasing by one per line).", ""]
     for cls in AnyEvent.__args__:

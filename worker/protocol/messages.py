@@ -45,9 +45,30 @@ class TextPart(Struct, tag="text", tag_field="type", forbid_unknown_fields=True)
     text: str
 
 
+class ImagePart(Struct, tag="image", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """An image: exactly one of an absolute file ``path`` or base64 ``data`` (a data: URL is fine)."""
+
+    path: Optional[str] = None
+    data: Optional[str] = None
+
+
+class ImageUrl(Struct, forbid_unknown_fields=True):
+    url: str
+    detail: Optional[str] = None
+
+
+class ImageUrlPart(Struct, tag="image_url", tag_field="type", forbid_unknown_fields=True):
+    """OpenAI's form: ``url`` is a data: URL or a file path / file:// URL (never fetched over a network)."""
+
+    image_url: Union[str, ImageUrl]
+
+
+ContentPart = Union[TextPart, ImagePart, ImageUrlPart]
+
+
 class Message(Struct, forbid_unknown_fields=True, kw_only=True):
     role: Annotated[str, Meta(min_length=1)]
-    content: Union[str, list[TextPart]] = ""
+    content: Union[str, list[ContentPart]] = ""
 
 
 class Prompt(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -56,6 +77,7 @@ class Prompt(Struct, forbid_unknown_fields=True, kw_only=True):
     text: Optional[str] = None
     tokens: Optional[list[NonNeg]] = None
     messages: Optional[list[Message]] = None
+    images: Optional[list[ImagePart]] = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
 
