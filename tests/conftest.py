@@ -43,3 +43,10 @@ def llama_worker(llama_dir):
     w.load(llama_dir)
     yield w
     w.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from worker.default_model import ensure_default_model
+
+    return ensure_default_model()

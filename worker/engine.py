@@ -27,6 +27,17 @@ def load(req: Load, emit, cancelled) -> _model.ModelKit:
     return kit
 
 
+def load_draft(kit, req, emit, cancelled):
+    def progress(fraction: float):
+        if cancelled():
+            raise LoadCancelled()
+        emit(Progress(id=req.id, stage="load", fraction=fraction))
+
+    draft = _model.load_draft(kit, req.model_path, progress)
+    emit(Progress(id=req.id, stage="load", fraction=1.0))
+    return draft
+
+
 def release_memory() -> None:
     gc.collect()
     mx.clear_cache()

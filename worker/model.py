@@ -34,6 +34,7 @@ class ModelKit:
     cache: PromptCacheStore
     warnings: list = field(default_factory=list)
     addon: object = None  # a VisionAddOn (worker/addons/) when the checkpoint has a supported vision tower
+    draft: object = None  # a DraftKit for speculative decoding
 
 
 def read_config(path: Path) -> dict:
@@ -96,7 +97,8 @@ def _dtype_name(d: mx.Dtype) -> str:
     return str(d).split(".")[-1]
 
 
-def load(path_str: str, options: LoadOptions, progress: Callable[[float], None]) -> ModelKit:
+def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[float], None]):
+    """mlx-lm model + tokenizer + config + ModelInfo (vision left False) for a checkpoint directory."""
     tic = time.perf_counter()
     path = Path(path_str).expanduser()
     config = read_config(path)
@@ -129,25 +131,16 @@ def load(path_str: str, options: LoadOptions, progress: Callable[[float], None])
     except Exception as exc:
         raise WorkerError("model_load_failed", f"could not load the tokenizer: {exc}") from exc
     progress(0.95)
-    if options.seed is not None:
-        mx.random.seed(options.seed)
     text_cfg = config.get("text_config") or {}
     context = next(
         (c[k] for c in (config, text_cfg) for k in _CONTEXT_KEYS if isinstance(c.get(k), int)), None
     )
     vocab = config.get("vocab_size") or text_cfg.get("vocab_size") or len(tokenizer.vocab)
-    warnings = []
-    addon = None
-    if "vision_config" in config:
-        addon, warning = load_addon(path, config, model, options)
-        if warning:
-            warnings.append(warning)
     info = ModelInfo(
         path=str(path.resolve()),
         model_type=config["model_type"],
         context_length=context,
         vocab_size=int(vocab),
-        vision=addon is not None,
         eos_token_ids=sorted(int(t) for t in tokenizer.eos_token_ids),
         chat_template=bool(getattr(tokenizer, "chat_template", None)),
         compute_dtype=_dtype_name(_stored_dtype(model)),
@@ -155,14 +148,53 @@ def load(path_str: str, options: LoadOptions, progress: Callable[[float], None])
         parameters=int(get_total_parameters(model)),
         load_s=round(time.perf_counter() - tic, 4),
     )
-    return ModelKit(path, model, tokenizer, config, options, info, make_store(path, model, options, info),
-                    warnings, addon)
+    return path, model, tokenizer, config, info
+
+
+def load(path_str: str, options: LoadOptions, progress: Callable[[float], None]) -> ModelKit:
+    path, model, tokenizer, config, info = _load_text_model(path_str, options, progress)
+    if options.seed is not None:
+        mx.random.seed(options.seed)
+    warnings = []
+    addon = None
+    if "vision_config" in config:
+        addon, warning = load_addon(path, config, model, options)
+        if warning:
+            warnings.append(warning)
+    info.vision = addon is not None
+    kit = ModelKit(path, model, tokenizer, config, options, info, make_store(path, model, options, info),
+                   warnings, addon)
+    if options.draft_model_path:
+        kit.draft = load_draft(kit, options.draft_model_path, lambda f: None)
+    return kit
+
+
+@dataclass
+class DraftKit:
+    model: nn.Module
+    info: ModelInfo
+    cache: PromptCacheStore
+
+
+def load_draft(kit: ModelKit, path_str: str, progress: Callable[[float], None]) -> DraftKit:
+    """A draft model for speculative decoding; it must share the main model's vocabulary."""
+    opts = kit.options
+    path, model, tokenizer, _, info = _load_text_model(path_str, opts, progress)
+    main_vocab = kit.tokenizer._tokenizer.get_vocab()
+    if tokenizer._tokenizer.get_vocab() != main_vocab or info.vocab_size != kit.info.vocab_size:
+        raise WorkerError(
+            "draft_incompatible",
+            f"the draft model's vocabulary ({info.vocab_size} ids) differs from the main model's "
+            f"({kit.info.vocab_size}); speculative decoding needs the same tokenizer")
+    store = PromptCacheStore(model, opts.max_kv_size, opts.cache_max_bytes, opts.cache_max_entries)
+    return DraftKit(model, info, store)
 
 
 def make_store(path: Path, model: nn.Module, options: LoadOptions, info: ModelInfo) -> PromptCacheStore:
     disk = None
     if options.cache_dir:
-        layout = layout_identity(dtype=info.compute_dtype, max_kv_size=options.max_kv_size)
+        layout = layout_identity(dtype=info.compute_dtype, max_kv_size=options.max_kv_size,
+                                 kv_bits=options.kv_bits, kv_group_size=options.kv_group_size)
         try:
             disk = DiskCache(Path(options.cache_dir), model_identity(path), layout,
                              len(make_prompt_cache(model)), options.cache_disk_bytes)

@@ -17,7 +17,7 @@ import msgspec
 
 from . import engine
 from .protocol import (
-    DEFAULT_MAX_LINE_BYTES, CacheClear, CacheStats, Cancel, Done, Error, Generate, Load, Shutdown, Status, Tokenize,
+    DEFAULT_MAX_LINE_BYTES, CacheClear, CacheStats, Cancel, LoadDraft, Done, Error, Generate, Load, Shutdown, Status, Tokenize,
     TooLong, Unload, WorkerError, decode_request, read_lines,
 )
 
@@ -240,6 +240,7 @@ class Server:
         return Done(
             id=req.id, request="status", state=state,
             model=self.kit.info if self.kit is not None else None,
+            draft=self.kit.draft.info if self.kit is not None and self.kit.draft else None,
             active=self.active.req.id if self.active else None,
             queue=[j.req.id for j in self.queue],
             cache=CacheStats(**self.kit.cache.stats()) if self.kit is not None else None,
@@ -279,6 +280,7 @@ class Server:
                 self.kit = None  # the old model is released before the new one is read
                 self.kit = engine.load(req, self.emit, job.cancel.is_set)
                 return Done(id=req.id, request="load", model=self.kit.info,
+                            draft=self.kit.draft.info if self.kit.draft else None,
                             warnings=self.kit.warnings or None)
             if isinstance(req, Unload):
                 self.kit = None
@@ -288,6 +290,13 @@ class Server:
                 raise WorkerError("no_model", "no model is loaded; send a `load` request first")
             if isinstance(req, Tokenize):
                 return engine.tokenize(self.kit, req)
+            if isinstance(req, LoadDraft):
+                self.kit.draft = None
+                engine.release_memory()
+                if req.model_path is not None:
+                    self.kit.draft = engine.load_draft(self.kit, req, self.emit, job.cancel.is_set)
+                return Done(id=req.id, request="load_draft",
+                            draft=self.kit.draft.info if self.kit.draft else None)
             if isinstance(req, CacheClear):
                 dropped = self.kit.cache.clear()
                 engine.release_memory()
@@ -296,7 +305,7 @@ class Server:
         except WorkerError as exc:
             return Error(id=req.id, code=exc.code, number=exc.number, message=exc.message)
         except engine.LoadCancelled:
-            return Done(id=req.id, request="load", stop_reason="cancelled")
+            return Done(id=req.id, request=_kind(req), stop_reason="cancelled")
         except Exception as exc:
             traceback.print_exc()
             return Error(id=req.id, code="internal", number=-32603,

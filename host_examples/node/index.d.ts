@@ -35,14 +35,16 @@ export interface Done {
   cache_miss_reason?: string | null;
   cached_tokens?: number | null;
   cancelled?: boolean | null;
+  draft?: ModelInfo | null;
   id: string | null;
   model?: ModelInfo | null;
   queue?: Array<string> | null;
   request: string;
   seq?: number;
   state?: string | null;
-  stop_reason?: "cancelled" | "context_full" | "eos" | "max_tokens" | "stop_string" | null;
+  stop_reason?: "cancelled" | "context_full" | "eos" | "max_tokens" | "stop_string" | "stop_token" | null;
   stop_string?: string | null;
+  stop_token?: number | null;
   text?: string | null;
   tokens?: Array<number> | null;
   type: "done";
@@ -69,13 +71,41 @@ export interface Generate {
 }
 
 export interface GenerateParams {
+  frequency_penalty?: number;
+  json_schema?: Record<string, unknown> | boolean | null;
+  logit_bias?: Record<string, unknown>;
   max_tokens?: number;
   min_p?: number;
+  num_draft_tokens?: number;
+  presence_penalty?: number;
+  repetition_context_size?: number;
+  repetition_penalty?: number | null;
   seed?: number | null;
+  speculative?: boolean;
   stop?: Array<string>;
+  stop_token_ids?: Array<number>;
   temperature?: number;
   top_k?: number;
+  top_logprobs?: number;
   top_p?: number;
+}
+
+/** An image: exactly one of an absolute file ``path`` or base64 ``data`` (a data: URL is fine). */
+export interface ImagePart {
+  data?: string | null;
+  path?: string | null;
+  type: "image";
+}
+
+export interface ImageUrl {
+  detail?: string | null;
+  url: string;
+}
+
+/** OpenAI's form: ``url`` is a data: URL or a file path / file:// URL (never fetched over a network). */
+export interface ImageUrlPart {
+  image_url: string | ImageUrl;
+  type: "image_url";
 }
 
 export interface Limits {
@@ -90,14 +120,25 @@ export interface Load {
   type: "load";
 }
 
+/** Load (or with ``model_path: null`` drop) the draft model for speculative decoding. */
+export interface LoadDraft {
+  id: string;
+  model_path: string | null;
+  type: "load_draft";
+}
+
 export interface LoadOptions {
   cache_dir?: string | null;
   cache_disk_bytes?: number;
   cache_max_bytes?: number;
   cache_max_entries?: number;
+  draft_model_path?: string | null;
   dtype?: "auto" | "bfloat16" | "float16" | "float32" | "stored";
+  kv_bits?: 4 | 8 | null;
+  kv_group_size?: 32 | 64 | 128;
   max_kv_size?: number | null;
   prefill_step_size?: number;
+  quantized_kv_start?: number;
   seed?: number | null;
   trust_remote_code?: boolean;
 }
@@ -111,7 +152,7 @@ export interface Log {
 }
 
 export interface Message {
-  content?: string | Array<TextPart>;
+  content?: string | Array<TextPart | ImagePart | ImageUrlPart>;
   role: string;
 }
 
@@ -144,6 +185,7 @@ export interface Progress {
 export interface Prompt {
   add_generation_prompt?: boolean;
   add_special_tokens?: boolean;
+  images?: Array<ImagePart> | null;
   messages?: Array<Message> | null;
   text?: string | null;
   tokens?: Array<number> | null;
@@ -161,7 +203,7 @@ export interface Ready {
   versions: Record<string, unknown>;
 }
 
-export type Request = Load | Generate | Cancel | Unload | Tokenize | Status | CacheClear | Shutdown;
+export type Request = Load | LoadDraft | Generate | Cancel | Unload | Tokenize | Status | CacheClear | Shutdown;
 
 export interface Shutdown {
   id: string;
@@ -171,6 +213,7 @@ export interface Shutdown {
 export interface Stats {
   cache_miss_reason?: string | null;
   cached_tokens: number;
+  draft_tokens_accepted?: number | null;
   generated_tokens: number;
   generation_tps: number;
   id: string | null;
@@ -178,6 +221,7 @@ export interface Stats {
   prompt_tokens: number;
   prompt_tps: number;
   seq?: number;
+  speculative?: string | null;
   total_s: number;
   ttft_s: number;
   type: "stats";
@@ -194,7 +238,9 @@ export interface TextPart {
 }
 
 export interface Token {
+  from_draft?: Array<boolean> | null;
   id: string | null;
+  logprobs?: Array<TokenLogprob> | null;
   seq?: number;
   text: string;
   tokens: Array<number>;
@@ -206,6 +252,18 @@ export interface Tokenize {
   id: string;
   text: string;
   type: "tokenize";
+}
+
+export interface TokenLogprob {
+  id: number;
+  logprob: number;
+  top?: Array<TopLogprob>;
+}
+
+export interface TopLogprob {
+  id: number;
+  logprob: number;
+  text: string;
 }
 
 export interface Unload {

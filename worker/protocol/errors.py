@@ -15,6 +15,8 @@ CODES = {
     "queue_full": -32006,  # too many queued work requests
     "context_overflow": -32007,  # the prompt alone is longer than the context window
     "shutting_down": -32008,  # the worker is exiting and takes no new work
+    "invalid_image": -32009,  # an image part is unreadable, not an image, too large or a decompression bomb
+    "draft_incompatible": -32010,  # load_draft: the draft model does not share the main model's vocabulary
 }
 
 

@@ -34,6 +34,10 @@ class LoadOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     cache_max_entries: NonNeg = 8
     cache_dir: Optional[str] = None
     cache_disk_bytes: NonNeg = 8 << 30
+    kv_bits: Optional[Literal[4, 8]] = None
+    kv_group_size: Literal[32, 64, 128] = 64
+    quantized_kv_start: NonNeg = 0
+    draft_model_path: Optional[Annotated[str, Meta(min_length=1)]] = None
 
 
 class Load(Request, tag="load", kw_only=True):
@@ -90,12 +94,28 @@ class GenerateParams(Struct, forbid_unknown_fields=True, kw_only=True):
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
     seed: Optional[NonNeg] = None
     stop: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=16)] = []
+    stop_token_ids: Annotated[list[NonNeg], Meta(max_length=64)] = []
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] = 0
+    repetition_penalty: Optional[Annotated[float, Meta(gt=0.0, le=10.0)]] = None
+    repetition_context_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 20
+    presence_penalty: Annotated[float, Meta(ge=-10.0, le=10.0)] = 0.0
+    frequency_penalty: Annotated[float, Meta(ge=-10.0, le=10.0)] = 0.0
+    logit_bias: dict[NonNeg, Annotated[float, Meta(ge=-100.0, le=100.0)]] = {}
+    json_schema: Optional[Union[dict, bool]] = None
+    speculative: bool = True
+    num_draft_tokens: Annotated[int, Meta(ge=1, le=32)] = 3
 
 
 class Generate(Request, tag="generate", kw_only=True):
     prompt: Prompt
     cache_key: Optional[Annotated[str, Meta(min_length=1, max_length=256)]] = None
     params: GenerateParams = msgspec.field(default_factory=GenerateParams)
+
+
+class LoadDraft(Request, tag="load_draft", kw_only=True):
+    """Load (or with ``model_path: null`` drop) the draft model for speculative decoding."""
+
+    model_path: Optional[Annotated[str, Meta(min_length=1)]]
 
 
 class Cancel(Request, tag="cancel", kw_only=True):
@@ -123,7 +143,7 @@ class Shutdown(Request, tag="shutdown", kw_only=True):
     pass
 
 
-AnyRequest = Union[Load, Generate, Cancel, Unload, Tokenize, Status, CacheClear, Shutdown]
+AnyRequest = Union[Load, LoadDraft, Generate, Cancel, Unload, Tokenize, Status, CacheClear, Shutdown]
 REQUEST_TYPES = {cls.__struct_config__.tag: cls for cls in AnyRequest.__args__}
 
 
@@ -164,9 +184,23 @@ class Progress(Event, tag="progress", kw_only=True):
     processed: Optional[int] = None
 
 
+class TopLogprob(Struct, kw_only=True):
+    id: int
+    text: str
+    logprob: float
+
+
+class TokenLogprob(Struct, kw_only=True):
+    id: int
+    logprob: float
+    top: list[TopLogprob] = []
+
+
 class Token(Event, tag="token", kw_only=True):
     text: str
     tokens: list[int]
+    logprobs: Optional[list[TokenLogprob]] = None  # with params.top_logprobs > 0: one per id in `tokens`
+    from_draft: Optional[list[bool]] = None  # with a draft model: one per id in `tokens`
 
 
 class Stats(Event, tag="stats", kw_only=True):
@@ -179,6 +213,8 @@ class Stats(Event, tag="stats", kw_only=True):
     generation_tps: float
     peak_memory_bytes: int
     total_s: float
+    speculative: Optional[str] = None  # "on", or "off: <why>" when a draft model is loaded
+    draft_tokens_accepted: Optional[int] = None
 
 
 class CacheStats(Struct, kw_only=True):
@@ -204,7 +240,7 @@ class ModelInfo(Struct, omit_defaults=True, kw_only=True):
     load_s: float
 
 
-StopReason = Literal["eos", "stop_string", "max_tokens", "context_full", "cancelled"]
+StopReason = Literal["eos", "stop_string", "stop_token", "max_tokens", "context_full", "cancelled"]
 
 
 class Done(Event, tag="done", kw_only=True):
@@ -214,11 +250,13 @@ class Done(Event, tag="done", kw_only=True):
     # generate (and a cancelled request of any type)
     stop_reason: Optional[StopReason] = None
     stop_string: Optional[str] = None
+    stop_token: Optional[int] = None
     text: Optional[str] = None
     cached_tokens: Optional[int] = None
     cache_miss_reason: Optional[str] = None
     # load, status
     model: Optional[ModelInfo] = None
+    draft: Optional[ModelInfo] = None
     warnings: Optional[list[str]] = None
     # tokenize
     tokens: Optional[list[int]] = None

@@ -1,0 +1,304 @@
+"""The VisionAddOn interface and the machinery shared by every family.
+
+An add-on owns mlx-vlm's vision tower + projector for one checkpoint (only those weights are
+loaded), the family's processor (loaded with the worker's trust_remote_code option, never mlx-vlm's
+default), and a memo of encoded images. For a request it turns the prompt plus images into
+``PromptPlan(ids, key, embeddings, state)``: the ids the processor expands (image placeholders ->
+image tokens), the embeddings mlx-vlm's own merge code builds from the mlx-lm model's
+``embed_tokens`` and the image features, and a cache key whose image positions are image-specific.
+"""
+
+import glob
+import importlib
+import logging
+import types
+from collections import OrderedDict
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..protocol import ImagePart, TextPart, WorkerError
+from . import images as imgs
+
+log = logging.getLogger("worker")
+
+VISION_KEYS = ("vision_tower", "visual", "multi_modal_projector", "vision_encoder", "vision_projection")
+MEMO_ENTRIES = 64
+MEMO_BYTES = 512 << 20
+
+
+class FeatureMemo:
+    """LRU of encoded images keyed by the encoded bytes' sha256."""
+
+    def __init__(self, max_entries=MEMO_ENTRIES, max_bytes=MEMO_BYTES):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.items: "OrderedDict[str, mx.array]" = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, digest):
+        feats = self.items.get(digest)
+        if feats is not None:
+            self.items.move_to_end(digest)
+            self.hits += 1
+        else:
+            self.misses += 1
+        return feats
+
+    def put(self, digest, feats):
+        self.items[digest] = feats
+        self.items.move_to_end(digest)
+        while self.items and (len(self.items) > self.max_entries
+                              or sum(f.nbytes for f in self.items.values()) > self.max_bytes):
+            self.items.popitem(last=False)
+
+
+class VisionParts(nn.Module):
+    """What mlx-vlm's get_input_embeddings needs from ``self``: vision tower, projector, config and a
+    ``language_model.model.embed_tokens`` that is the mlx-lm text model's embedding."""
+
+
+def find_embed_tokens(text_model):
+    for path in ("language_model.model.embed_tokens", "model.embed_tokens", "language_model.embed_tokens",
+                 "model.language_model.embed_tokens"):
+        obj = text_model
+        for name in path.split("."):
+            obj = getattr(obj, name, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    raise WorkerError("model_load_failed", "the text model has no token embedding the vision add-on can use")
+
+
+def image_key(digest: str, j: int) -> int:
+    """A negative cache-key token for the j-th image token of an image: never equal to a real id."""
+    return -(1 + ((int(digest[:15], 16) * 1_000_003 + j) % (1 << 62)))
+
+
+class VisionAddOn:
+    family = ""  # model_type
+    module = ""  # mlx_vlm.models.<module>
+    processor_path = ""  # "module:Class" of mlx-vlm's processor for the family
+    placeholder = ""  # what a chat template / text prompt writes for one image
+    token_attr = "image_token_index"  # the ModelConfig field holding the image token id
+    add_special_tokens_for_chat = False  # the chat template already wrote BOS etc.
+
+    def __init__(self, path: Path, config: dict, text_model, options):
+        self.path = Path(path)
+        self.options = options
+        self.mod = importlib.import_module(f"mlx_vlm.models.{self.module}")
+        self.mc = self._model_config(config)
+        self.image_token_id = getattr(self.mc, self.token_attr)
+        self.parts = self._load_parts(config, text_model)
+        self.parts.language_model = self._language_stub(find_embed_tokens(text_model))
+        self.processor = self._load_processor()
+        self.memo = FeatureMemo()
+
+    # ---- family hooks -------------------------------------------------------------------------
+    def build_modules(self, parts: VisionParts) -> None:
+        """Attach ``vision_tower`` / ``multi_modal_projector`` (mlx-vlm classes) to ``parts``."""
+        raise NotImplementedError
+
+    def split(self, inputs: dict, n: int) -> list:
+        """Per-image (pixel_values, extras) from the processor's output for n images."""
+        raise NotImplementedError
+
+    def encode(self, pixel_values, extras):
+        """Features of one image in the form mlx-vlm passes as ``cached_image_features``."""
+        raise NotImplementedError
+
+    def join(self, feats: list):
+        return mx.concatenate(feats, axis=0)
+
+    def count(self, feats) -> int:
+        """How many image-token positions one image's features fill."""
+        return int(feats.shape[-2]) if feats.ndim == 3 else int(feats.shape[0])
+
+    def embed_kwargs(self, inputs: dict) -> dict:
+        return {}
+
+    def make_state(self, ids, inputs, embedded):
+        return None
+
+    # ---- loading ------------------------------------------------------------------------------
+    def _model_config(self, config: dict):
+        import json
+
+        from mlx_vlm.utils import update_module_configs
+
+        c = json.loads(json.dumps(config))
+        c.setdefault("text_config", {})
+        c.setdefault("vision_config", {})
+        mc = self.mod.ModelConfig.from_dict(c)
+        return update_module_configs(mc, self.mod, c, ["text", "vision", "projector"])
+
+    def _language_stub(self, embed):
+        return types.SimpleNamespace(model=types.SimpleNamespace(embed_tokens=embed))
+
+    def _load_parts(self, config: dict, text_model) -> VisionParts:
+        parts = VisionParts()
+        parts.config = self.mc
+        self.build_modules(parts)
+        weights = {}
+        for wf in sorted(glob.glob(str(self.path / "*.safetensors"))):
+            if wf.endswith("consolidated.safetensors"):
+                continue
+            for k, v in mx.load(wf).items():
+                if any(s in k for s in VISION_KEYS):
+                    weights[k] = v
+        if not weights:
+            raise WorkerError("model_load_failed", "the checkpoint has no vision tower weights")
+        if hasattr(self.mod.Model, "sanitize"):
+            weights = self.mod.Model.sanitize(parts, weights)
+        weights = parts.vision_tower.sanitize(weights)
+        weights = {k: v for k, v in weights.items() if not k.startswith("language_model")}
+        quant = config.get("quantization") or config.get("quantization_config")
+        if quant and any(k.endswith(".scales") for k in weights):
+            def wanted(p, m):
+                return hasattr(m, "to_quantized") and f"{p}.scales" in weights
+
+            nn.quantize(parts, group_size=quant.get("group_size", 64), bits=quant.get("bits", 4),
+                        mode=quant.get("mode", "affine"), class_predicate=wanted)
+        try:
+            parts.load_weights(list(weights.items()), strict=True)
+        except ValueError as exc:
+            raise WorkerError("model_load_failed", f"vision weights do not fit {self.family}: {exc}")
+        target = _float_dtype(text_model)
+        parts.set_dtype(target, lambda d: mx.issubdtype(d, mx.floating))
+        mx.eval(parts.parameters())
+        parts.eval()
+        return parts
+
+    def _load_processor(self):
+        mod_name, cls_name = self.processor_path.split(":")
+        cls = getattr(importlib.import_module(f"mlx_vlm.models.{mod_name}"), cls_name)
+        try:
+            return cls.from_pretrained(str(self.path), trust_remote_code=self.options.trust_remote_code)
+        except Exception as exc:
+            raise WorkerError("model_load_failed", f"could not load the image processor: {exc}") from exc
+
+    # ---- a request ----------------------------------------------------------------------------
+    def build_prompt(self, kit, req):
+        from ..prompt import PromptPlan
+
+        text, parts, add_special = self._prompt_text(kit, req)
+        loaded = [imgs.load(p, i) for i, p in enumerate(parts)]
+        found = text.count(self.placeholder)
+        if found != len(loaded):
+            raise WorkerError("invalid_params", f"the prompt has {found} image placeholders "
+                              f"({self.placeholder!r}) for {len(loaded)} images")
+        inputs = self._process(text, [im.image for im in loaded], add_special)
+        ids_arr = inputs["input_ids"]
+        ids = [int(t) for t in ids_arr.reshape(-1).tolist()]
+        if not ids:
+            raise WorkerError("invalid_params", "the prompt is empty")
+        feats = []
+        for im, (pv, extras) in zip(loaded, self.split(inputs, len(loaded))):
+            f = self.memo.get(im.digest)
+            if f is None:
+                f = self.encode(pv, extras)
+                mx.eval(f)
+                self.memo.put(im.digest, f)
+            feats.append(f)
+        key = list(ids)
+        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        counts = [self.count(f) for f in feats]
+        if sum(counts) != len(positions):
+            raise WorkerError("invalid_params", f"{len(positions)} image tokens in the prompt for "
+                              f"{sum(counts)} image features: do not write image tokens yourself")
+        at = 0
+        for im, n in zip(loaded, counts):
+            for j in range(n):
+                key[positions[at + j]] = image_key(im.digest, j)
+            at += n
+        embedded = self.mod.Model.get_input_embeddings(
+            self.parts, ids_arr, inputs.get("pixel_values"), mask=inputs.get("attention_mask"),
+            cached_image_features=self.join(feats), **self.embed_kwargs(inputs))
+        emb = embedded.inputs_embeds[0]
+        mx.eval(emb)
+        state = self.make_state(ids_arr, inputs, embedded)
+        return PromptPlan(ids=ids, key=key, embeddings=emb, state=state,
+                          notes=[f"{len(loaded)} image(s), {len(positions)} image tokens"])
+
+    def _prompt_text(self, kit, req):
+        p = req.prompt
+        given = [x is not None for x in (p.text, p.tokens, p.messages)]
+        if sum(given) != 1:
+            raise WorkerError("invalid_params", "prompt needs exactly one of `text`, `tokens`, `messages`")
+        if p.messages is not None:
+            if p.images:
+                raise WorkerError("invalid_params", "put images in the messages' content, not in prompt.images")
+            if not kit.info.chat_template:
+                raise WorkerError("invalid_params", "this model has no chat template; send prompt.text")
+            messages, parts = [], []
+            for m in p.messages:
+                if isinstance(m.content, str):
+                    messages.append({"role": m.role, "content": m.content})
+                    continue
+                content = []
+                for part in m.content:
+                    if isinstance(part, TextPart):
+                        content.append({"type": "text", "text": part.text})
+                    else:
+                        content.append({"type": "image"})
+                        parts.append(part)
+                messages.append({"role": m.role, "content": content})
+            try:
+                text = kit.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=p.add_generation_prompt)
+            except Exception as exc:
+                raise WorkerError("invalid_params", f"the chat template failed on these messages: {exc}")
+            return text, parts, self.add_special_tokens_for_chat
+        parts = list(p.images or [])
+        if p.tokens is not None:
+            bad = [t for t in p.tokens if t >= kit.info.vocab_size]
+            if bad:
+                raise WorkerError("invalid_params", f"prompt.tokens has ids outside the vocabulary: {bad[:5]}")
+            # re-tokenized by the processor (which expands the placeholders): specials are kept
+            return kit.tokenizer.decode(list(p.tokens), skip_special_tokens=False), parts, False
+        return p.text, parts, p.add_special_tokens
+
+    def _process(self, text: str, images: list, add_special: bool) -> dict:
+        from mlx_vlm.utils import prepare_inputs
+
+        try:
+            return prepare_inputs(self.processor, images=images or None, prompts=text,
+                                  image_token_index=self.image_token_id, add_special_tokens=add_special)
+        except WorkerError:
+            raise
+        except Exception as exc:
+            raise WorkerError("invalid_image", f"the image processor refused the input: {exc}") from exc
+
+
+def _float_dtype(model) -> mx.Dtype:
+    from mlx.utils import tree_flatten
+
+    counts = {}
+    for _, p in tree_flatten(model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.size
+    return max(counts, key=counts.get) if counts else mx.float32
+
+
+def family_map() -> dict:
+    from . import gemma3, mistral3, pixtral, qwen2_5_vl, qwen2_vl
+
+    return {c.family: c for c in (gemma3.Gemma3AddOn, pixtral.PixtralAddOn, mistral3.Mistral3AddOn,
+                                  qwen2_vl.Qwen2VLAddOn, qwen2_5_vl.Qwen25VLAddOn)}
+
+
+def load_addon(path, config, text_model, options):
+    family = config.get("model_type")
+    cls = family_map().get(family)
+    if cls is None:
+        return None, (f"this checkpoint has a vision tower ({family}) but no vision add-on supports "
+                      "it yet: loaded text-only")
+    try:
+        return cls(Path(path), config, text_model, options), None
+    except WorkerError:
+        raise
+    except Exception as exc:
+        log.exception("vision add-on failed to load")
+        raise WorkerError("model_load_failed", f"could not load the {family} vision tower: {exc}") from exc

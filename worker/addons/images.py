@@ -1,0 +1,117 @@
+"""Image inputs on the wire -> validated PIL images with a content hash.
+
+Sources: ``{"type": "image", "path": ...}``, ``{"type": "image", "data": <base64 or data: URL>}`` and
+OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}`` (data: URL, file:// URL or absolute
+path; nothing is ever fetched over a network). PNG, JPEG, WebP and GIF (first frame) are accepted.
+The size is checked from the header before any pixel is decoded, so decompression bombs are refused
+cheaply. Images are not resized here: the model's processor applies its own limits.
+"""
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from ..protocol import ImagePart, ImageUrlPart, WorkerError
+
+FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
+MAX_BYTES = 64 << 20  # encoded size of one image
+MAX_SIDE = 16384  # pixels per side
+MAX_PIXELS = 64_000_000  # width * height
+
+
+@dataclass
+class LoadedImage:
+    digest: str  # sha256 of the encoded bytes: the identity used by the feature memo and cache key
+    image: Any  # PIL.Image.Image, RGB
+    size: tuple  # (width, height) as stored
+
+
+def _bad(msg: str) -> WorkerError:
+    return WorkerError("invalid_image", msg)
+
+
+def _b64(data: str, what: str) -> bytes:
+    data = data.strip()
+    if data.startswith("data:"):
+        head, sep, data = data.partition(",")
+        if not sep:
+            raise _bad(f"{what}: a data: URL needs a comma before its payload")
+        if ";base64" not in head:
+            return unquote(data).encode("latin-1", "replace")
+    if len(data) > MAX_BYTES * 4 // 3 + 16:
+        raise _bad(f"{what}: larger than {MAX_BYTES >> 20} MiB")
+    try:
+        return base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _bad(f"{what}: `data` is not valid base64 ({exc})")
+
+
+def _read_file(path: str, what: str) -> bytes:
+    if not os.path.isabs(path):
+        raise _bad(f"{what}: `path` must be absolute: {path!r}")
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_BYTES:
+            raise _bad(f"{what}: {path} is larger than {MAX_BYTES >> 20} MiB")
+        with open(path, "rb") as f:
+            return f.read()
+    except WorkerError:
+        raise
+    except OSError as exc:
+        raise _bad(f"{what}: cannot read {path}: {exc.strerror or exc}")
+
+
+def raw_bytes(part, index: int) -> bytes:
+    what = f"image {index + 1}"
+    if isinstance(part, ImagePart):
+        if (part.path is None) == (part.data is None):
+            raise _bad(f"{what}: give exactly one of `path` or `data`")
+        return _read_file(part.path, what) if part.path is not None else _b64(part.data, what)
+    if isinstance(part, ImageUrlPart):
+        url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+        if url.startswith("data:"):
+            return _b64(url, what)
+        if url.startswith("file://"):
+            return _read_file(unquote(urlparse(url).path), what)
+        if url.startswith("/"):
+            return _read_file(url, what)
+        raise _bad(f"{what}: only data:, file:// or absolute-path image URLs are accepted (no network)")
+    raise _bad(f"{what}: not an image part")
+
+
+def decode(data: bytes, index: int = 0) -> LoadedImage:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    what = f"image {index + 1}"
+    if not data:
+        raise _bad(f"{what}: empty")
+    try:
+        img = Image.open(io.BytesIO(data), formats=sorted(FORMATS))
+    except UnidentifiedImageError:
+        raise _bad(f"{what}: not a PNG, JPEG, WebP or GIF image")
+    except Exception as exc:  # truncated headers and friends
+        raise _bad(f"{what}: unreadable image ({exc})")
+    w, h = img.size
+    if w < 1 or h < 1 or max(w, h) > MAX_SIDE or w * h > MAX_PIXELS:
+        raise _bad(f"{what}: {w}x{h} is outside the accepted size (at most {MAX_SIDE} px a side "
+                   f"and {MAX_PIXELS // 1_000_000} megapixels)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.seek(0)  # GIF / animated WebP: the first frame
+            img.load()
+            img = ImageOps.exif_transpose(img)  # like mlx-vlm's load_image
+            rgb = img.convert("RGB")
+    except Exception as exc:
+        raise _bad(f"{what}: could not decode the {img.format} data ({exc})")
+    return LoadedImage(hashlib.sha256(data).hexdigest(), rgb, (w, h))
+
+
+def load(part, index: int = 0) -> LoadedImage:
+    return decode(raw_bytes(part, index), index)

@@ -1,0 +1,111 @@
+"""Sampler, logits processors (penalties, bias, JSON-schema constraint) and logprob reports."""
+
+import json
+from typing import List, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .protocol import GenerateParams, TokenLogprob, TopLogprob, WorkerError
+
+
+def sampler_for(params: GenerateParams):
+    return make_sampler(params.temperature, params.top_p, params.min_p, top_k=params.top_k)
+
+
+def processors_for(kit, params: GenerateParams, prefix: List[int]) -> list:
+    """mlx-lm's processors, seeing the cached part of the prompt too (``prefix``).
+
+    generate_step only hands processors the tokens it was given, i.e. the uncached suffix; a
+    repetition penalty must also count the tokens served from the prompt cache.
+    """
+    procs = make_logits_processors(
+        logit_bias=params.logit_bias or None,
+        repetition_penalty=params.repetition_penalty,
+        repetition_context_size=params.repetition_context_size,
+        presence_penalty=params.presence_penalty or None,
+        presence_context_size=params.repetition_context_size,
+        frequency_penalty=params.frequency_penalty or None,
+        frequency_context_size=params.repetition_context_size,
+    )
+    penalties = (params.repetition_penalty, params.presence_penalty, params.frequency_penalty)
+    if prefix and any(penalties):
+        head = mx.array(prefix[-params.repetition_context_size:], dtype=mx.uint32)
+        procs = [_with_prefix(p, head) for p in procs]
+    return procs
+
+
+def _with_prefix(proc, head):
+    def wrapped(tokens, logits):
+        full = head if tokens is None else mx.concatenate([head, tokens.astype(mx.uint32)])
+        return proc(full, logits)
+
+    return wrapped
+
+
+class JsonConstraint:
+    """A logits processor that only allows tokens keeping the output valid for a JSON schema.
+
+    llguidance does the grammar work; its MLX helper is Metal-only, so the mask is applied here.
+    When the JSON is complete only EOS remains allowed, so generation ends instead of spinning.
+    """
+
+    def __init__(self, kit, schema):
+        from llguidance import LLMatcher
+        from llguidance.numpy import allocate_token_bitmask
+
+        try:
+            grammar = LLMatcher.grammar_from_json_schema(
+                json.dumps(schema), defaults={"whitespace_flexible": False})
+        except ValueError as exc:
+            raise WorkerError("invalid_params", f"params.json_schema is not usable: {exc}")
+        lltok = llg_tokenizer(kit)
+        err = LLMatcher.validate_grammar(grammar, lltok)
+        if err and not err.startswith("WARNING"):
+            raise WorkerError("invalid_params", f"params.json_schema is not usable: {err}")
+        self.matcher = LLMatcher(lltok, grammar, log_level=0)
+        if self.matcher.is_error():
+            raise WorkerError("invalid_params", f"params.json_schema: {self.matcher.get_error()}")
+        self.n_vocab = lltok.vocab_size
+        self.bitmask = allocate_token_bitmask(1, self.n_vocab)
+        self.calls = 0
+
+    def __call__(self, tokens, logits):
+        from llguidance.numpy import fill_next_token_bitmask
+
+        if self.calls:  # the last token is the one sampled after our previous call
+            self.matcher.consume_token(int(tokens[-1].item()))
+        self.calls += 1
+        fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+        bits = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[: self.n_vocab]
+        width = logits.shape[-1]
+        allowed = np.zeros(width, dtype=bool)
+        allowed[: min(width, bits.size)] = bits[:width].astype(bool)
+        return mx.where(mx.array(allowed), logits, mx.array(-np.inf, dtype=logits.dtype))
+
+
+def llg_tokenizer(kit):
+    lltok = getattr(kit, "_llg_tokenizer", None)
+    if lltok is None:
+        import llguidance.hf
+
+        try:
+            lltok = llguidance.hf.from_tokenizer(kit.tokenizer._tokenizer, n_vocab=kit.info.vocab_size,
+                                                 eos_token=sorted(kit.info.eos_token_ids)[0])
+        except Exception as exc:
+            raise WorkerError("invalid_params", f"json_schema needs a fast tokenizer: {exc}")
+        kit._llg_tokenizer = lltok
+    return lltok
+
+
+def logprob_report(kit, token: int, logprobs: mx.array, k: int) -> TokenLogprob:
+    lp = logprobs.astype(mx.float32)
+    top: Optional[list] = []
+    if k > 0:
+        idx = mx.argpartition(-lp, kth=k - 1)[:k]
+        vals = lp[idx]
+        order = mx.argsort(-vals)
+        ids, vals = idx[order].tolist(), vals[order].tolist()
+        top = [TopLogprob(id=i, text=kit.tokenizer.decode([i]), logprob=v) for i, v in zip(ids, vals)]
+    return TokenLogprob(id=token, logprob=lp[token].item(), top=top)
