@@ -38,10 +38,9 @@ def main(argv=None) -> None:
     blas.maybe_reexec(argv)
     args = _parse(argv)
     out_fd = _protect_stdout()
-    # no model hub, ever: everything is loaded from local directories
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    from . import offline
+
+    offline.set_offline_env()  # no model hub, ever: everything is loaded from local directories
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(
         stream=sys.stderr,
@@ -50,6 +49,8 @@ def main(argv=None) -> None:
     )
     from .ready import ready_event
     from .server import Server
+
+    offline.patch_downloads()
 
     server = Server(out_fd, max(64, args.max_line_bytes))
     signal.signal(signal.SIGTERM, lambda *_: server.request_exit(0))

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,22 @@ def compute_dtype(options: LoadOptions, stored: mx.Dtype) -> Optional[mx.Dtype]:
     return None
 
 
+def check_memory(model: nn.Module, max_memory: Optional[int]) -> int:
+    """Refuse, before reading any weights, a model that cannot fit (the parameters are still lazy)."""
+    need = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+    limit, what = max_memory, "options.max_memory"
+    if limit is None:
+        try:
+            limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            what = "this machine's memory"
+        except (ValueError, OSError, AttributeError):
+            return need
+    if need > limit:
+        raise WorkerError("out_of_memory", f"the weights need {need / 2**30:.2f} GiB in memory; "
+                          f"{what} is {limit / 2**30:.2f} GiB")
+    return need
+
+
 def _stored_dtype(model: nn.Module) -> mx.Dtype:
     counts = {}
     for _, p in tree_flatten(model.parameters()):
@@ -117,8 +134,11 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
     target = compute_dtype(options, stored)
     if target is not None and target != stored:
         model.set_dtype(target, lambda d: mx.issubdtype(d, mx.floating))
+    check_memory(model, options.max_memory)
     try:
         mx.eval(model.parameters())
+    except MemoryError as exc:
+        raise WorkerError("out_of_memory", f"ran out of memory reading the weights: {exc}") from exc
     except Exception as exc:
         raise WorkerError("model_load_failed", f"could not read the weights: {exc}") from exc
     progress(0.8)

@@ -17,7 +17,7 @@ import msgspec
 
 from . import engine
 from .protocol import (
-    DEFAULT_MAX_LINE_BYTES, CacheClear, CacheStats, Cancel, LoadDraft, Done, Error, Generate, Load, Shutdown, Status, Tokenize,
+    DEFAULT_MAX_LINE_BYTES, Fatal, CacheClear, CacheStats, Cancel, LoadDraft, Done, Error, Generate, Load, Shutdown, Status, Tokenize,
     TooLong, Unload, WorkerError, decode_request, read_lines,
 )
 
@@ -243,12 +243,32 @@ class Server:
             draft=self.kit.draft.info if self.kit is not None and self.kit.draft else None,
             active=self.active.req.id if self.active else None,
             queue=[j.req.id for j in self.queue],
+            engine_alive=self.engine_thread.is_alive(),
             cache=CacheStats(**self.kit.cache.stats()) if self.kit is not None else None,
         )
 
     # ------------------------------------------------------------ engine side
 
     def _engine_loop(self) -> None:
+        try:
+            self._engine_jobs()
+        except BaseException as exc:  # the MLX thread is gone: say so, then exit non-zero
+            traceback.print_exc()
+            reason = f"the engine thread died: {type(exc).__name__}: {exc}"
+            with self.lock:
+                self.exit_code = 70
+                self.exiting.set()  # no new work from here on
+                lost = list(self.live.values())
+                self.live.clear()
+                self.queue.clear()
+                self.shutdown_job = None
+            for job in lost:
+                self.emit(Error(id=job.req.id, code="internal", number=-32603,
+                                message=f"the worker must exit: {reason}"))
+            self.emit(Fatal(id=None, reason=reason))
+            self.engine_idle.set()
+
+    def _engine_jobs(self) -> None:
         while True:
             with self.work:
                 while not self.queue:

@@ -36,6 +36,7 @@ export interface Done {
   cached_tokens?: number | null;
   cancelled?: boolean | null;
   draft?: ModelInfo | null;
+  engine_alive?: boolean | null;
   id: string | null;
   model?: ModelInfo | null;
   queue?: Array<string> | null;
@@ -60,7 +61,15 @@ export interface Error {
   type: "error";
 }
 
-export type Event = Ready | Progress | Token | Stats | Done | Error | Log;
+export type Event = Ready | Progress | Token | Stats | Done | Error | Fatal | Log;
+
+/** The last line before the worker exits on a failure it cannot survive (exit status 70). */
+export interface Fatal {
+  id: string | null;
+  reason: string;
+  seq?: number;
+  type: "fatal";
+}
 
 export interface Generate {
   cache_key?: string | null;
@@ -137,6 +146,7 @@ export interface LoadOptions {
   kv_bits?: 4 | 8 | null;
   kv_group_size?: 32 | 64 | 128;
   max_kv_size?: number | null;
+  max_memory?: number | null;
   prefill_step_size?: number;
   quantized_kv_start?: number;
   seed?: number | null;

@@ -38,6 +38,7 @@ class LoadOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     kv_group_size: Literal[32, 64, 128] = 64
     quantized_kv_start: NonNeg = 0
     draft_model_path: Optional[Annotated[str, Meta(min_length=1)]] = None
+    max_memory: Optional[Pos] = None
 
 
 class Load(Request, tag="load", kw_only=True):
@@ -266,6 +267,7 @@ class Done(Event, tag="done", kw_only=True):
     state: Optional[str] = None
     active: Optional[str] = None
     queue: Optional[list[str]] = None
+    engine_alive: Optional[bool] = None
     # status, cache_clear (for cache_clear: what was dropped)
     cache: Optional[CacheStats] = None
 
@@ -276,9 +278,15 @@ class Error(Event, tag="error", kw_only=True):
     message: str
 
 
+class Fatal(Event, tag="fatal", kw_only=True):
+    """The last line before the worker exits on a failure it cannot survive (exit status 70)."""
+
+    reason: str
+
+
 class Log(Event, tag="log", kw_only=True):
     level: Literal["debug", "info", "warning", "error"]
     message: str
 
 
-AnyEvent = Union[Ready, Progress, Token, Stats, Done, Error, Log]
+AnyEvent = Union[Ready, Progress, Token, Stats, Done, Error, Fatal, Log]
