@@ -140,6 +140,9 @@ class VisionAddOn:
     def _load_parts(self, config: dict, text_model) -> VisionParts:
         parts = VisionParts()
         parts.config = self.mc
+        for name, value in vars(self.mod.Model).items():  # merge helpers are static methods
+            if isinstance(value, staticmethod):
+                object.__setattr__(parts, name, getattr(self.mod.Model, name))
         self.build_modules(parts)
         weights = {}
         for wf in sorted(glob.glob(str(self.path / "*.safetensors"))):

@@ -1,0 +1,130 @@
+"""Qwen2-VL: vision tower + patch merger, and M-RoPE positions for the mlx-lm text model.
+
+mlx-lm runs Qwen2-VL's text model with plain 1-D RoPE. The real model (and mlx-vlm) rotates image
+tokens with 3-D (t, h, w) position ids and continues the text after an image from a compressed
+position (``rope_deltas``). Here each attention layer's ``rope`` is wrapped once at load by
+``MRopeHook``: while no request state is active it calls mlx-lm's own rope unchanged (text-only
+requests are exactly mlx-lm); inside ``with plan.state:`` it rotates with mlx-vlm's M-RoPE using the
+positions computed for the whole prompt (mlx-vlm's ``get_rope_index``), indexed by the KV cache
+offset. Positions past the prompt (decode) are ``index + rope_delta`` on all three axes, as in
+mlx-vlm. A prompt partly served from the cache works because positions are absolute.
+"""
+
+import functools
+import threading
+
+import mlx.core as mx
+
+from .base import VisionAddOn
+
+
+class _Active(threading.local):
+    state = None
+
+
+class MRopeState:
+    """Per-request positions: ``prompt_positions`` [3, 1, N] and the delta for tokens after them."""
+
+    def __init__(self, box: _Active, prompt_positions: mx.array, delta: int):
+        self.box = box
+        self.pos = prompt_positions.astype(mx.int32)
+        self.n = int(prompt_positions.shape[-1])
+        self.delta = int(delta)
+
+    def positions(self, offset: int, length: int) -> mx.array:
+        if offset + length <= self.n:
+            return self.pos[:, :, offset:offset + length]
+        start = max(offset, self.n)
+        tail = mx.arange(start, offset + length, dtype=mx.int32) + self.delta
+        tail = mx.broadcast_to(tail[None, None, :], (3, 1, offset + length - start))
+        if offset >= self.n:
+            return tail
+        return mx.concatenate([self.pos[:, :, offset:], tail], axis=-1)
+
+    def __enter__(self):
+        if self.box.state is not None:
+            raise RuntimeError("another M-RoPE request state is active")
+        self.box.state = self
+        return self
+
+    def __exit__(self, *exc):
+        self.box.state = None
+        return False
+
+
+class MRopeHook:
+    """Stands in for an attention layer's ``rope``; not an nn.Module, so it adds no parameters."""
+
+    def __init__(self, base, rotary, box: _Active, apply):
+        self.base, self.rotary, self.box, self.apply = base, rotary, box, apply
+
+    def __call__(self, x, offset=0):
+        state = self.box.state
+        if state is None:
+            return self.base(x, offset=offset)
+        pos = state.positions(int(offset), x.shape[-2])
+        cos, sin = self.rotary(x, pos)
+        return self.apply(x, x, cos, sin, unqueeze_dim=1)[0]
+
+
+def install_mrope(text_model, language_module, text_config) -> _Active:
+    """Wrap every attention ``rope`` of the mlx-lm text model (once per model)."""
+    box = getattr(text_model, "_worker_mrope_box", None)
+    if box is not None:
+        return box
+    box = _Active()
+    layers = text_model.layers
+    head_dim = text_config.hidden_size // text_config.num_attention_heads
+    rotary = language_module.Qwen2RotaryEmbedding(
+        head_dim, max_position_embeddings=text_config.max_position_embeddings,
+        base=text_config.rope_theta, rope_scaling=text_config.rope_scaling)
+    for layer in layers:
+        attn = layer.self_attn
+        if not isinstance(attn.rope, MRopeHook):
+            object.__setattr__(attn, "rope", MRopeHook(attn.rope, rotary, box,
+                                                      language_module.apply_multimodal_rotary_pos_emb))
+    object.__setattr__(text_model, "_worker_mrope_box", box)
+    return box
+
+
+class Qwen2VLAddOn(VisionAddOn):
+    family = "qwen2_vl"
+    module = "qwen2_vl"
+    processor_path = "qwen2_vl.processing_qwen2_vl:Qwen2VLProcessor"
+    placeholder = "<|image_pad|>"
+    token_attr = "image_token_id"
+
+    def __init__(self, path, config, text_model, options):
+        super().__init__(path, config, text_model, options)
+        self.language = __import__(f"mlx_vlm.models.{self.module}.language", fromlist=["x"])
+        self.box = install_mrope(text_model, self.language, self.mc.text_config)
+
+    def _language_stub(self, embed):
+        stub = super()._language_stub(embed)
+        lm_self = type("LM", (), {"config": self.mc})()
+        stub.get_rope_index = functools.partial(self.mod.LanguageModel.get_rope_index, lm_self)
+        return stub
+
+    def build_modules(self, parts):
+        parts.vision_tower = self.mod.VisionModel(self.mc.vision_config)
+
+    def split(self, inputs, n):
+        pv, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+        out, at = [], 0
+        for i in range(n):
+            rows = int(mx.prod(grid[i]).item())
+            out.append((pv[at:at + rows], {"image_grid_thw": grid[i:i + 1]}))
+            at += rows
+        return out
+
+    def encode(self, pv, extras):
+        tower = self.parts.vision_tower
+        pv = pv.astype(tower.patch_embed.proj.weight.dtype)
+        return tower(pv, extras["image_grid_thw"], output_hidden_states=False)
+
+    def embed_kwargs(self, inputs):
+        return {"image_grid_thw": inputs["image_grid_thw"]}
+
+    def make_state(self, ids, inputs, embedded):
+        pos, delta = embedded.position_ids, embedded.rope_deltas
+        return MRopeState(self.box, pos, int(delta.reshape(-1)[0].item()))
