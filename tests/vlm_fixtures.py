@@ -213,7 +213,7 @@ def _weights(family: str, cfg: dict, seed: int, suppressed: list[int]) -> dict:
     return out
 
 
-def build_vlm_fixture(family: str, path, seed: int = 0) -> Path:
+def build_vlm_fixture(family: str, path, seed: int = 0, text_overrides: dict | None = None) -> Path:
     import mlx.core as mx
 
     if family not in FAMILIES:
@@ -222,6 +222,8 @@ def build_vlm_fixture(family: str, path, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     ids, suppressed = _write_tokenizer(TOKENIZER_OF[family], path)
     cfg, proc, pre = _config(family, ids)
+    if text_overrides:
+        cfg.setdefault("text_config", cfg).update(text_overrides)
     F._write_json(path / "config.json", cfg)
     F._write_json(path / "processor_config.json", proc)
     F._write_json(path / "preprocessor_config.json", pre)

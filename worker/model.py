@@ -86,6 +86,19 @@ def compute_dtype(options: LoadOptions, stored: mx.Dtype) -> Optional[mx.Dtype]:
     return None
 
 
+def check_kv_layout(config: dict, options: LoadOptions) -> None:
+    """KV quantization groups run along the head dimension: they must divide it."""
+    if options.kv_bits is None:
+        return
+    text = config.get("text_config") or config
+    heads = text.get("num_attention_heads") or config.get("num_attention_heads")
+    hidden = text.get("hidden_size") or config.get("hidden_size")
+    head_dim = text.get("head_dim") or (hidden // heads if hidden and heads else None)
+    if isinstance(head_dim, int) and head_dim % options.kv_group_size:
+        raise WorkerError("invalid_params", f"options.kv_group_size {options.kv_group_size} must divide the "
+                          f"model's attention head size {head_dim}; this model cannot use kv_bits with it")
+
+
 def check_memory(model: nn.Module, max_memory: Optional[int]) -> int:
     """Refuse, before reading any weights, a model that cannot fit (the parameters are still lazy)."""
     need = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
@@ -135,6 +148,7 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
     if target is not None and target != stored:
         model.set_dtype(target, lambda d: mx.issubdtype(d, mx.floating))
     check_memory(model, options.max_memory)
+    check_kv_layout(config, options)
     try:
         mx.eval(model.parameters())
     except MemoryError as exc:
