@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NamedTuple, Optional
+from collections import namedtuple
 
 ENV_CHOICE = "MLX_WORKER_BLAS"
 ENV_MARKER = "MLX_WORKER_BLAS_REEXEC"
@@ -58,10 +58,8 @@ _MULTIARCH = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu",
 _logged_status = False
 
 
-class Candidate(NamedTuple):
-    path: str
-    kind: str  # "openblas" | "mkl" | "blis" | "unknown"
-    source: str  # "env" | "system" | "pip"
+# kind: "openblas" | "mkl" | "blis" | "unknown"; source: "env" | "system" | "pip"
+Candidate = namedtuple("Candidate", "path kind source")
 
 
 def _log(msg: str) -> None:
@@ -106,7 +104,7 @@ def classify(path: str) -> str:
     return "unknown"
 
 
-def _source_of(path: str, env: Optional[dict] = None) -> str:
+def _source_of(path: str, env: dict | None = None) -> str:
     env = os.environ if env is None else env
     named = env.get(ENV_CHOICE, "").strip()
     if "/" in named and _same_file(named, path):
@@ -217,9 +215,9 @@ def _pip_paths(machine: str, site_dirs: list, prefix: str, flags: frozenset) -> 
     return out
 
 
-def candidates(env: Optional[dict] = None, *, machine: Optional[str] = None,
-               site_dirs: Optional[list] = None, prefix: Optional[str] = None,
-               root: str = "", cpu_flags: Optional[frozenset] = None) -> list:
+def candidates(env: dict | None = None, *, machine: str | None = None,
+               site_dirs: list | None = None, prefix: str | None = None,
+               root: str = "", cpu_flags: frozenset | None = None) -> list:
     """The BLAS libraries worth preloading, best first, as :class:`Candidate` (existing files only).
 
     Honours ``MLX_WORKER_BLAS`` (off / a kind / a path). ``root`` is prefixed to system paths
@@ -352,7 +350,7 @@ def _tuning_env(cand: Candidate, info: dict, env) -> tuple:
     return changes, extra
 
 
-def find_blas(env: Optional[dict] = None, **kw) -> tuple:
+def find_blas(env: dict | None = None, **kw) -> tuple:
     """First candidate that loads and exports cblas_sgemm: (Candidate, probe dict) or (None, reason)."""
     env = os.environ if env is None else env
     cands = candidates(env, **kw)
@@ -388,7 +386,7 @@ def _resolve_preload(entry: str) -> str:
     return entry
 
 
-def _skip_reason(env) -> Optional[str]:
+def _skip_reason(env) -> str | None:
     if not sys.platform.startswith("linux"):
         return "not Linux"
     if env.get(ENV_DEVICE, "").strip().lower() in GPU_DEVICES:
@@ -398,7 +396,7 @@ def _skip_reason(env) -> Optional[str]:
     return None
 
 
-def maybe_reexec(argv: Optional[list] = None, *, maps_path: str = "/proc/self/maps",
+def maybe_reexec(argv: list | None = None, *, maps_path: str = "/proc/self/maps",
                  module: str = "worker") -> None:
     """Re-exec ``python -m worker *argv`` once with a fast BLAS in LD_PRELOAD, when one is found.
 
@@ -485,7 +483,7 @@ def _mapped_paths(maps_path: str) -> list:
     return out
 
 
-def blas_info(maps_path: str = "/proc/self/maps", *, env: Optional[dict] = None,
+def blas_info(maps_path: str = "/proc/self/maps", *, env: dict | None = None,
               detail: bool = True) -> dict:
     """Which BLAS is mapped into this process (Linux: from ``maps_path``).
 
@@ -551,7 +549,7 @@ def _openblas_runtime(path: str) -> dict:
     return out
 
 
-def log_blas_status(info: Optional[dict] = None) -> dict:
+def log_blas_status(info: dict | None = None) -> dict:
     """Once per process: one stderr line when MLX runs on the reference BLAS. Returns the info.
 
     Call after ``import mlx.core`` (before it nothing is mapped yet).

@@ -6,25 +6,21 @@ Three threads: the reader (stdin -> requests; answers control requests at once),
 
 import collections
 import logging
-import os
-import queue
 import threading
 import traceback
 from dataclasses import dataclass, field
 from typing import BinaryIO, Optional
 
-import msgspec
-
 from . import engine
 from .protocol import (
-    DEFAULT_MAX_LINE_BYTES, Fatal, CacheClear, CacheStats, Cancel, LoadDraft, Done, Error, Generate, Load, Shutdown, Status, Tokenize,
-    TooLong, Unload, WorkerError, decode_request, read_lines,
+    DEFAULT_MAX_LINE_BYTES, CacheClear, CacheStats, Cancel, Done, Error, Fatal, Generate, Load,
+    LoadDraft, Shutdown, Status, Tokenize, TooLong, Unload, WorkerError, decode_request, read_lines,
 )
+from .writer import Writer
 
 log = logging.getLogger("worker")
 
 MAX_QUEUE = 256
-EVENT_QUEUE_SIZE = 4096  # a host that stops reading stalls generation here, memory stays bounded
 EOF_EXIT_S = 0.8
 
 
@@ -32,59 +28,6 @@ EOF_EXIT_S = 0.8
 class Job:
     req: object
     cancel: threading.Event = field(default_factory=threading.Event)
-
-
-class Writer(threading.Thread):
-    """Owns the saved stdout: assigns ``seq`` and writes whole lines, coalescing bursts."""
-
-    def __init__(self, fd: int, on_broken):
-        super().__init__(name="writer", daemon=True)
-        self.fd = fd
-        self.q = queue.Queue(EVENT_QUEUE_SIZE)
-        self.seq = 0
-        self.on_broken = on_broken
-        self.enc = msgspec.json.Encoder()
-        self.idle = threading.Event()
-        self.idle.set()
-
-    def put(self, event) -> None:
-        self.idle.clear()
-        self.q.put(event)
-
-    def run(self) -> None:
-        buf = bytearray()
-        while True:
-            batch = [self.q.get()]
-            try:
-                while len(batch) < 256:
-                    batch.append(self.q.get_nowait())
-            except queue.Empty:
-                pass
-            buf.clear()
-            for ev in batch:
-                self.seq += 1
-                ev.seq = self.seq
-                try:
-                    self.enc.encode_into(ev, buf, len(buf))
-                except Exception:  # e.g. a lone surrogate in a string: never break the stream
-                    log.exception("could not encode an event; sending an internal error instead")
-                    err = Error(id=ev.id, code="internal", number=-32603,
-                                message="the worker could not encode an event", seq=self.seq)
-                    self.enc.encode_into(err, buf, len(buf))
-                buf += b"\n"
-            try:
-                with memoryview(buf) as view:
-                    done = 0
-                    while done < len(view):
-                        done += os.write(self.fd, view[done:])
-            except OSError:
-                self.on_broken()
-                return
-            if self.q.empty():
-                self.idle.set()
-
-    def flush(self, timeout: float) -> None:
-        self.idle.wait(timeout)
 
 
 class Server:
@@ -169,6 +112,10 @@ class Server:
                     req = decode_request(line)
                 except WorkerError as exc:
                     self.error(getattr(exc, "request_id", None), exc)
+                    continue
+                except Exception as exc:  # decode_request promises WorkerError only; never stop reading
+                    traceback.print_exc()
+                    self.error(None, WorkerError("parse_error", f"unreadable line: {type(exc).__name__}"))
                     continue
                 try:
                     self._dispatch(req)

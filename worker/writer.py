@@ -1,0 +1,90 @@
+"""The stdout writer thread: assigns ``seq`` and writes whole lines, coalescing bursts.
+
+It never dies of a bad event (a string that cannot be encoded becomes an ASCII `internal` error
+with ``id: null`` at worst), and once a `fatal` event is written nothing follows it.
+"""
+
+import logging
+import os
+import queue
+import threading
+
+import msgspec
+
+from .protocol import Error, Fatal
+
+log = logging.getLogger("worker")
+
+EVENT_QUEUE_SIZE = 4096  # a host that stops reading stalls generation here; memory stays bounded
+
+
+class Writer(threading.Thread):
+    def __init__(self, fd: int, on_broken):
+        super().__init__(name="writer", daemon=True)
+        self.fd = fd
+        self.q = queue.Queue(EVENT_QUEUE_SIZE)
+        self.seq = 0
+        self.on_broken = on_broken
+        self.enc = msgspec.json.Encoder()
+        self.pending = 0  # events put but not yet written
+        self.cv = threading.Condition()
+        self.closed = False  # after `fatal` or a broken pipe
+
+    def put(self, event) -> None:
+        with self.cv:
+            self.pending += 1
+        self.q.put(event)
+
+    def flush(self, timeout: float) -> None:
+        """Wait until every event put so far has been written (or the timeout passes)."""
+        with self.cv:
+            self.cv.wait_for(lambda: self.pending == 0 or self.closed, timeout)
+
+    def run(self) -> None:
+        buf = bytearray()
+        while True:
+            batch = [self.q.get()]
+            try:
+                while len(batch) < 256:
+                    batch.append(self.q.get_nowait())
+            except queue.Empty:
+                pass
+            buf.clear()
+            if not self.closed:
+                for ev in batch:
+                    self._encode(ev, buf)
+                    if isinstance(ev, Fatal):
+                        self.closed = True
+                        break
+                try:
+                    with memoryview(buf) as view:
+                        done = 0
+                        while done < len(view):
+                            done += os.write(self.fd, view[done:])
+                except OSError:
+                    self.closed = True
+                    self.on_broken()
+            with self.cv:
+                self.pending -= len(batch)
+                self.cv.notify_all()
+
+    def _encode(self, ev, buf: bytearray) -> None:
+        self.seq += 1
+        ev.seq = self.seq
+        start = len(buf)
+        try:
+            self.enc.encode_into(ev, buf, start)
+        except Exception:  # e.g. a lone surrogate in a string: never break the stream
+            log.exception("could not encode a %s event; sending an internal error instead", type(ev).__name__)
+            del buf[start:]
+            rid = ev.id if _encodable(ev.id) else None
+            self.enc.encode_into(Error(id=rid, code="internal", number=-32603, seq=self.seq,
+                                       message="the worker could not encode an event"), buf, start)
+        buf += b"\n"
+
+
+def _encodable(s) -> bool:
+    try:
+        return s is None or (s.encode("utf-8") and True)
+    except UnicodeEncodeError:
+        return False
