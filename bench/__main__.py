@@ -1,0 +1,80 @@
+"""python -m bench [--quick] [--only NAME ...]: run the scenarios, write bench/results/latest.{json,md}."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import report
+from .common import Session, loadavg, log
+from .scenarios import SCENARIOS
+
+PROFILES = {
+    # ~5-6 minutes on a 2-core CPU
+    "quick": {
+        "overhead": {"tiny": 20, "smollm2": 8},
+        "followup": {"tiny": 2, "smollm2": 1},
+        "followup_raw": {"tiny": 1, "smollm2": 1},
+        "followup_tokens": 4000,
+        "blas": {"tiny": 5, "smollm2": 2},
+        "blas_matched": True,
+    },
+    "full": {
+        "overhead": {"tiny": 40, "smollm2": 15},
+        "followup": {"tiny": 4, "smollm2": 2},
+        "followup_raw": {"tiny": 3, "smollm2": 1},
+        "followup_tokens": 4000,
+        "blas": {"tiny": 7, "smollm2": 3},
+        "blas_matched": True,
+    },
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (about 5-6 minutes)")
+    ap.add_argument("--only", action="append", choices=sorted(SCENARIOS), metavar="NAME",
+                    help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
+    ap.add_argument("--out", type=Path, default=report.RESULTS,
+                    help="where latest.json / latest.md go (default: bench/results)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    profile_name = "quick" if args.quick else "full"
+    profile = PROFILES[profile_name]
+    names = args.only or list(SCENARIOS)
+    t0 = time.time()
+    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "profile": profile_name,
+            "scenarios": names, "cpu": report.cpu_name(), "cpus": os.cpu_count(),
+            "loadavg_start": loadavg()}
+    results, failed = {}, []
+    with Session() as s:
+        ready = s.worker.ready
+        meta.update(device=ready["device"], versions=ready["versions"], worker_pid=ready["pid"])
+        for name in names:
+            log(f"scenario {name} ({profile_name})")
+            t = time.time()
+            try:
+                results[name] = SCENARIOS[name](s, profile)
+            except Exception as exc:  # noqa: BLE001 - keep the other scenarios' figures
+                traceback.print_exc()
+                failed.append(name)
+                results[name] = {"rows": [{"scenario": name, "model": "", "metric": "FAILED",
+                                           "worker": None, "raw": None, "result": None, "goal": "",
+                                           "status": "missed", "note": f"{type(exc).__name__}: {exc}"}],
+                                 "details": {"error": repr(exc)}}
+            log(f"scenario {name} took {time.time() - t:.0f} s")
+        meta["raw_blas"] = {m: r.info.get("blas") for m, r in s._raw.items()}
+        meta["raw_blas_env"] = s.worker.blas_env()
+    meta["elapsed_s"] = time.time() - t0
+    meta["loadavg_end"] = loadavg()
+    md = report.write(meta, results, args.out)
+    print(md)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

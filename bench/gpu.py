@@ -1,0 +1,248 @@
+"""GPU profile: random-weight models shaped like real ones, the worker against raw mlx-lm, one run.
+
+    python -m bench.gpu --out DIR [--budget-s 480] [--only llama-3.2-1b-bf16 ...]
+
+Speed does not depend on weight values, so the models are random (built on the GPU in seconds)
+with a word-level tokenizer covering the whole vocabulary. For each model and prompt length:
+raw mlx-lm ``generate_step`` in this process and the worker through its protocol, each warmed up
+on the same shapes first (MLX compiles kernels per shape), then timed: cold TTFT, decode tok/s,
+and the TTFT of a follow-up turn (+32 tokens) that reuses the KV cache.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+SHAPES = {
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         max_position_embeddings=131072),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, intermediate_size=18944,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                       max_position_embeddings=32768),
+}
+SHAPES["smoke"] = dict(SHAPES["llama-3.2-1b"], hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=4096)
+SMOKE_PLAN = [("smoke", 4, (64, 256)), ("smoke", None, (64,))]
+PLAN = [  # (model, bits, prompt lengths)
+    ("llama-3.2-1b", 4, (512, 4096, 16384)),
+    ("llama-3.2-1b", None, (512, 4096, 16384)),
+    ("qwen2.5-7b", 4, (512, 4096)),
+    ("qwen2.5-7b", None, (512, 4096)),
+]
+DECODE_TOKENS = 256
+FOLLOW_TOKENS = 32
+
+
+def log(msg):
+    print(f"[gpu {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build(root: Path, shape: str, bits) -> Path:
+    import importlib
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    cfg = dict(SHAPES[shape])
+    path = root / f"{shape}-{'q%d' % bits if bits else 'bf16'}"
+    if (path / "model.safetensors").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    arch = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
+    mx.random.seed(0)
+    model = arch.Model(arch.ModelArgs.from_dict(cfg))
+    model.set_dtype(mx.bfloat16)
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits)
+        cfg["quantization"] = {"group_size": 64, "bits": bits}
+    mx.eval(model.parameters())
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    vocab = cfg["vocab_size"]
+    cfg["eos_token_id"] = vocab - 1
+    (path / "config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": f"t{vocab - 1}", "unk_token": "t0"}))
+    del model
+    mx.clear_cache()
+    return path
+
+
+def prompt_tokens(n, seed, vocab):
+    return [(seed * 7919 + i * 104729) % (vocab - 2) + 1 for i in range(n)]
+
+
+def raw_run(model, prompt, follow_extra):
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    out, t0 = [], time.perf_counter()
+    t_first = None
+    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=DECODE_TOKENS, prompt_cache=cache):
+        if t_first is None:
+            t_first = time.perf_counter()
+        out.append(tok)
+    t_end = time.perf_counter()
+    follow = prompt + out + follow_extra
+    offset = cache[0].offset
+    t1 = time.perf_counter()
+    for tok, _ in generate_step(mx.array(follow[offset:]), model, max_tokens=1, prompt_cache=cache):
+        t_follow = time.perf_counter() - t1
+        break
+    return {"ttft_s": t_first - t0, "decode_tps": (len(out) - 1) / (t_end - t_first),
+            "follow_ttft_s": t_follow, "follow_cached": offset, "tokens": out}
+
+
+def worker_run(w, prompt, follow_extra):
+    # a fresh cache_key per run: no reuse for the cold turn, while MLX's buffer cache stays warm
+    # (cache_clear would also release it, and re-allocating GPU memory is not what we measure)
+    key = f"k{time.perf_counter_ns()}"
+    cold = w.generate(prompt, DECODE_TOKENS, cache_key=key)
+    follow = w.generate(prompt + cold["tokens"] + follow_extra, 1, cache_key=key)
+    return {"ttft_s": cold["ttft_s"], "host_ttft_s": cold["host_ttft_s"], "decode_tps": cold["decode_tps"],
+            "host_decode_tps": cold["host_decode_tps"], "follow_ttft_s": follow["ttft_s"],
+            "follow_host_ttft_s": follow["host_ttft_s"], "follow_cached": follow["cached_tokens"],
+            "tokens": cold["tokens"]}
+
+
+def device_info():
+    info = {"mlx_device": str(mx.default_device()), "python": platform.python_version()}
+    try:
+        info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                      "--format=csv,noheader"], capture_output=True, text=True,
+                                     timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["gpu"] = "unknown"
+    from importlib.metadata import version
+
+    for pkg in ("mlx", "mlx-cuda-13", "mlx-lm"):
+        try:
+            info[pkg] = version(pkg)
+        except Exception:
+            info[pkg] = "missing"
+    return info
+
+
+def markdown(results: dict) -> str:
+    d = results["device"]
+    lines = [f"GPU profile: {d.get('gpu')}, mlx {d.get('mlx')} + mlx-cuda-13 {d.get('mlx-cuda-13')}, "
+             f"mlx-lm {d.get('mlx-lm')}, Python {d.get('python')}; started {results.get('started')}.",
+             "Random weights, greedy; medians of interleaved repeats after a warm-up on the same shapes. "
+             f"Decode = {DECODE_TOKENS} tokens; follow-up = +{FOLLOW_TOKENS} new tokens on the cached turn.", "",
+             "| model | prompt | TTFT raw / worker (ms) | overhead (engine / host) ms | decode raw / worker tok/s | "
+             "ratio | follow-up TTFT worker (ms) | cold/follow-up worker (raw) | same tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        raw, wk = r["raw"], r["worker"]
+        lines.append(
+            f"| {r['model']} | {r['prompt_tokens']} | {raw['ttft_s'] * 1e3:.1f} / {wk['ttft_s'] * 1e3:.1f} | "
+            f"{r['ttft_overhead_ms']:+.1f} / {r['host_ttft_overhead_ms']:+.1f} | "
+            f"{raw['decode_tps']:.0f} / {wk['decode_tps']:.0f} | {r['decode_ratio']:.2f}x | "
+            f"{wk['follow_ttft_s'] * 1e3:.1f} | {r['followup_speedup']:.1f}x ({r['raw_followup_speedup']:.1f}x) | "
+            f"{'yes' if r['identical_tokens'] else 'no'} |")
+    if results.get("skipped"):
+        lines.append(f"\nSkipped for the time budget: {', '.join(results['skipped'])}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models-dir", default="/tmp/gpu-models")
+    ap.add_argument("--budget-s", type=float, default=480)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--only", action="append")
+    ap.add_argument("--smoke", action="store_true", help="a tiny plan to check the script on a CPU")
+    args = ap.parse_args(argv)
+    from mlx_lm import load
+
+    from bench.host import TimedWorker
+
+    t_start = time.time()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"device": device_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "runs": [],
+               "skipped": []}
+    log(f"device {results['device']}")
+    w = TimedWorker(env={} if args.smoke else {"MLX_WORKER_DEVICE": "gpu", "MLX_WORKER_BLAS": "off"})
+    results["worker_ready"] = {k: w.ready[k] for k in ("versions", "device")}
+    try:
+        for shape, bits, lengths in (SMOKE_PLAN if args.smoke else PLAN):
+            name = f"{shape}-{'q%d' % bits if bits else 'bf16'}"
+            if args.only and name not in args.only:
+                continue
+            if time.time() - t_start > args.budget_s:
+                results["skipped"].append(name)
+                continue
+            t = time.time()
+            path = build(Path(args.models_dir), shape, bits)
+            build_s = time.time() - t
+            model, _ = load(str(path))
+            info = w.load_model(path)
+            log(f"{name}: built in {build_s:.1f}s, worker load {info['load_s']:.1f}s")
+            vocab = SHAPES[shape]["vocab_size"]
+            for n in lengths:
+                if time.time() - t_start > args.budget_s:
+                    results["skipped"].append(f"{name}@{n}")
+                    continue
+                prompt = prompt_tokens(n, n, vocab)
+                extra = prompt_tokens(FOLLOW_TOKENS, n + 1, vocab)
+                raw_run(model, prompt, extra)  # warm-up: compile every shape used below
+                worker_run(w, prompt, extra)
+                raws, wks = [], []
+                for _ in range(args.repeats):  # interleaved, so drifts hit both sides alike
+                    raws.append(raw_run(model, prompt, extra))
+                    wks.append(worker_run(w, prompt, extra))
+                same = all(r["tokens"] == k["tokens"] for r, k in zip(raws, wks))
+
+                def med(runs, key):
+                    vals = [r[key] for r in runs if r.get(key) is not None]
+                    return statistics.median(vals) if vals else None
+
+                row = {"model": name, "prompt_tokens": n, "identical_tokens": same,
+                       "raw": {k: med(raws, k) for k in ("ttft_s", "decode_tps", "follow_ttft_s")},
+                       "worker": {k: med(wks, k) for k in ("ttft_s", "host_ttft_s", "decode_tps",
+                                                           "host_decode_tps", "follow_ttft_s",
+                                                           "follow_host_ttft_s", "follow_cached")}}
+                r, k = row["raw"], row["worker"]
+                row["decode_ratio"] = k["decode_tps"] / r["decode_tps"]
+                row["ttft_overhead_ms"] = (k["ttft_s"] - r["ttft_s"]) * 1000
+                row["host_ttft_overhead_ms"] = (k["host_ttft_s"] - r["ttft_s"]) * 1000
+                row["followup_speedup"] = k["ttft_s"] / k["follow_ttft_s"]
+                row["raw_followup_speedup"] = r["ttft_s"] / r["follow_ttft_s"]
+                results["runs"].append(row)
+                log(json.dumps(row))
+                (out_dir / "gpu.json").write_text(json.dumps(results, indent=2))
+            del model
+            w.simple("unload")
+            mx.clear_cache()
+    finally:
+        w.close()
+        results["elapsed_s"] = round(time.time() - t_start, 1)
+        (out_dir / "gpu.json").write_text(json.dumps(results, indent=2))
+        (out_dir / "gpu.md").write_text(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if sys.argv[1:2] == ["--markdown"]:  # python -m bench.gpu --markdown results.json
+        sys.stdout.write(markdown(json.loads(Path(sys.argv[2]).read_text())))
+        sys.exit(0)
+    sys.exit(main())
