@@ -213,7 +213,10 @@ def _weights(family: str, cfg: dict, seed: int, suppressed: list[int]) -> dict:
     return out
 
 
-def build_vlm_fixture(family: str, path, seed: int = 0, text_overrides: dict | None = None) -> Path:
+def build_vlm_fixture(family: str, path, seed: int = 0, text_overrides: dict | None = None,
+                      overrides: dict | None = None, dtype: str = "float32") -> Path:
+    """``overrides``: {"config": {...}, "vision": {...}, "processor": {...}, "preprocessor": {...}}
+    merged into the generated files (for benchmark-sized models); ``dtype`` of the saved weights."""
     import mlx.core as mx
 
     if family not in FAMILIES:
@@ -224,12 +227,19 @@ def build_vlm_fixture(family: str, path, seed: int = 0, text_overrides: dict | N
     cfg, proc, pre = _config(family, ids)
     if text_overrides:
         cfg.setdefault("text_config", cfg).update(text_overrides)
+    overrides = overrides or {}
+    cfg.update(overrides.get("config", {}))
+    cfg["vision_config"].update(overrides.get("vision", {}))
+    proc.update(overrides.get("processor", {}))
+    pre.update(overrides.get("preprocessor", {}))
     F._write_json(path / "config.json", cfg)
     F._write_json(path / "processor_config.json", proc)
     F._write_json(path / "preprocessor_config.json", pre)
     eos = cfg["eos_token_id"]
     F._write_json(path / "generation_config.json", {"eos_token_id": eos, "do_sample": False})
     weights = _weights(family, cfg, seed, suppressed)
+    if dtype != "float32":
+        weights = {k: v.astype(getattr(mx, dtype)) for k, v in weights.items()}
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     return path
 
