@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import blas
+from worker import blas, blas_find
 from worker.blas import Candidate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -186,7 +186,7 @@ def test_blas_info_preload_by_bare_name(tmp_path, monkeypatch):
     lib = tmp_path / "sys/openblas-pthread/libopenblasp-r0.3.21.so"
     _touch(lib)
     (tmp_path / "sys/libopenblas.so.0").symlink_to(lib)
-    monkeypatch.setattr(blas, "_lib_dirs", lambda: [str(tmp_path / "sys")])
+    monkeypatch.setattr(blas_find, "_lib_dirs", lambda: [str(tmp_path / "sys")])
     m = _maps(tmp_path, str(lib), MLX_REF)
     info = blas.blas_info(m, env={"LD_PRELOAD": "libopenblas.so.0"})
     assert info["name"] == "openblas" and info["preloaded"] is True
@@ -391,13 +391,13 @@ def test_tuning_blis_threads(clean_env):
 def test_tuning_mkl_threading_layer(clean_env, tmp_path):
     lib = _touch(tmp_path / "lib/libmkl_rt.so.3")
     c = Candidate(str(lib), "mkl", "pip")
-    clean_env.setattr(blas, "_lib_dirs", lambda: [str(tmp_path / "nolibs")])
+    clean_env.setattr(blas_find, "_lib_dirs", lambda: [str(tmp_path / "nolibs")])
     assert blas._tuning_env(c, {}, {})[0]["MKL_THREADING_LAYER"] == "SEQUENTIAL"
     iomp = _touch(tmp_path / "lib/libiomp5.so")
     ch, extra = blas._tuning_env(c, {}, {})
     assert "MKL_THREADING_LAYER" not in ch and extra == [str(iomp)]
     _touch(tmp_path / "sys/libgomp.so.1")
-    clean_env.setattr(blas, "_lib_dirs", lambda: [str(tmp_path / "sys")])
+    clean_env.setattr(blas_find, "_lib_dirs", lambda: [str(tmp_path / "sys")])
     assert blas._tuning_env(c, {}, {})[0]["MKL_THREADING_LAYER"] == "GNU"
     assert "MKL_THREADING_LAYER" not in blas._tuning_env(c, {}, {"MKL_THREADING_LAYER": "INTEL"})[0]
 
