@@ -187,6 +187,7 @@ def test_blas_info_preload_by_bare_name(tmp_path, monkeypatch):
     _touch(lib)
     (tmp_path / "sys/libopenblas.so.0").symlink_to(lib)
     monkeypatch.setattr(blas_find, "_lib_dirs", lambda: [str(tmp_path / "sys")])
+    monkeypatch.setattr(blas, "_lib_dirs", lambda: [str(tmp_path / "sys")])
     m = _maps(tmp_path, str(lib), MLX_REF)
     info = blas.blas_info(m, env={"LD_PRELOAD": "libopenblas.so.0"})
     assert info["name"] == "openblas" and info["preloaded"] is True
