@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,12 +36,11 @@ def tiny_model() -> Path:
 
 def tiny_model_long(context: int = 8192) -> Path:
     """A copy of the tiny fixture whose config allows ``context`` positions (RoPE: no weights change)."""
+    from tests.fixtures import build_once
+
     src = tiny_model()
-    target = TMP / "fixtures" / f"{src.name}-ctx{context}"
-    if (target / "model.safetensors").exists():
-        return target
-    tmp = Path(tempfile.mkdtemp(prefix=".ctx-", dir=target.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         for f in src.iterdir():
             shutil.copy2(f, tmp / f.name)
         for name, key in (("config.json", "max_position_embeddings"),
@@ -53,14 +50,8 @@ def tiny_model_long(context: int = 8192) -> Path:
                 cfg = json.loads(p.read_text())
                 cfg[key] = context
                 p.write_text(json.dumps(cfg, indent=2) + "\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model.safetensors").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_once(TMP / "fixtures" / f"{src.name}-ctx{context}", build)
 
 
 def smollm2_model() -> Path:

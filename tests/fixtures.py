@@ -357,23 +357,16 @@ def build_draft_fixture(path: str | Path, seed: int = 0) -> Path:
     return _build("llama", Path(path), seed, DRAFT_SPEC)
 
 
-def fixture_dir(family: str, root: str | Path, seed: int = 0) -> Path:
-    """Build `family` once under `root` (e.g. a session tmp dir) and return the cached dir.
-
-    family may also be "llama_draft". The build goes to a temp dir and is renamed into
-    place, so a half-written directory is never returned.
-    """
-    root = Path(root)
-    target = root / f"{family}-seed{seed}"
+def build_once(target: str | Path, build) -> Path:
+    """Run ``build(tmp_dir)`` once for ``target``: in a temp dir beside it, renamed into place, so a
+    half-written directory is never returned and concurrent builders do not clash."""
+    target = Path(target)
     if (target / "model.safetensors").exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        if family == "llama_draft":
-            build_draft_fixture(tmp, seed)
-        else:
-            build_fixture(family, tmp, seed)
+        build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race
@@ -382,6 +375,16 @@ def fixture_dir(family: str, root: str | Path, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def fixture_dir(family: str, root: str | Path, seed: int = 0) -> Path:
+    """Build `family` once under `root` (e.g. a session tmp dir) and return the cached dir.
+
+    family may also be "llama_draft".
+    """
+    if family == "llama_draft":
+        return build_once(Path(root) / f"{family}-seed{seed}", lambda tmp: build_draft_fixture(tmp, seed))
+    return build_once(Path(root) / f"{family}-seed{seed}", lambda tmp: build_fixture(family, tmp, seed))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,8 +15,6 @@ import argparse
 import importlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -245,22 +243,7 @@ def build_vlm_fixture(family: str, path, seed: int = 0, text_overrides: dict | N
 
 
 def vlm_fixture_dir(family: str, root, seed: int = 0) -> Path:
-    root = Path(root)
-    target = root / f"vlm-{family}-seed{seed}"
-    if (target / "model.safetensors").exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".vlm-{family}-", dir=root))
-    try:
-        build_vlm_fixture(family, tmp, seed)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model.safetensors").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return F.build_once(Path(root) / f"vlm-{family}-seed{seed}", lambda tmp: build_vlm_fixture(family, tmp, seed))
 
 
 def main(argv=None) -> None:
