@@ -137,6 +137,7 @@ def test_speculative_is_identical(worker, llama_dir, fixtures_root):
     assert generated_tokens(self_spec) == generated_tokens(plain)
     stats = next(e for e in self_spec if e["type"] == "stats")
     assert stats["draft_tokens_accepted"] > 12
+    assert stats["draft_tokens_proposed"] >= stats["draft_tokens_accepted"]
     # a follow-up reuses both caches and stays identical
     follow = gen(worker, "self2", {"tokens": ref.text_ids(llama_dir, "speculate on this")
                                    + generated_tokens(plain)}, max_tokens=8)

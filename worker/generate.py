@@ -51,7 +51,7 @@ def _prefill(model, cache, tokens: List[int], step: int, quantize, on_chunk) -> 
 
 
 def _speculative(kit, ids, lease, d_lease, params, budget, sampler, processors, quant, on_prefill,
-                 cancelled):
+                 cancelled, proposed):
     """Prefill main and draft caches ourselves (with progress and cancel), then mlx-lm speculates."""
     draft, step = kit.draft, kit.options.prefill_step_size
     # quantize from the start: speculative_generate_step would swap cache objects we cannot see
@@ -67,8 +67,12 @@ def _speculative(kit, ids, lease, d_lease, params, budget, sampler, processors, 
     _prefill(kit.model, lease.cache, suffix, step, quantize, lambda n: on_prefill(n, len(suffix)))
     quantize(lease.cache)
     quantize(d_lease.cache)
+    def draft_model(*args, **kwargs):  # each call during decoding proposes one token
+        proposed[0] += 1
+        return draft.model(*args, **kwargs)
+
     yield from speculative_generate_step(
-        mx.array(ids[-1:]), kit.model, draft.model, num_draft_tokens=params.num_draft_tokens,
+        mx.array(ids[-1:]), kit.model, draft_model, num_draft_tokens=params.num_draft_tokens,
         max_tokens=budget, sampler=sampler, logits_processors=processors or None,
         prompt_cache=lease.cache + d_lease.cache, **quant)
 
@@ -113,11 +117,11 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
                           total=n_prompt, cached=cached, processed=done))
 
     mx.reset_peak_memory()
-    d_lease = None
+    d_lease, proposed = None, [0]
     if speculation == "on":
         d_lease = kit.draft.cache.take(plan.key, req.cache_key)
         gen = _speculative(kit, ids, lease, d_lease, params, budget, sampler, processors, quant,
-                           on_prefill, cancelled)
+                           on_prefill, cancelled, proposed)
     else:
         gen = generate_step(
             mx.array(ids[cached:]), kit.model, max_tokens=budget, sampler=sampler,
@@ -192,6 +196,7 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
         generation_tps=round((n_gen - 1) / decode_s, 3) if n_gen > 1 and decode_s > 0 else 0.0,
         peak_memory_bytes=int(mx.get_peak_memory()), total_s=round(toc - tic, 6),
         speculative=speculation or None, draft_tokens_accepted=n_draft if speculation == "on" else None,
+        draft_tokens_proposed=proposed[0] if speculation == "on" else None,
     ))
     return Done(id=req.id, request="generate", stop_reason=reason, stop_string=stream.stop_string,
                 stop_token=stop_token, text=stream.text, cached_tokens=cached,

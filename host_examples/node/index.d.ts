@@ -224,6 +224,7 @@ export interface Stats {
   cache_miss_reason?: string | null;
   cached_tokens: number;
   draft_tokens_accepted?: number | null;
+  draft_tokens_proposed?: number | null;
   generated_tokens: number;
   generation_tps: number;
   id: string | null;

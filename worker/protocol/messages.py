@@ -216,6 +216,7 @@ class Stats(Event, tag="stats", kw_only=True):
     total_s: float
     speculative: Optional[str] = None  # "on", or "off: <why>" when a draft model is loaded
     draft_tokens_accepted: Optional[int] = None
+    draft_tokens_proposed: Optional[int] = None
 
 
 class CacheStats(Struct, kw_only=True):
