@@ -49,8 +49,10 @@ test: setup model
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not real_model"
 
+# CPU quick profile (< 10 minutes on 2 cores): tables and PNG plots in bench/results/.
 bench: setup model
-	$(PY) -m bench
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) -m bench --quick
 
 schema: setup
 	$(PY) -m worker.protocol.docs --write

@@ -18,10 +18,18 @@ PROFILES = {
     "quick": {
         "overhead": {"tiny": 20, "smollm2": 8},
         "followup": {"tiny": 2, "smollm2": 1},
-        "followup_raw": {"tiny": 1, "smollm2": 1},
+        "followup_raw": {"tiny": 1, "smollm2": 0},  # raw SmolLM2 4k cold: +50 s
         "followup_tokens": 4000,
         "blas": {"tiny": 5, "smollm2": 2},
         "blas_matched": True,
+        **{"cancel": {"decode": {"tiny": 30, "smollm2": 10}, "prefill_tokens": {"tiny": 4000, "smollm2": 2100},
+                      "prefill": {"tiny": {2048: 10, 512: 10}, "smollm2": {2048: 2, 512: 4}},
+                      "prefill_delay_s": {"tiny": {2048: 0.4, 512: 0.4}, "smollm2": {2048: 4.0, 512: 3.0}}},
+           "protocol": {"events": 20000, "reps": 5, "e2e_tokens": 1000, "e2e_reps": 3},
+           "startup": {"spawns": 3, "loads": 3},
+           "speculative": {"tiny": 3, "smollm2": 2},
+           "kv_bits": {"prompt_tokens": 2000},
+           "image": {"rounds": 2}},
     },
     "full": {
         "overhead": {"tiny": 40, "smollm2": 15},
@@ -30,6 +38,14 @@ PROFILES = {
         "followup_tokens": 4000,
         "blas": {"tiny": 7, "smollm2": 3},
         "blas_matched": True,
+        "cancel": {"decode": {"tiny": 60, "smollm2": 20}, "prefill_tokens": {"tiny": 4000, "smollm2": 2100},
+                   "prefill": {"tiny": {2048: 20, 512: 20}, "smollm2": {2048: 4, 512: 8}},
+                   "prefill_delay_s": {"tiny": {2048: 0.4, 512: 0.4}, "smollm2": {2048: 4.0, 512: 3.0}}},
+        "protocol": {"events": 50000, "reps": 7, "e2e_tokens": 1000, "e2e_reps": 5},
+        "startup": {"spawns": 5, "loads": 5},
+        "speculative": {"tiny": 5, "smollm2": 3},
+        "kv_bits": {"prompt_tokens": 2000},
+        "image": {"rounds": 3},
     },
 }
 

@@ -57,23 +57,19 @@ def ttft(evs) -> tuple[float, int, int]:
     return st["ttft_s"], st["prompt_tokens"], st["cached_tokens"]
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--pixels", type=int, default=448 * 448)
-    ap.add_argument("--side", type=int, default=1024, help="stored image side (downscaled by the processor)")
-    a = ap.parse_args(argv)
+def measure(rounds: int = 3, pixels: int = 448 * 448, side: int = 1024, echo=print) -> dict:
+    """First vs follow-up TTFT (medians over ``rounds``) through a fresh worker process."""
     TMP.mkdir(parents=True, exist_ok=True)
-    path = model_dir(a.pixels)
+    path = model_dir(pixels)
     w = Worker()
     try:
         w.load(path)
         firsts, follows, info = [], [], None
-        warm = [{"role": "user", "content": [{"type": "image", "path": image(99, a.side)},
+        warm = [{"role": "user", "content": [{"type": "image", "path": image(99, side)},
                                              {"type": "text", "text": "Warm up."}]}]
         w.request({"type": "generate", "id": "warm", "prompt": {"messages": warm}, "params": {"max_tokens": 2}})
-        for r in range(a.rounds):
-            q1 = [{"role": "user", "content": [{"type": "image", "path": image(r, a.side)},
+        for r in range(rounds):
+            q1 = [{"role": "user", "content": [{"type": "image", "path": image(r, side)},
                                                {"type": "text", "text": "What is in this picture?"}]}]
             e1 = w.request({"type": "generate", "id": f"q1-{r}", "prompt": {"messages": q1},
                             "params": {"max_tokens": 16}})
@@ -86,13 +82,27 @@ def main(argv=None) -> None:
             firsts.append(t1[0])
             follows.append(t2[0])
             info = (t1, t2)
-            print(f"round {r}: first {t1[0] * 1000:.1f} ms ({t1[1]} prompt tokens, {t1[2]} cached); "
-                  f"follow-up {t2[0] * 1000:.1f} ms ({t2[1]} prompt tokens, {t2[2]} cached)")
-        f, g = statistics.median(firsts), statistics.median(follows)
-        print(f"median TTFT: first {f * 1000:.1f} ms, follow-up {g * 1000:.1f} ms, ratio {f / g:.1f}x "
-              f"(image tokens ~{info[1][2]} cached of {info[1][1]}; {time.strftime('%Y-%m-%d')})")
+            echo(f"round {r}: first {t1[0] * 1000:.1f} ms ({t1[1]} prompt tokens, {t1[2]} cached); "
+                 f"follow-up {t2[0] * 1000:.1f} ms ({t2[1]} prompt tokens, {t2[2]} cached)")
     finally:
         w.close()
+    f, g = statistics.median(firsts), statistics.median(follows)
+    return {"model": path.name, "pixels": pixels, "side": side, "rounds": rounds,
+            "first_ttft_s": firsts, "followup_ttft_s": follows, "first_median_s": f,
+            "followup_median_s": g, "ratio": f / g, "first_prompt_tokens": info[0][1],
+            "followup_prompt_tokens": info[1][1], "followup_cached_tokens": info[1][2]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pixels", type=int, default=448 * 448)
+    ap.add_argument("--side", type=int, default=1024, help="stored image side (downscaled by the processor)")
+    a = ap.parse_args(argv)
+    d = measure(a.rounds, a.pixels, a.side)
+    print(f"median TTFT: first {d['first_median_s'] * 1000:.1f} ms, follow-up "
+          f"{d['followup_median_s'] * 1000:.1f} ms, ratio {d['ratio']:.1f}x (image tokens "
+          f"~{d['followup_cached_tokens']} cached of {d['followup_prompt_tokens']}; {time.strftime('%Y-%m-%d')})")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ class TimedWorker(Worker):
             self.events.put(ev)
         self.events.put(None)
 
-    def generate(self, tokens, max_tokens, cache_key=None, timeout=900) -> dict:
+    def generate(self, tokens, max_tokens, cache_key=None, timeout=900, params=None) -> dict:
         """One greedy generation of ``tokens``; returns the worker's stats plus host-side times."""
         rid = f"g{next(_ids)}"
         req = {"type": "generate", "id": rid, "prompt": {"tokens": list(tokens)},
-               "params": {"max_tokens": max_tokens, "temperature": 0.0}}
+               "params": {"max_tokens": max_tokens, "temperature": 0.0, **(params or {})}}
         if cache_key is not None:
             req["cache_key"] = cache_key
         t0 = time.perf_counter()
@@ -56,6 +56,10 @@ class TimedWorker(Worker):
             "host_total_s": end["_t"] - t0,
             "host_decode_tps": later / span if span > 0 else None,
             "stop_reason": end.get("stop_reason"),
+            "token_events": len(toks),
+            "peak_memory_bytes": stats.get("peak_memory_bytes"),
+            "speculative": stats.get("speculative"),
+            "draft_tokens_accepted": stats.get("draft_tokens_accepted"),
             "tokens": out,
         }
 
@@ -68,6 +72,9 @@ class TimedWorker(Worker):
 
     def load_model(self, path, **options) -> dict:
         return self.simple("load", model_path=str(path), options=options)["model"]
+
+    def status(self) -> dict:
+        return self.simple("status")
 
     def cache_clear(self) -> dict:
         return self.simple("cache_clear")

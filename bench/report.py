@@ -77,6 +77,11 @@ def write(meta: dict, results: dict, out_dir: Path = RESULTS) -> str:
     payload = {"meta": meta, "rows": rows,
                "scenarios": {k: v["details"] for k, v in results.items()}}
     (out_dir / "latest.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    from . import plots
+
+    made = plots.make(payload, out_dir)
+    if made:
+        md += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in made) + "\n"
     (out_dir / "latest.md").write_text(md)
     return md
 

@@ -290,3 +290,14 @@ def inproc(s: Session, profile: dict) -> dict:
 
 
 SCENARIOS = {"overhead": overhead, "inproc": inproc, "followup": followup, "blas": blas}
+
+
+def _register():
+    from .scenarios2 import SCENARIOS2
+    from .scenarios3 import SCENARIOS3
+
+    SCENARIOS.update(SCENARIOS2)
+    SCENARIOS.update(SCENARIOS3)
+
+
+_register()
