@@ -214,3 +214,22 @@ def test_smollm2_as_its_own_draft(smollm2_dir):
         assert next(e for e in spec if e["type"] == "stats")["draft_tokens_accepted"] > 0
     finally:
         w.close()
+
+
+def test_speculative_prefill_cancel_keeps_the_main_cache(worker, llama_dir, fixtures_root):
+    from tests.fixtures import fixture_dir
+
+    draft = fixture_dir("llama_draft", fixtures_root)
+    worker.load(llama_dir, draft_model_path=str(draft), prefill_step_size=4)
+    prompt = {"tokens": [(i * 13) % 400 + 20 for i in range(1500)]}
+    worker.send({"type": "generate", "id": "sc", "prompt": prompt, "params": {"max_tokens": 4}})
+    while True:
+        ev = worker.next_event()
+        if ev["id"] == "sc" and ev["type"] == "progress" and ev["processed"] > 0:
+            break
+    worker.send({"type": "cancel", "id": "scx", "target": "sc"})
+    assert worker.collect("sc")[-1]["stop_reason"] == "cancelled"
+    again = gen(worker, "sc2", prompt, max_tokens=4)
+    stats = next(e for e in again if e["type"] == "stats")
+    assert stats["cached_tokens"] > 0 and stats["speculative"] == "on"
+    assert generated_tokens(again) == ref.generate(llama_dir, prompt["tokens"], 4)

@@ -63,8 +63,9 @@ def _speculative(kit, ids, lease, d_lease, params, budget, sampler, processors, 
         if cancelled():
             raise Cancelled()
 
-    _prefill(draft.model, d_lease.cache, ids[d_lease.reused:], step, quantize, check)
+    # the main model first: a cancel mid-prefill then keeps the expensive part for a re-send
     _prefill(kit.model, lease.cache, suffix, step, quantize, lambda n: on_prefill(n, len(suffix)))
+    _prefill(draft.model, d_lease.cache, ids[d_lease.reused:], step, quantize, check)
     quantize(lease.cache)
     quantize(d_lease.cache)
     def draft_model(*args, **kwargs):  # each call during decoding proposes one token
