@@ -69,6 +69,14 @@ class Worker:
                 self.backlog.append(ev)
         return out
 
+    def wait_for(self, rid, pred, timeout=60):
+        """The first event of ``rid`` matching ``pred`` (events before it are kept for later)."""
+        while True:
+            ev = self.next_event(timeout)
+            if ev.get("id") == rid and pred(ev):
+                return ev
+            self.backlog.append(ev)
+
     def request(self, obj, timeout=120):
         self.send(obj)
         return self.collect(obj["id"], timeout)
@@ -90,6 +98,14 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def rss_kb(pid) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
 
 
 def generated_tokens(events):

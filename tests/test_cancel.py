@@ -6,14 +6,6 @@ from tests.client import generated_tokens
 LONG = {"max_tokens": 100000}
 
 
-def _wait_for(worker, rid, pred, timeout=60):
-    while True:
-        ev = worker.next_event(timeout)
-        if ev.get("id") == rid and pred(ev):
-            return ev
-        worker.backlog.append(ev)
-
-
 def _check_still_serving(worker, path):
     events = worker.request({"type": "generate", "id": "after", "prompt": {"text": "after cancel"},
                              "params": {"max_tokens": 10}})
@@ -23,7 +15,7 @@ def _check_still_serving(worker, path):
 def test_cancel_during_decode(worker, llama_dir):
     worker.load(llama_dir)
     worker.send({"type": "generate", "id": "g", "prompt": {"tokens": [3, 4, 5]}, "params": LONG})
-    _wait_for(worker, "g", lambda e: e["type"] == "token")
+    worker.wait_for("g", lambda e: e["type"] == "token")
     ack = worker.request({"type": "cancel", "id": "c", "target": "g"})
     assert ack[-1] == {**ack[-1], "type": "done", "cancelled": True}
     events = worker.collect("g")
@@ -35,7 +27,7 @@ def test_cancel_during_decode(worker, llama_dir):
 def test_cancel_during_prefill(worker, llama_dir):
     worker.load(llama_dir, prefill_step_size=4)
     worker.send({"type": "generate", "id": "p", "prompt": {"tokens": [9] * 1800}, "params": LONG})
-    first = _wait_for(worker, "p", lambda e: e["type"] == "progress")
+    first = worker.wait_for("p", lambda e: e["type"] == "progress")
     worker.send({"type": "cancel", "id": "c2", "target": "p"})
     events = [first] + worker.collect("p")
     assert events[-1]["stop_reason"] == "cancelled"
@@ -75,7 +67,7 @@ def test_stdin_eof_exits_quickly(worker, llama_dir):
 
     worker.load(llama_dir)
     worker.send({"type": "generate", "id": "g", "prompt": {"tokens": [3]}, "params": LONG})
-    _wait_for(worker, "g", lambda e: e["type"] == "token")
+    worker.wait_for("g", lambda e: e["type"] == "token")
     t = time.monotonic()
     worker.proc.stdin.close()
     assert worker.proc.wait(5) == 0
@@ -88,7 +80,7 @@ def test_sigterm_exits_cleanly(worker, llama_dir):
 
     worker.load(llama_dir)
     worker.send({"type": "generate", "id": "g", "prompt": {"tokens": [3]}, "params": LONG})
-    _wait_for(worker, "g", lambda e: e["type"] == "token")
+    worker.wait_for("g", lambda e: e["type"] == "token")
     t = time.monotonic()
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(5) == 0
@@ -101,7 +93,7 @@ def test_shutdown_cancels_queued_work(worker, llama_dir):
     worker.load(llama_dir)
     worker.send({"type": "generate", "id": "g1", "prompt": {"tokens": [3]}, "params": LONG})
     worker.send({"type": "generate", "id": "g2", "prompt": {"tokens": [3]}, "params": LONG})
-    _wait_for(worker, "g1", lambda e: e["type"] == "token")
+    worker.wait_for("g1", lambda e: e["type"] == "token")
     worker.send({"type": "shutdown", "id": "bye"})
     assert worker.collect("g2", timeout=10)[-1]["stop_reason"] == "cancelled"
     assert worker.collect("g1", timeout=10)[-1]["stop_reason"] == "cancelled"

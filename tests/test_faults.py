@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from tests.client import ROOT, TERMINAL, Worker, generated_tokens
+from tests.client import ROOT, TERMINAL, Worker, generated_tokens, rss_kb
 
 LONG = {"max_tokens": 100000}
 
@@ -70,26 +70,10 @@ def faulty_dir(llama_dir, tmp_path_factory):
     return d
 
 
-def _rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def _cpu_s(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _wait_for(worker, rid, pred, timeout=60):
-    while True:
-        ev = worker.next_event(timeout)
-        if ev.get("id") == rid and pred(ev):
-            return ev
-        worker.backlog.append(ev)
 
 
 def _one_terminal(events):
@@ -138,9 +122,9 @@ def test_host_that_stops_reading_stdout(llama_dir):
         flooder = threading.Thread(target=flood, daemon=True)
         flooder.start()
         time.sleep(1.0)
-        rss1, cpu1 = _rss_kb(w.proc.pid), _cpu_s(w.proc.pid)
+        rss1, cpu1 = rss_kb(w.proc.pid), _cpu_s(w.proc.pid)
         time.sleep(2.0)
-        rss2, cpu2 = _rss_kb(w.proc.pid), _cpu_s(w.proc.pid)
+        rss2, cpu2 = rss_kb(w.proc.pid), _cpu_s(w.proc.pid)
         assert w.proc.poll() is None
         # paused: the engine and the reader wait on the full queue
         assert rss2 - rss1 < 8 * 1024, (rss1, rss2)
@@ -216,7 +200,7 @@ def test_sigint_exits_cleanly(worker, llama_dir):
     worker.load(llama_dir)
     worker.send({"type": "generate", "id": "g", "prompt": {"tokens": [3]}, "params": LONG})
     worker.send({"type": "generate", "id": "q", "prompt": {"tokens": [3]}, "params": LONG})
-    _wait_for(worker, "g", lambda e: e["type"] == "token")
+    worker.wait_for("g", lambda e: e["type"] == "token")
     t = time.monotonic()
     worker.proc.send_signal(signal.SIGINT)
     assert worker.proc.wait(5) == 0

@@ -15,19 +15,11 @@ import queue
 import random
 import time
 
-from tests.client import TERMINAL, Worker
+from tests.client import TERMINAL, Worker, rss_kb
 from tests.test_fuzz import classify, gen_line
 
 OPS = {"generate": 40, "cancel": 14, "status": 8, "tokenize": 8, "load": 6, "unload": 2,
        "cache_clear": 4, "bad_line": 18}
-
-
-def _rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 class Soak:
@@ -178,7 +170,7 @@ class Soak:
             if len(self.pending) > 12 or self.rng.random() < 0.15:
                 self.drain()
             if self.rng.random() < 0.1:
-                self.rss_samples.append(_rss_kb(self.w.proc.pid))
+                self.rss_samples.append(rss_kb(self.w.proc.pid))
         self.drain()
 
     def settle(self):
@@ -188,7 +180,7 @@ class Soak:
                    "params": {"max_tokens": 4}})
         self.drain()
         time.sleep(0.3)
-        return _rss_kb(self.w.proc.pid)
+        return rss_kb(self.w.proc.pid)
 
     def check(self):
         assert not self.pending, self.pending
