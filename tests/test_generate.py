@@ -89,3 +89,12 @@ def test_max_tokens_zero_and_context_full(worker, llama_dir):
 def test_tokenize_matches_tokenizer(llama_worker, llama_dir):
     done = llama_worker.request({"type": "tokenize", "id": "tok", "text": "hello world"})[-1]
     assert done["tokens"] == ref.text_ids(llama_dir, "hello world")
+
+
+def test_prefill_step_defaults_per_device(worker, llama_dir):
+    import mlx.core as mx
+
+    info = worker.load(llama_dir)
+    cpu = mx.default_device().type == mx.DeviceType.cpu
+    assert info["prefill_step_size"] == (256 if cpu else 2048)
+    assert worker.load(llama_dir, prefill_step_size=100)["prefill_step_size"] == 100

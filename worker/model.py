@@ -20,6 +20,10 @@ from .protocol import LoadOptions, ModelInfo, WorkerError
 
 log = logging.getLogger("worker")
 
+# Prefill chunk: on the CPU small chunks are faster (a 2048-token chunk's attention scores are memory
+# bound: SmolLM2 prefills 2k tokens in 9.3 s at 256 vs 15.3 s at 2048) and cancel sooner.
+CPU_PREFILL_STEP, GPU_PREFILL_STEP = 256, 2048
+
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length")
 
@@ -130,6 +134,9 @@ def _dtype_name(d: mx.Dtype) -> str:
 def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[float], None]):
     """mlx-lm model + tokenizer + config + ModelInfo (vision left False) for a checkpoint directory."""
     tic = time.perf_counter()
+    if options.prefill_step_size is None:
+        on_cpu = mx.default_device().type == mx.DeviceType.cpu
+        options.prefill_step_size = CPU_PREFILL_STEP if on_cpu else GPU_PREFILL_STEP
     path = Path(path_str).expanduser()
     config = read_config(path)
     check_remote_code(path, config, options.trust_remote_code)
@@ -179,6 +186,7 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
         chat_template=bool(getattr(tokenizer, "chat_template", None)),
         compute_dtype=_dtype_name(_stored_dtype(model)),
         stored_dtype=_dtype_name(stored),
+        prefill_step_size=options.prefill_step_size,
         parameters=int(get_total_parameters(model)),
         load_s=round(time.perf_counter() - tic, 4),
     )

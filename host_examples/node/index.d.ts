@@ -147,7 +147,7 @@ export interface LoadOptions {
   kv_group_size?: 32 | 64 | 128;
   max_kv_size?: number | null;
   max_memory?: number | null;
-  prefill_step_size?: number;
+  prefill_step_size?: number | null;
   quantized_kv_start?: number;
   seed?: number | null;
   trust_remote_code?: boolean;
@@ -175,6 +175,7 @@ export interface ModelInfo {
   model_type: string;
   parameters: number;
   path: string;
+  prefill_step_size: number;
   stored_dtype: string;
   vision?: boolean;
   vocab_size: number;

@@ -26,7 +26,7 @@ class Request(Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True
 
 class LoadOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     max_kv_size: Optional[Pos] = None
-    prefill_step_size: Annotated[int, Meta(ge=1, le=65536)] = 2048
+    prefill_step_size: Optional[Annotated[int, Meta(ge=1, le=65536)]] = None  # null: per device
     trust_remote_code: bool = False
     seed: Optional[NonNeg] = None
     dtype: Literal["auto", "stored", "float32", "float16", "bfloat16"] = "auto"
@@ -238,6 +238,7 @@ class ModelInfo(Struct, omit_defaults=True, kw_only=True):
     chat_template: bool
     compute_dtype: str
     stored_dtype: str
+    prefill_step_size: int
     parameters: int
     load_s: float
 
