@@ -139,6 +139,32 @@ def device_info():
     return info
 
 
+def warmup_check(models_dir: Path, out_dir: Path) -> dict:
+    """A fresh worker's first request, with and without `warmup` at load (llama-3.2-1b 4-bit)."""
+    from bench.host import TimedWorker
+
+    path = build(models_dir, "llama-3.2-1b", 4)
+    prompt = prompt_tokens(300, 7, SHAPES["llama-3.2-1b"]["vocab_size"])
+    rows = {}
+    for warm in (False, True, False, True):
+        w = TimedWorker(env={"MLX_WORKER_DEVICE": "gpu", "MLX_WORKER_BLAS": "off"})
+        try:
+            t = time.perf_counter()
+            info = w.load_model(path, warmup=warm)
+            load_host = time.perf_counter() - t
+            first = w.generate(prompt, 32)
+            second = w.generate(prompt_tokens(300, 8, SHAPES["llama-3.2-1b"]["vocab_size"]), 32)
+        finally:
+            w.close()
+        rows.setdefault(str(warm), []).append({
+            "load_host_s": load_host, "warmup_s": info.get("warmup_s"), "first_ttft_s": first["ttft_s"],
+            "first_decode_tps": first["decode_tps"], "second_ttft_s": second["ttft_s"],
+            "second_decode_tps": second["decode_tps"]})
+        log(f"warmup={warm}: {rows[str(warm)][-1]}")
+    (out_dir / "gpu-warmup.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
 def markdown(results: dict) -> str:
     d = results["device"]
     lines = [f"GPU profile: {d.get('gpu')}, mlx {d.get('mlx')} + mlx-cuda-13 {d.get('mlx-cuda-13')}, "
@@ -169,6 +195,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--only", action="append")
     ap.add_argument("--smoke", action="store_true", help="a tiny plan to check the script on a CPU")
+    ap.add_argument("--warmup-check", action="store_true", help="only compare a first request with/without warmup")
     args = ap.parse_args(argv)
     from mlx_lm import load
 
@@ -177,6 +204,9 @@ def main(argv=None):
     t_start = time.time()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.warmup_check:
+        warmup_check(Path(args.models_dir), out_dir)
+        return 0
     results = {"device": device_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "runs": [],
                "skipped": []}
     log(f"device {results['device']}")

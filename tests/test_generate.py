@@ -98,3 +98,13 @@ def test_prefill_step_defaults_per_device(worker, llama_dir):
     cpu = mx.default_device().type == mx.DeviceType.cpu
     assert info["prefill_step_size"] == (256 if cpu else 2048)
     assert worker.load(llama_dir, prefill_step_size=100)["prefill_step_size"] == 100
+
+
+def test_warmup_option(worker, llama_dir):
+    info = worker.load(llama_dir, warmup=True)
+    assert info["warmup_s"] > 0
+    events = worker.request({"type": "generate", "id": "after-warmup", "prompt": {"text": "the lazy dog"},
+                             "params": {"max_tokens": 8}})
+    path = llama_dir
+    assert generated_tokens(events) == ref.generate(path, ref.text_ids(path, "the lazy dog"), 8)
+    assert "warmup_s" not in worker.load(llama_dir, warmup=False)

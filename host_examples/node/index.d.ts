@@ -151,6 +151,7 @@ export interface LoadOptions {
   quantized_kv_start?: number;
   seed?: number | null;
   trust_remote_code?: boolean;
+  warmup?: boolean | null;
 }
 
 export interface Log {
@@ -179,6 +180,7 @@ export interface ModelInfo {
   stored_dtype: string;
   vision?: boolean;
   vocab_size: number;
+  warmup_s?: number | null;
 }
 
 export interface Progress {

@@ -39,6 +39,7 @@ class LoadOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     quantized_kv_start: NonNeg = 0
     draft_model_path: Optional[Annotated[str, Meta(min_length=1)]] = None
     max_memory: Optional[Pos] = None
+    warmup: Optional[bool] = None  # null: on a GPU only
 
 
 class Load(Request, tag="load", kw_only=True):
@@ -241,6 +242,7 @@ class ModelInfo(Struct, omit_defaults=True, kw_only=True):
     prefill_step_size: int
     parameters: int
     load_s: float
+    warmup_s: Optional[float] = None
 
 
 StopReason = Literal["eos", "stop_string", "stop_token", "max_tokens", "context_full", "cancelled"]
