@@ -210,6 +210,7 @@ def load(path_str: str, options: LoadOptions, progress: Callable[[float], None])
         kit.draft = load_draft(kit, options.draft_model_path, lambda f: None)
     warm = options.warmup if options.warmup is not None else mx.default_device().type == mx.DeviceType.gpu
     if warm:
+        progress(0.97)
         info.warmup_s = warm_up(kit)
     return kit
 
