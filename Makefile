@@ -1,20 +1,40 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
+# Everything installed comes from a hash-pinned lock (locks/*.txt, written by `make lock`).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test
+UV := $(VENV)/tools/bin/uv
 UNAME := $(shell uname -s)
+# `make setup CUDA=1`: Linux with an NVIDIA GPU (mlx[cuda13] instead of mlx[cpu]).
+CUDA ?=
+LOCK := $(shell $(PYTHON) locks/lock.py target $(if $(CUDA),--cuda) 2>/dev/null || echo locks/linux-cpu.txt)
 
-.PHONY: setup sysdeps model demo test test-fast bench schema clean
+.PHONY: setup sysdeps model demo test test-fast bench schema lock lock-check check-newest clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+# uv (itself hash-pinned in locks/tools.txt) installs the lock: exact versions, hashes checked.
+$(UV): locks/tools.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "mlx-worker needs Python >= 3.11 (mlx-lm does): run e.g. make PYTHON=python3.12"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps --upgrade \
+	  --target $(VENV)/tools -r locks/tools.txt
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml $(LOCK) locks/build.in | $(UV)
+	@$(PY) locks/lock.py check
+	$(UV) pip sync --quiet --python $(PY) --require-hashes $(LOCK)
+	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation -e .
 	@$(MAKE) --no-print-directory sysdeps
 	@touch $@
+
+# Resolve again from pyproject.toml (network: PyPI) and rewrite every lock; commit the result.
+lock: $(UV)
+	$(PYTHON) locks/lock.py write --uv $(UV)
+
+lock-check:
+	$(PYTHON) locks/lock.py check
 
 # Linux CPU fast path: Debian/Ubuntu's OpenBLAS, which the worker preloads under MLX by itself;
 # and jq for the shell host examples (their tests skip without it).
@@ -42,6 +62,7 @@ demo: setup
 	$(PY) host_examples/python/demo_chat.py --model "$$($(PY) -m worker.default_model)"
 
 test: setup model
+	@$(PY) locks/lock.py check
 	$(PY) -m pytest -q -ra
 	node host_examples/node/gen_types.js --check
 	MLX_WORKER_PYTHON=$(abspath $(PY)) node --test host_examples/node/test/
@@ -51,11 +72,18 @@ test-fast: setup
 
 # CPU quick profile (< 10 minutes on 2 cores): tables and PNG plots in bench/results/.
 bench: setup model
-	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install --quiet -e ".[test,bench]"
 	$(PY) -m bench --quick
 
 schema: setup
 	$(PY) -m worker.protocol.docs --write
+
+# The bad-line tests once more against the newest msgspec (not the locked one), in a throwaway overlay:
+# the error codes for bad lines must not depend on the decoder's version. MSGSPEC=msgspec==0.22.0 picks one.
+MSGSPEC ?= msgspec
+check-newest: setup
+	rm -rf $(VENV)/newest && $(UV) pip install --quiet --python $(PY) --target $(VENV)/newest --upgrade "$(MSGSPEC)"
+	PYTHONPATH=$(VENV)/newest $(PY) -c "import msgspec; print('msgspec', msgspec.__version__)"
+	PYTHONPATH=$(VENV)/newest $(PY) -m pytest -q -ra tests/test_fuzz.py tests/test_errors.py tests/test_framing.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

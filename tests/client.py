@@ -15,13 +15,13 @@ TERMINAL = ("done", "error")
 
 
 class Worker:
-    def __init__(self, args=(), env=None, cmd=None):
+    def __init__(self, args=(), env=None, cmd=None, cwd=ROOT):
         full_env = dict(os.environ)
         full_env.update(env or {})
         base = shlex.split(os.environ["MLX_WORKER_CMD"]) if os.environ.get("MLX_WORKER_CMD") else None
         self.proc = subprocess.Popen(
             cmd or [*(base or [sys.executable, "-m", "worker"]), *args],
-            cwd=ROOT, env=full_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            cwd=cwd, env=full_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         self.events = queue.Queue()
