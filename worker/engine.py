@@ -1,41 +1,47 @@
-"""The engine thread's entry points: everything here touches MLX and runs on that thread only
-(``tokenize`` excepted: it uses the tokenizer alone)."""
+"""The Engine: the one owner of the loaded model (mlx-lm text model, tokenizer, vision add-on, draft
+model, prompt caches).
+
+Every method but reading ``snapshot`` runs on the engine thread, the only thread that touches MLX.
+After each change the engine publishes a new immutable ``Snapshot`` (one attribute assignment);
+the reader thread answers ``status`` and early ``tokenize`` from it and never sees a half-built kit.
+"""
 
 import gc
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import mlx.core as mx
+import msgspec
 
 from . import generate as _generate
 from . import model as _model
-from .protocol import Done, Load, Progress, Tokenize
+from .protocol import (
+    CacheClear, CacheStats, Done, Error, Generate, Load, LoadDraft, ModelInfo, Progress, Tokenize, Unload,
+    WorkerError,
+)
+
+log = logging.getLogger("worker")
 
 
 class LoadCancelled(Exception):
-    pass
+    """Raised from a load's progress callback when the load was cancelled."""
 
 
-def load(req: Load, emit, cancelled) -> _model.ModelKit:
-    release_memory()
+@dataclass(frozen=True)
+class Snapshot:
+    """What other threads may know of the engine: copies, never the live objects it mutates."""
 
-    def progress(fraction: float):
-        if cancelled():
-            raise LoadCancelled()
-        emit(Progress(id=req.id, stage="load", fraction=fraction))
-
-    kit = _model.load(req.model_path, req.options, progress)
-    emit(Progress(id=req.id, stage="load", fraction=1.0))
-    return kit
+    model: Optional[ModelInfo] = None
+    draft: Optional[ModelInfo] = None
+    cache: Optional[CacheStats] = None
+    tokenizer: object = None  # read-only use: encode for an early `tokenize`
 
 
-def load_draft(kit, req, emit, cancelled):
-    def progress(fraction: float):
-        if cancelled():
-            raise LoadCancelled()
-        emit(Progress(id=req.id, stage="load", fraction=fraction))
-
-    draft = _model.load_draft(kit, req.model_path, progress)
-    emit(Progress(id=req.id, stage="load", fraction=1.0))
-    return draft
+def tokenize(tokenizer, req: Tokenize) -> Done:
+    ids = tokenizer.encode(req.text, add_special_tokens=req.add_special_tokens)
+    return Done(id=req.id, request="tokenize", tokens=[int(t) for t in ids])
 
 
 def release_memory() -> None:
@@ -43,10 +49,125 @@ def release_memory() -> None:
     mx.clear_cache()
 
 
-def tokenize(kit: _model.ModelKit, req: Tokenize) -> Done:
-    ids = kit.tokenizer.encode(req.text, add_special_tokens=req.add_special_tokens)
-    return Done(id=req.id, request="tokenize", tokens=[int(t) for t in ids])
+def _copy(info: Optional[ModelInfo]) -> Optional[ModelInfo]:
+    return msgspec.structs.replace(info) if info is not None else None
 
 
-def generate(kit, req, emit, cancelled) -> Done:
-    return _generate.run(kit, req, emit, cancelled)
+class Engine:
+    def __init__(self):
+        self.kit: Optional[_model.ModelKit] = None
+        self.snapshot = Snapshot()
+        self._handlers = {Load: self._load, Unload: self._unload, LoadDraft: self._load_draft,
+                          Tokenize: self._tokenize, CacheClear: self._cache_clear, Generate: self._generate}
+
+    def run(self, req, emit: Callable, cancelled: Callable[[], bool]):
+        """Run one work request; returns its terminal event (``Done`` or ``Error``), never raises."""
+        try:
+            if cancelled():
+                return Done(id=req.id, request=_kind(req), stop_reason="cancelled")
+            return self._handlers[type(req)](req, emit, cancelled)
+        except WorkerError as exc:
+            return Error(id=req.id, code=exc.code, number=exc.number, message=exc.message)
+        except LoadCancelled:
+            return Done(id=req.id, request=_kind(req), stop_reason="cancelled")
+        except Exception as exc:  # a bug of ours: the trace to stderr, the worker carries on
+            traceback.print_exc()
+            return Error(id=req.id, code="internal", number=-32603, message=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._publish()
+
+    def cancelled_late(self, req, event):
+        """The request was cancelled (``cancelled: true`` was answered) but ran to its end: make it true."""
+        if not isinstance(event, Done) or event.stop_reason == "cancelled":
+            return event
+        if isinstance(req, Load):
+            self._drop_model()
+        elif isinstance(req, LoadDraft) and self.kit is not None:
+            self.kit.draft = None
+            release_memory()
+        elif not isinstance(req, Generate):
+            return event  # the others are not cancellable once running (see Server._cancel)
+        self._publish()
+        event.stop_reason = "cancelled"
+        return event
+
+    def persist(self) -> None:
+        """Write the last request's cache entry to disk (with cache_dir), after its terminal event."""
+        if self.kit is None:
+            return
+        try:
+            self.kit.cache.persist()
+        except Exception:
+            log.exception("prompt cache: could not persist an entry")
+
+    def _publish(self) -> None:
+        kit = self.kit
+        if kit is None:
+            self.snapshot = Snapshot()
+            return
+        self.snapshot = Snapshot(model=_copy(kit.info), draft=_copy(kit.draft.info if kit.draft else None),
+                                 cache=CacheStats(**kit.cache.stats()), tokenizer=kit.tokenizer)
+
+    def _drop_model(self) -> None:
+        self.kit = None
+        self._publish()
+        release_memory()
+
+    def _progress(self, req, emit, cancelled):
+        def progress(fraction: float):
+            if cancelled():
+                raise LoadCancelled()
+            emit(Progress(id=req.id, stage="load", fraction=fraction))
+
+        return progress
+
+    def _load(self, req: Load, emit, cancelled):
+        self._drop_model()  # the old model is released before the new one is read
+        progress = self._progress(req, emit, cancelled)
+        try:
+            kit = _model.load(req.model_path, req.options, progress)
+            progress(1.0)  # the last cancel check: nothing is published before it
+        except BaseException:
+            release_memory()  # whatever was built is unreachable now
+            raise
+        self.kit = kit
+        return Done(id=req.id, request="load", model=_copy(kit.info), draft=_copy(kit.draft.info if kit.draft else None),
+                    warnings=kit.warnings or None)
+
+    def _unload(self, req: Unload, emit, cancelled):
+        self._drop_model()
+        return Done(id=req.id, request="unload")
+
+    def _kit(self) -> _model.ModelKit:
+        if self.kit is None:
+            raise WorkerError("no_model", "no model is loaded; send a `load` request first")
+        return self.kit
+
+    def _load_draft(self, req: LoadDraft, emit, cancelled):
+        kit = self._kit()
+        kit.draft = None
+        release_memory()
+        if req.model_path is not None:
+            progress = self._progress(req, emit, cancelled)
+            draft = _model.load_draft(kit, req.model_path, progress)
+            progress(1.0)
+            kit.draft = draft
+        return Done(id=req.id, request="load_draft", draft=_copy(kit.draft.info if kit.draft else None))
+
+    def _tokenize(self, req: Tokenize, emit, cancelled):
+        return tokenize(self._kit().tokenizer, req)
+
+    def _cache_clear(self, req: CacheClear, emit, cancelled):
+        kit = self._kit()
+        dropped = kit.cache.clear()
+        if kit.draft is not None:
+            kit.draft.cache.clear()
+        release_memory()
+        return Done(id=req.id, request="cache_clear", cache=CacheStats(**dropped))
+
+    def _generate(self, req: Generate, emit, cancelled):
+        return _generate.run(self._kit(), req, emit, cancelled)
+
+
+def _kind(req) -> str:
+    return type(req).__struct_config__.tag

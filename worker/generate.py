@@ -1,4 +1,4 @@
-"""One generate request: prompt -> token ids -> mlx-lm generate_step -> token events, stats, done.
+"""One generate request: validate -> prompt plan -> token source -> decode loop -> stats and done.
 
 Runs on the engine thread only. Emits events through ``emit``; never formats JSON.
 """
@@ -7,7 +7,8 @@ import collections
 import functools
 import time
 from contextlib import nullcontext
-from typing import Callable, List
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step, maybe_quantize_kv_cache, speculative_generate_step
@@ -25,16 +26,47 @@ class Cancelled(Exception):
     """Raised from inside prefill when the request was cancelled."""
 
 
-def _speculation(kit: ModelKit, req: Generate, plan) -> str:
-    """"on", or why the draft model is not used for this request ("" when there is none)."""
+@dataclass(frozen=True)
+class Speculation:
+    """Whether the draft model decodes this request; ``label`` is what ``stats.speculative`` says."""
+
+    on: bool = False
+    label: Optional[str] = None  # None without a draft model, else "on" or "off: <why>"
+
+
+def speculation_for(kit: ModelKit, req: Generate, plan) -> Speculation:
     if kit.draft is None:
-        return ""
+        return Speculation()
     for cond, why in ((not req.params.speculative, "request"), (plan.embeddings is not None, "images"),
                       (req.params.json_schema is not None, "json_schema"),
                       (kit.options.max_kv_size is not None, "max_kv_size")):
         if cond:
-            return f"off: {why}"
-    return "on"
+            return Speculation(False, f"off: {why}")
+    return Speculation(True, "on")
+
+
+def check_params(kit: ModelKit, req: Generate) -> None:
+    """The cheap checks, before the prompt is built or a grammar compiled."""
+    params, vocab = req.params, kit.info.vocab_size
+    bad_stop = [t for t in params.stop_token_ids if t >= vocab]
+    if bad_stop:
+        raise WorkerError("invalid_params", f"params.stop_token_ids outside the vocabulary: {bad_stop[:5]}")
+    bad_bias = [t for t in params.logit_bias if t >= vocab]
+    if bad_bias:
+        raise WorkerError("invalid_params", f"params.logit_bias has ids outside the vocabulary: {bad_bias[:5]}")
+    if params.json_schema is False:
+        raise WorkerError("invalid_params", "params.json_schema is false: no output could match it")
+
+
+@dataclass
+class Outcome:
+    """What the decode loop produced."""
+
+    generated: List[int] = field(default_factory=list)
+    reason: Optional[str] = None
+    stop_token: Optional[int] = None
+    t_first: Optional[float] = None
+    from_draft: int = 0
 
 
 def _prefill(model, cache, tokens: List[int], step: int, quantize, on_chunk) -> None:
@@ -50,8 +82,25 @@ def _prefill(model, cache, tokens: List[int], step: int, quantize, on_chunk) -> 
         mx.clear_cache()
 
 
-def _speculative(kit, ids, lease, d_lease, params, budget, sampler, processors, quant, on_prefill,
-                 cancelled, proposed):
+def _plain_source(kit, plan, lease, params, budget, sampler, quant, on_prefill, constraint):
+    """mlx-lm's generate_step over the uncached suffix, as (token, logprobs, from_draft)."""
+    ids, cached, opts = plan.ids, lease.reused, kit.options
+    # generate_step hands the processors only the tokens it is given: add back the cached prefix
+    processors = processors_for(kit, params, ids[:cached]) + ([constraint] if constraint else [])
+    gen = generate_step(
+        mx.array(ids[cached:]), kit.model, max_tokens=budget, sampler=sampler,
+        logits_processors=processors or None, prompt_cache=lease.cache,
+        prefill_step_size=opts.prefill_step_size, prompt_progress_callback=on_prefill,
+        input_embeddings=plan.embeddings[cached:] if plan.embeddings is not None else None, **quant)
+    try:
+        for token, logprobs in gen:
+            yield token, logprobs, False
+    finally:
+        gen.close()
+
+
+def _speculative_source(kit, ids, lease, d_lease, params, budget, sampler, quant, on_prefill, cancelled,
+                        proposed):
     """Prefill main and draft caches ourselves (with progress and cancel), then mlx-lm speculates."""
     draft, step = kit.draft, kit.options.prefill_step_size
     # quantize from the start: speculative_generate_step would swap cache objects we cannot see
@@ -68,43 +117,86 @@ def _speculative(kit, ids, lease, d_lease, params, budget, sampler, processors, 
     _prefill(draft.model, d_lease.cache, ids[d_lease.reused:], step, quantize, check)
     quantize(lease.cache)
     quantize(d_lease.cache)
+
     def draft_model(*args, **kwargs):  # each call during decoding proposes one token
         proposed[0] += 1
         return draft.model(*args, **kwargs)
 
+    # speculative_generate_step hands the processors only the last prompt token: add back the rest
+    processors = processors_for(kit, params, ids[:-1])
     yield from speculative_generate_step(
         mx.array(ids[-1:]), kit.model, draft_model, num_draft_tokens=params.num_draft_tokens,
         max_tokens=budget, sampler=sampler, logits_processors=processors or None,
         prompt_cache=lease.cache + d_lease.cache, **quant)
 
 
+def _decode(kit, req, gen, stream, emit, cancelled, spec: Speculation, on_first) -> Outcome:
+    """Drive the token source: stop conditions, held-back text, token events."""
+    params = req.params
+    eos, stop_ids = set(kit.info.eos_token_ids), set(params.stop_token_ids)
+    want_lp, extras = params.top_logprobs > 0, collections.deque()  # (logprob report, from_draft)
+    out = Outcome()
+
+    def release(text, tok_ids):
+        if not (text or tok_ids):
+            return
+        ev = Token(id=req.id, text=text, tokens=tok_ids)
+        if want_lp or spec.on:
+            got = [extras.popleft() for _ in tok_ids]
+            ev.logprobs = [g[0] for g in got] if want_lp else None
+            ev.from_draft = [g[1] for g in got] if spec.on else None
+        emit(ev)
+
+    try:
+        for token, logprobs, from_draft in gen:
+            token = int(token)
+            if out.t_first is None:
+                out.t_first = time.perf_counter()
+                on_first()
+            out.from_draft += bool(from_draft)
+            out.generated.append(token)
+            if token in eos or token in stop_ids:
+                out.reason, out.stop_token = ("eos" if token in eos else "stop_token"), token
+                break
+            if want_lp or spec.on:
+                report = logprob_report(kit, token, logprobs, params.top_logprobs) if want_lp else None
+                extras.append((report, bool(from_draft)))
+            release(*stream.add(token))
+            if stream.stop_string is not None:
+                out.reason = "stop_string"
+                break
+            if cancelled():
+                out.reason = "cancelled"
+                break
+    except Cancelled:
+        out.reason = "cancelled"
+    finally:
+        gen.close()
+    if out.reason != "stop_string":
+        release(*stream.finish())
+    return out
+
+
 def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bool]) -> Done:
     tic = time.perf_counter()
     params, opts = req.params, kit.options
+    check_params(kit, req)
     plan = build_prompt(kit, req)
-    ids = plan.ids
-    n_prompt = len(ids)
+    ids, n_prompt = plan.ids, len(plan.ids)
     ctx = kit.info.context_length if opts.max_kv_size is None else None
     if ctx is not None and n_prompt >= ctx:
         raise WorkerError("context_overflow", f"the prompt has {n_prompt} tokens; the context holds {ctx}")
-    bad_stop = [t for t in params.stop_token_ids if t >= kit.info.vocab_size]
-    if bad_stop:
-        raise WorkerError("invalid_params", f"params.stop_token_ids outside the vocabulary: {bad_stop[:5]}")
     budget = params.max_tokens if ctx is None else min(params.max_tokens, ctx - n_prompt)
+    constraint = JsonConstraint(kit, params.json_schema) if params.json_schema is not None else None
+    spec = speculation_for(kit, req, plan)
     if params.seed is not None:
         mx.random.seed(params.seed)
     sampler = sampler_for(params)
-    constraint = JsonConstraint(kit, params.json_schema) if params.json_schema is not None else None
-    speculation = _speculation(kit, req, plan)
-    bad_bias = [t for t in params.logit_bias if t >= kit.info.vocab_size]
-    if bad_bias:
-        raise WorkerError("invalid_params", f"params.logit_bias has ids outside the vocabulary: {bad_bias[:5]}")
+    quant = dict(kv_bits=opts.kv_bits, kv_group_size=opts.kv_group_size,
+                 quantized_kv_start=opts.quantized_kv_start)
 
     lease = kit.cache.take(plan.key, req.cache_key)
     cached = lease.reused
-    processors = processors_for(kit, params, ids[:cached]) + ([constraint] if constraint else [])
-    quant = dict(kv_bits=opts.kv_bits, kv_group_size=opts.kv_group_size,
-                 quantized_kv_start=opts.quantized_kv_start)
     last_progress = [0.0]
 
     def on_prefill(processed: int, total: int):
@@ -119,86 +211,41 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
 
     mx.reset_peak_memory()
     d_lease, proposed = None, [0]
-    if speculation == "on":
+    if spec.on:
         d_lease = kit.draft.cache.take(plan.key, req.cache_key)
-        gen = _speculative(kit, ids, lease, d_lease, params, budget, sampler, processors, quant,
-                           on_prefill, cancelled, proposed)
+        gen = _speculative_source(kit, ids, lease, d_lease, params, budget, sampler, quant, on_prefill,
+                                  cancelled, proposed)
+        on_first = functools.partial(on_prefill, n_prompt - cached, n_prompt - cached)
     else:
-        gen = generate_step(
-            mx.array(ids[cached:]), kit.model, max_tokens=budget, sampler=sampler,
-            logits_processors=processors or None, prompt_cache=lease.cache,
-            prefill_step_size=opts.prefill_step_size, prompt_progress_callback=on_prefill,
-            input_embeddings=plan.embeddings[cached:] if plan.embeddings is not None else None,
-            **quant)
-
+        gen = _plain_source(kit, plan, lease, params, budget, sampler, quant, on_prefill, constraint)
+        on_first = lambda: None  # noqa: E731 (generate_step reported the end of prefill itself)
     stream = TextStream(kit.tokenizer.detokenizer, params.stop)
-    eos, stop_ids = set(kit.info.eos_token_ids), set(params.stop_token_ids)
-    extras = collections.deque()  # (logprob report, from_draft) per token not yet released
-    want_lp = params.top_logprobs > 0
-    n_gen, n_draft, reason, stop_token, t_first = 0, 0, None, None, None
-    generated = []
-
-    def release(text, tok_ids):
-        if not (text or tok_ids):
-            return
-        ev = Token(id=req.id, text=text, tokens=tok_ids)
-        if want_lp or speculation == "on":
-            got = [extras.popleft() for _ in tok_ids]
-            ev.logprobs = [g[0] for g in got] if want_lp else None
-            ev.from_draft = [g[1] for g in got] if speculation == "on" else None
-        emit(ev)
-
-    try:
-        with plan.state if plan.state is not None else nullcontext():
-            for out in gen:
-                token, logprobs = int(out[0]), out[1]
-                from_draft = bool(out[2]) if len(out) > 2 else False
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    if speculation == "on":
-                        on_prefill(n_prompt - cached, n_prompt - cached)
-                n_gen += 1
-                n_draft += from_draft
-                generated.append(token)
-                if token in eos or token in stop_ids:
-                    reason, stop_token = ("eos" if token in eos else "stop_token"), token
-                    break
-                if want_lp or speculation == "on":
-                    extras.append((logprob_report(kit, token, logprobs, params.top_logprobs)
-                                   if want_lp else None, from_draft))
-                release(*stream.add(token))
-                if stream.stop_string is not None:
-                    reason = "stop_string"
-                    break
-                if cancelled():
-                    reason = "cancelled"
-                    break
-    except Cancelled:
-        reason = "cancelled"
-    finally:
-        gen.close()
-    kit.cache.put(plan.key + generated, lease.cache, req.cache_key)
+    with plan.state if plan.state is not None else nullcontext():
+        out = _decode(kit, req, gen, stream, emit, cancelled, spec, on_first)
+    kit.cache.put(plan.key + out.generated, lease.cache, req.cache_key)
     if d_lease is not None:
-        kit.draft.cache.put(plan.key + generated, d_lease.cache, req.cache_key)
-    if reason is None:
-        reason = "max_tokens" if budget == params.max_tokens else "context_full"
-        if cancelled():
-            reason = "cancelled"
-    if reason != "stop_string":
-        release(*stream.finish())
+        kit.draft.cache.put(plan.key + out.generated, d_lease.cache, req.cache_key)
+    if out.reason is None:
+        out.reason = "cancelled" if cancelled() else (
+            "max_tokens" if budget == params.max_tokens else "context_full")
+    emit(_stats(req, n_prompt, cached, lease.miss_reason, out, tic, spec, proposed[0]))
+    return Done(id=req.id, request="generate", stop_reason=out.reason, stop_string=stream.stop_string,
+                stop_token=out.stop_token, text=stream.text, cached_tokens=cached,
+                cache_miss_reason=lease.miss_reason)
+
+
+def _stats(req, n_prompt, cached, miss_reason, out: Outcome, tic, spec: Speculation, proposed) -> Stats:
     toc = time.perf_counter()
+    n_gen, t_first = len(out.generated), out.t_first
     prompt_s = (t_first or toc) - tic
     decode_s = toc - t_first if t_first is not None else 0.0
-    emit(Stats(
-        id=req.id, prompt_tokens=n_prompt, cached_tokens=cached,
-        cache_miss_reason=lease.miss_reason, generated_tokens=n_gen,
+    return Stats(
+        id=req.id, prompt_tokens=n_prompt, cached_tokens=cached, cache_miss_reason=miss_reason,
+        generated_tokens=n_gen,
         ttft_s=round(prompt_s, 6) if t_first is not None else 0.0,
         prompt_tps=round((n_prompt - cached) / prompt_s, 3) if t_first is not None and prompt_s > 0 else 0.0,
         generation_tps=round((n_gen - 1) / decode_s, 3) if n_gen > 1 and decode_s > 0 else 0.0,
         peak_memory_bytes=int(mx.get_peak_memory()), total_s=round(toc - tic, 6),
-        speculative=speculation or None, draft_tokens_accepted=n_draft if speculation == "on" else None,
-        draft_tokens_proposed=proposed[0] if speculation == "on" else None,
-    ))
-    return Done(id=req.id, request="generate", stop_reason=reason, stop_string=stream.stop_string,
-                stop_token=stop_token, text=stream.text, cached_tokens=cached,
-                cache_miss_reason=lease.miss_reason)
+        speculative=spec.label, draft_tokens_accepted=out.from_draft if spec.on else None,
+        draft_tokens_proposed=proposed if spec.on else None,
+    )

@@ -10,13 +10,13 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import get_total_parameters, load_model, load_tokenizer
 
 from .addons import load_addon
 from .cache import DiskCache, PromptCacheStore, layout_identity, model_identity
 from .protocol import LoadOptions, ModelInfo, WorkerError
+from .weights import nbytes, stored_dtype
 
 log = logging.getLogger("worker")
 
@@ -40,6 +40,7 @@ class ModelKit:
     warnings: list = field(default_factory=list)
     addon: object = None  # a VisionAddOn (worker/addons/) when the checkpoint has a supported vision tower
     draft: object = None  # a DraftKit for speculative decoding
+    weights_bytes: int = 0  # the text model and the vision tower (max_memory counts the draft too)
 
 
 def read_config(path: Path) -> dict:
@@ -103,9 +104,10 @@ def check_kv_layout(config: dict, options: LoadOptions) -> None:
                           f"model's attention head size {head_dim}; this model cannot use kv_bits with it")
 
 
-def check_memory(model: nn.Module, max_memory: Optional[int]) -> int:
-    """Refuse, before reading any weights, a model that cannot fit (the parameters are still lazy)."""
-    need = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+def check_memory(model: nn.Module, max_memory: Optional[int], used: int = 0, what_else: str = "") -> int:
+    """Refuse, before reading any weights, a model that cannot fit beside what is loaded already
+    (``used`` bytes: the main model and its vision tower, for a draft). Returns this model's bytes."""
+    need = nbytes(model)
     limit, what = max_memory, "options.max_memory"
     if limit is None:
         try:
@@ -113,25 +115,19 @@ def check_memory(model: nn.Module, max_memory: Optional[int]) -> int:
             what = "this machine's memory"
         except (ValueError, OSError, AttributeError):
             return need
-    if need > limit:
-        raise WorkerError("out_of_memory", f"the weights need {need / 2**30:.2f} GiB in memory; "
+    if used + need > limit:
+        beside = f" beside the {used / 2**30:.2f} GiB of {what_else}" if used else ""
+        raise WorkerError("out_of_memory", f"the weights need {need / 2**30:.2f} GiB in memory{beside}; "
                           f"{what} is {limit / 2**30:.2f} GiB")
     return need
-
-
-def _stored_dtype(model: nn.Module) -> mx.Dtype:
-    counts = {}
-    for _, p in tree_flatten(model.parameters()):
-        if mx.issubdtype(p.dtype, mx.floating):
-            counts[p.dtype] = counts.get(p.dtype, 0) + p.size
-    return max(counts, key=counts.get) if counts else mx.float32
 
 
 def _dtype_name(d: mx.Dtype) -> str:
     return str(d).split(".")[-1]
 
 
-def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[float], None]):
+def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[float], None],
+                     used: int = 0, what_else: str = ""):
     """mlx-lm model + tokenizer + config + ModelInfo (vision left False) for a checkpoint directory."""
     tic = time.perf_counter()
     if options.prefill_step_size is None:
@@ -150,11 +146,11 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
     except Exception as exc:  # mlx-lm raises ValueError, FileNotFoundError, RuntimeError...
         raise WorkerError("model_load_failed", f"could not build the model: {exc}") from exc
     progress(0.3)
-    stored = _stored_dtype(model)
+    stored = stored_dtype(model)
     target = compute_dtype(options, stored)
     if target is not None and target != stored:
         model.set_dtype(target, lambda d: mx.issubdtype(d, mx.floating))
-    check_memory(model, options.max_memory)
+    weights = check_memory(model, options.max_memory, used, what_else)
     check_kv_layout(config, options)
     try:
         mx.eval(model.parameters())
@@ -184,17 +180,17 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
         vocab_size=int(vocab),
         eos_token_ids=sorted(int(t) for t in tokenizer.eos_token_ids),
         chat_template=bool(getattr(tokenizer, "chat_template", None)),
-        compute_dtype=_dtype_name(_stored_dtype(model)),
+        compute_dtype=_dtype_name(stored_dtype(model)),
         stored_dtype=_dtype_name(stored),
         prefill_step_size=options.prefill_step_size,
         parameters=int(get_total_parameters(model)),
         load_s=round(time.perf_counter() - tic, 4),
     )
-    return path, model, tokenizer, config, info
+    return path, model, tokenizer, config, info, weights
 
 
 def load(path_str: str, options: LoadOptions, progress: Callable[[float], None]) -> ModelKit:
-    path, model, tokenizer, config, info = _load_text_model(path_str, options, progress)
+    path, model, tokenizer, config, info, weights = _load_text_model(path_str, options, progress)
     if options.seed is not None:
         mx.random.seed(options.seed)
     warnings = []
@@ -203,11 +199,18 @@ def load(path_str: str, options: LoadOptions, progress: Callable[[float], None])
         addon, warning = load_addon(path, config, model, options)
         if warning:
             warnings.append(warning)
+        if addon is not None:
+            weights += nbytes(addon.parts)
+            if options.max_memory is not None and weights > options.max_memory:
+                raise WorkerError("out_of_memory", f"the text model and its vision tower need "
+                                  f"{weights / 2**30:.2f} GiB; options.max_memory is "
+                                  f"{options.max_memory / 2**30:.2f} GiB")
+    progress(0.96)
     info.vision = addon is not None
     kit = ModelKit(path, model, tokenizer, config, options, info, make_store(path, model, options, info),
-                   warnings, addon)
-    if options.draft_model_path:
-        kit.draft = load_draft(kit, options.draft_model_path, lambda f: None)
+                   warnings, addon, weights_bytes=weights)
+    if options.draft_model_path:  # its own load stages report 0.96-0.97 (and check cancel)
+        kit.draft = load_draft(kit, options.draft_model_path, lambda f: progress(round(0.96 + f / 100, 4)))
     warm = options.warmup if options.warmup is not None else mx.default_device().type == mx.DeviceType.gpu
     if warm:
         progress(0.97)
@@ -241,13 +244,15 @@ class DraftKit:
 def load_draft(kit: ModelKit, path_str: str, progress: Callable[[float], None]) -> DraftKit:
     """A draft model for speculative decoding; it must share the main model's vocabulary."""
     opts = kit.options
-    path, model, tokenizer, _, info = _load_text_model(path_str, opts, progress)
-    main_vocab = kit.tokenizer._tokenizer.get_vocab()
-    if tokenizer._tokenizer.get_vocab() != main_vocab or info.vocab_size != kit.info.vocab_size:
-        raise WorkerError(
-            "draft_incompatible",
-            f"the draft model's vocabulary ({info.vocab_size} ids) differs from the main model's "
-            f"({kit.info.vocab_size}); speculative decoding needs the same tokenizer")
+    path, model, tokenizer, _, info, _ = _load_text_model(
+        path_str, opts, progress, kit.weights_bytes, "the main model (and its vision tower)")
+    if info.vocab_size != kit.info.vocab_size:
+        raise WorkerError("draft_incompatible", f"the draft model has {info.vocab_size} token ids and the main "
+                          f"model {kit.info.vocab_size}; speculative decoding needs the same tokenizer")
+    if tokenizer._tokenizer.get_vocab() != kit.tokenizer._tokenizer.get_vocab():
+        raise WorkerError("draft_incompatible", f"the draft model's vocabulary has as many ids "
+                          f"({info.vocab_size}) as the main model's but maps them to other tokens; "
+                          "speculative decoding needs the same tokenizer")
     store = PromptCacheStore(model, opts.max_kv_size, opts.cache_max_bytes, opts.cache_max_entries)
     return DraftKit(model, info, store)
 

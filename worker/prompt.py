@@ -1,10 +1,24 @@
-"""A generate request's prompt -> token ids, cache key and (for images) input embeddings."""
+"""A generate request's prompt -> token ids, cache key and (for images) input embeddings.
+
+Validation happens once, in ``normalise``: it turns ``text`` / ``tokens`` / ``messages`` (+ images) into a
+``PromptInput``. Text-only prompts are tokenized here; prompts with images go to the model's VisionAddOn,
+which returns the ``PromptPlan``. This module knows the kit only by duck typing (no import of model.py).
+"""
 
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from .model import ModelKit
 from .protocol import Generate, TextPart, WorkerError
+
+
+@dataclass
+class PromptInput:
+    """A validated prompt: either ``ids`` (given tokens, no images) or ``text`` to tokenize."""
+
+    text: Optional[str] = None
+    ids: Optional[List[int]] = None
+    images: list = field(default_factory=list)  # ImagePart / ImageUrlPart, in prompt order
+    add_special_tokens: bool = True
 
 
 @dataclass
@@ -12,64 +26,64 @@ class PromptPlan:
     ids: List[int]  # what the text model sees
     key: List[int]  # what the prompt cache matches on: ids, with image positions made image-specific
     embeddings: Optional[Any] = None  # mx.array [len(ids), hidden] when images are present
-    state: Any = None  # a VisionAddOn's per-request state (e.g. M-RoPE positions), or None
-    notes: List[str] = field(default_factory=list)
+    state: Any = None  # a VisionAddOn's per-request state (a context manager, e.g. M-RoPE), or None
 
 
-def has_images(req: Generate) -> bool:
-    p = req.prompt
-    if p.images:
-        return True
-    return any(not isinstance(part, TextPart) for m in (p.messages or []) if not isinstance(m.content, str)
-               for part in m.content)
-
-
-def build_prompt(kit: ModelKit, req: Generate) -> PromptPlan:
-    if has_images(req):
-        if kit.addon is None:
-            raise WorkerError("invalid_params", "this model has no vision add-on: send text only"
-                              + (" (its vision family is not supported yet)" if kit.config.get("vision_config") else ""))
-        return kit.addon.build_prompt(kit, req)
-    ids = prompt_tokens(kit, req)
+def build_prompt(kit, req: Generate) -> PromptPlan:
+    inp = normalise(kit, req)
+    if inp.images:
+        return kit.addon.build_prompt(kit, inp)
+    ids = inp.ids if inp.ids is not None else list(
+        kit.tokenizer.encode(inp.text, add_special_tokens=inp.add_special_tokens))
+    if not ids:
+        raise WorkerError("invalid_params", "the prompt is empty")
     return PromptPlan(ids=ids, key=ids)
 
 
-def prompt_tokens(kit: ModelKit, req: Generate) -> List[int]:
+def normalise(kit, req: Generate) -> PromptInput:
+    """Check the prompt against the loaded model and render chat messages through its template."""
     p = req.prompt
-    given = [x is not None for x in (p.text, p.tokens, p.messages)]
-    if sum(given) != 1:
+    if sum(x is not None for x in (p.text, p.tokens, p.messages)) != 1:
         raise WorkerError("invalid_params", "prompt needs exactly one of `text`, `tokens`, `messages`")
-    tok = kit.tokenizer
+    images = list(p.images or [])
+    if p.messages is not None:
+        if images:
+            raise WorkerError("invalid_params", "put images in the messages' content, not in prompt.images")
+        images = [part for m in p.messages if not isinstance(m.content, str) for part in m.content
+                  if not isinstance(part, TextPart)]
+    if images and kit.addon is None:
+        unsupported = " (its vision family is not supported yet)" if kit.config.get("vision_config") else ""
+        raise WorkerError("invalid_params", "this model has no vision add-on: send text only" + unsupported)
     if p.tokens is not None:
         bad = [t for t in p.tokens if t >= kit.info.vocab_size]
         if bad:
-            raise WorkerError(
-                "invalid_params",
-                f"prompt.tokens has ids outside the vocabulary (size {kit.info.vocab_size}): {bad[:5]}",
-            )
-        ids = list(p.tokens)
-    elif p.text is not None:
-        ids = tok.encode(p.text, add_special_tokens=p.add_special_tokens)
-    else:
-        if not kit.info.chat_template:
-            raise WorkerError(
-                "invalid_params", "this model has no chat template; send prompt.text or prompt.tokens"
-            )
-        messages = [{"role": m.role, "content": _content(m.content)} for m in p.messages]
-        try:
-            text = tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=p.add_generation_prompt
-            )
-        except Exception as exc:  # jinja errors: the template refused these messages
-            raise WorkerError("invalid_params", f"the chat template failed on these messages: {exc}")
-        ids = tok.encode(text, add_special_tokens=False)
-    if not ids:
-        raise WorkerError("invalid_params", "the prompt is empty")
-    return ids
+            raise WorkerError("invalid_params", f"prompt.tokens has ids outside the vocabulary "
+                              f"(size {kit.info.vocab_size}): {bad[:5]}")
+        if not images:
+            return PromptInput(ids=list(p.tokens))
+        # re-tokenized by the image processor (which expands the placeholders): specials are kept
+        return PromptInput(text=kit.tokenizer.decode(list(p.tokens), skip_special_tokens=False),
+                           images=images, add_special_tokens=False)
+    if p.text is not None:
+        return PromptInput(text=p.text, images=images, add_special_tokens=p.add_special_tokens)
+    if not kit.info.chat_template:
+        raise WorkerError("invalid_params", "this model has no chat template; send prompt.text or prompt.tokens")
+    messages = [{"role": m.role, "content": _content(m.content, bool(images))} for m in p.messages]
+    try:
+        text = kit.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=p.add_generation_prompt)
+    except Exception as exc:  # jinja errors: the template refused these messages
+        raise WorkerError("invalid_params", f"the chat template failed on these messages: {exc}")
+    special = kit.addon.add_special_tokens_for_chat if images else False
+    return PromptInput(text=text, images=images, add_special_tokens=special)
 
 
-def _content(content):
-    """Text-only part lists become one string: many chat templates only accept strings."""
+def _content(content, with_images: bool):
+    """Text-only part lists become one string (many chat templates only accept strings); with images,
+    the template gets typed parts, an image as ``{"type": "image"}``."""
     if isinstance(content, str):
         return content
-    return "".join(part.text for part in content if isinstance(part, TextPart))
+    if not with_images:
+        return "".join(part.text for part in content if isinstance(part, TextPart))
+    return [{"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image"}
+            for part in content]

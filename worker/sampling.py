@@ -1,6 +1,7 @@
 """Sampler, logits processors (penalties, bias, JSON-schema constraint) and logprob reports."""
 
 import json
+import math
 from typing import List, Optional
 
 import mlx.core as mx
@@ -55,6 +56,9 @@ class JsonConstraint:
         from llguidance import LLMatcher
         from llguidance.numpy import allocate_token_bitmask
 
+        if schema is True:  # JSON Schema's `true` accepts every value: any JSON
+            schema = {}
+
         try:
             grammar = LLMatcher.grammar_from_json_schema(
                 json.dumps(schema), defaults={"whitespace_flexible": False})
@@ -107,5 +111,7 @@ def logprob_report(kit, token: int, logprobs: mx.array, k: int) -> TokenLogprob:
         vals = lp[idx]
         order = mx.argsort(-vals)
         ids, vals = idx[order].tolist(), vals[order].tolist()
-        top = [TopLogprob(id=i, text=kit.tokenizer.decode([i]), logprob=v) for i, v in zip(ids, vals)]
+        # tokens a json_schema masks out have probability 0 (logprob -inf, not a JSON number): left out
+        top = [TopLogprob(id=i, text=kit.tokenizer.decode([i]), logprob=v)
+               for i, v in zip(ids, vals) if math.isfinite(v)]
     return TokenLogprob(id=token, logprob=lp[token].item(), top=top)

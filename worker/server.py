@@ -5,29 +5,43 @@ Three threads: the reader (stdin -> requests; answers control requests at once),
 """
 
 import collections
+import functools
 import logging
 import threading
 import traceback
 from dataclasses import dataclass, field
 from typing import BinaryIO, Optional
 
-from . import engine
+from .engine import Engine, tokenize
 from .protocol import (
-    DEFAULT_MAX_LINE_BYTES, CacheClear, CacheStats, Cancel, Done, Error, Fatal, Generate, Load,
-    LoadDraft, Shutdown, Status, Tokenize, TooLong, Unload, WorkerError, decode_request, read_lines,
+    DEFAULT_MAX_LINE_BYTES, CacheClear, Cancel, Done, Error, Fatal, Generate, Load, LoadDraft, Shutdown,
+    Status, Tokenize, TooLong, Unload, WorkerError, decode_request, read_lines,
 )
 from .writer import Writer
 
 log = logging.getLogger("worker")
 
 MAX_QUEUE = 256
-EOF_EXIT_S = 0.8
+# stdin closing / SIGTERM: how long the running request may take to reach its next cancel check (the end
+# of a prefill chunk or a decode step) before the worker answers it itself and exits (PROTOCOL.md).
+EXIT_GRACE_S = 2.0
+SHUTDOWN_GRACE_S = 60.0
+# Running requests of these types stop at their next cancel check; the others finish (they are short).
+CANCELLABLE_RUNNING = (Generate, Load, LoadDraft)
 
 
 @dataclass
 class Job:
     req: object
     cancel: threading.Event = field(default_factory=threading.Event)
+    answered: bool = False  # its terminal event was written (by the engine, or by the exit path)
+    emitting: threading.Lock = field(default_factory=threading.Lock)  # answered + emit, atomically
+
+    def emit_unless_answered(self, emit, event) -> None:
+        """The engine's events for this job: none after its terminal event (the exit path may write it)."""
+        with self.emitting:
+            if not self.answered:
+                emit(event)
 
 
 class Server:
@@ -39,7 +53,7 @@ class Server:
         self.queue = collections.deque()
         self.live = {}  # id -> Job, for every request not yet answered
         self.active: Optional[Job] = None
-        self.kit = None
+        self.engine = Engine()
         self.exiting = threading.Event()
         self.exit_code = 0
         self.shutdown_job: Optional[Job] = None
@@ -73,10 +87,23 @@ class Server:
         self.request_exit(0)
 
     def _finish(self) -> int:
-        """Cancel everything, let the engine end its request, answer shutdown, flush, exit."""
+        """Cancel everything, let the engine end its request, answer shutdown, flush, exit.
+
+        Every request gets its terminal event before the process exits: one still running when the
+        grace ends (a long prefill chunk) is answered here with ``stop_reason: "cancelled"``.
+        """
         self._cancel_all()
-        # a shutdown request waits for the running request and its cache write; EOF waits < 1 s
-        self.engine_idle.wait(60.0 if self.shutdown_job else EOF_EXIT_S)
+        self.engine_idle.wait(SHUTDOWN_GRACE_S if self.shutdown_job else EXIT_GRACE_S)
+        with self.lock:
+            late = self.active if self.active is not None and not self.active.answered else None
+        if late is not None and late.emitting.acquire(timeout=1.0):
+            try:
+                if not late.answered:
+                    late.answered = True
+                    log.warning("exiting while %s still runs: answered as cancelled", late.req.id)
+                    self.emit(_cancelled_done(late.req))
+            finally:
+                late.emitting.release()
         if self.shutdown_job is not None:
             self.emit(Done(id=self.shutdown_job.req.id, request="shutdown"))
         self.writer.flush(0.5)
@@ -89,11 +116,12 @@ class Server:
             if self.active is not None:
                 self.active.cancel.set()
         for job in queued:
-            self._finish_job(job, Done(id=job.req.id, request=_kind(job.req), stop_reason="cancelled"))
+            self._finish_job(job, _cancelled_done(job.req))
 
     def _finish_job(self, job: Job, event) -> None:
         with self.lock:
             self.live.pop(job.req.id, None)
+            job.answered = True
         self.emit(event)
 
     # ------------------------------------------------------------ reader side
@@ -149,8 +177,9 @@ class Server:
                 self.live[req.id] = job
                 self.exiting.set()
                 return
-            if isinstance(req, Tokenize) and self._tokenize_now():
-                kit = self.kit
+            tokenizer = self.engine.snapshot.tokenizer
+            if isinstance(req, Tokenize) and tokenizer is not None and self._tokenize_now():
+                pass
             else:
                 if len(self.queue) >= MAX_QUEUE:
                     raise WorkerError("queue_full", f"{MAX_QUEUE} requests are already queued")
@@ -158,12 +187,10 @@ class Server:
                 self.queue.append(job)
                 self.work.notify()
                 return
-        self.emit(engine.tokenize(kit, req))
+        self.emit(tokenize(tokenizer, req))
 
     def _tokenize_now(self) -> bool:
         """Tokenize is answered at once unless a load/unload before it could change the model."""
-        if self.kit is None:
-            return False
         pending = list(self.queue) + ([self.active] if self.active else [])
         return not any(isinstance(j.req, (Load, Unload)) for j in pending)
 
@@ -171,27 +198,30 @@ class Server:
         target = self.live.get(req.target)
         found = False
         if target is not None and target is not self.shutdown_job:
-            found = True
-            target.cancel.set()
             if target in self.queue:
+                found = True
+                target.cancel.set()
                 self.queue.remove(target)
                 self.live.pop(req.target, None)
-                self.emit(Done(id=req.target, request=_kind(target.req), stop_reason="cancelled"))
+                target.answered = True
+                self.emit(_cancelled_done(target.req))
+            elif isinstance(target.req, CANCELLABLE_RUNNING):
+                found = True
+                target.cancel.set()
         return Done(id=req.id, request="cancel", cancelled=found)
 
     def _status(self, req: Status) -> Done:
+        snap = self.engine.snapshot
         if self.active is None:
-            state = "idle" if self.kit is not None else "empty"
+            state = "idle" if snap.model is not None else "empty"
         else:
             state = {Load: "loading", Generate: "generating"}.get(type(self.active.req), "busy")
         return Done(
-            id=req.id, request="status", state=state,
-            model=self.kit.info if self.kit is not None else None,
-            draft=self.kit.draft.info if self.kit is not None and self.kit.draft else None,
+            id=req.id, request="status", state=state, model=snap.model, draft=snap.draft,
             active=self.active.req.id if self.active else None,
             queue=[j.req.id for j in self.queue],
             engine_alive=self.engine_thread.is_alive(),
-            cache=CacheStats(**self.kit.cache.stats()) if self.kit is not None else None,
+            cache=snap.cache,
         )
 
     # ------------------------------------------------------------ engine side
@@ -223,61 +253,28 @@ class Server:
                 job = self.queue.popleft()
                 self.active = job
                 self.engine_idle.clear()
-            event = self._run(job)
-            with self.lock:
-                if isinstance(event, Done) and event.request == "generate" and job.cancel.is_set():
-                    event.stop_reason = "cancelled"  # a cancel answered `cancelled: true` never lies
+            event = self.engine.run(job.req, functools.partial(job.emit_unless_answered, self.emit),
+                                    job.cancel.is_set)
+            with self.lock:  # from here no cancel can reach this job: its flag is final
                 self.live.pop(job.req.id, None)
+            if job.cancel.is_set():
+                event = self.engine.cancelled_late(job.req, event)  # `cancelled: true` never lies
+            with job.emitting:
+                if not job.answered:
+                    job.answered = True
+                    self.emit(event)
+            with self.lock:
                 self.active = None
-            self.emit(event)
-            if self.kit is not None:
-                try:
-                    self.kit.cache.persist()
-                except Exception:
-                    log.exception("prompt cache: could not persist an entry")
+            self.engine.persist()
             with self.lock:
                 self.engine_idle.set()
-
-    def _run(self, job: Job):
-        req = job.req
-        if job.cancel.is_set():
-            return Done(id=req.id, request=_kind(req), stop_reason="cancelled")
-        try:
-            if isinstance(req, Load):
-                self.kit = None  # the old model is released before the new one is read
-                self.kit = engine.load(req, self.emit, job.cancel.is_set)
-                return Done(id=req.id, request="load", model=self.kit.info,
-                            draft=self.kit.draft.info if self.kit.draft else None,
-                            warnings=self.kit.warnings or None)
-            if isinstance(req, Unload):
-                self.kit = None
-                engine.release_memory()
-                return Done(id=req.id, request="unload")
-            if self.kit is None:
-                raise WorkerError("no_model", "no model is loaded; send a `load` request first")
-            if isinstance(req, Tokenize):
-                return engine.tokenize(self.kit, req)
-            if isinstance(req, LoadDraft):
-                self.kit.draft = None
-                engine.release_memory()
-                if req.model_path is not None:
-                    self.kit.draft = engine.load_draft(self.kit, req, self.emit, job.cancel.is_set)
-                return Done(id=req.id, request="load_draft",
-                            draft=self.kit.draft.info if self.kit.draft else None)
-            if isinstance(req, CacheClear):
-                dropped = self.kit.cache.clear()
-                engine.release_memory()
-                return Done(id=req.id, request="cache_clear", cache=CacheStats(**dropped))
-            return engine.generate(self.kit, req, self.emit, job.cancel.is_set)
-        except WorkerError as exc:
-            return Error(id=req.id, code=exc.code, number=exc.number, message=exc.message)
-        except engine.LoadCancelled:
-            return Done(id=req.id, request=_kind(req), stop_reason="cancelled")
-        except Exception as exc:
-            traceback.print_exc()
-            return Error(id=req.id, code="internal", number=-32603,
-                         message=f"{type(exc).__name__}: {exc}")
 
 
 def _kind(req) -> str:
     return type(req).__struct_config__.tag
+
+
+def _cancelled_done(req) -> Done:
+    """The terminal event of a request cancelled before the engine answered it."""
+    return Done(id=req.id, request=_kind(req), stop_reason="cancelled",
+                text="" if isinstance(req, Generate) else None)

@@ -8,6 +8,7 @@ image tokens), the embeddings mlx-vlm's own merge code builds from the mlx-lm mo
 ``embed_tokens`` and the image features, and a cache key whose image positions are image-specific.
 """
 
+import abc
 import glob
 import importlib
 import logging
@@ -19,7 +20,9 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..protocol import ImagePart, TextPart, WorkerError
+from ..prompt import PromptInput, PromptPlan
+from ..protocol import WorkerError
+from ..weights import stored_dtype
 from . import images as imgs
 
 log = logging.getLogger("worker")
@@ -35,15 +38,11 @@ class FeatureMemo:
     def __init__(self, max_entries=MEMO_ENTRIES, max_bytes=MEMO_BYTES):
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.items: "OrderedDict[str, mx.array]" = OrderedDict()
-        self.hits = self.misses = 0
 
     def get(self, digest):
         feats = self.items.get(digest)
         if feats is not None:
             self.items.move_to_end(digest)
-            self.hits += 1
-        else:
-            self.misses += 1
         return feats
 
     def put(self, digest, feats):
@@ -77,12 +76,38 @@ def image_key(digest: str, j: int) -> int:
     return -(1 + ((int(digest[:15], 16) * 1_000_003 + j) % (1 << 62)))
 
 
-class VisionAddOn:
-    family = ""  # model_type
-    module = ""  # mlx_vlm.models.<module>
-    processor_path = ""  # "module:Class" of mlx-vlm's processor for the family
-    placeholder = ""  # what a chat template / text prompt writes for one image
-    token_attr = "image_token_index"  # the ModelConfig field holding the image token id
+class VisionAddOn(abc.ABC):
+    """One vision family: mlx-vlm's vision tower + projector beside the mlx-lm text model.
+
+    Class attributes a family sets: ``family`` (config model_type), ``module`` (mlx_vlm.models.<module>),
+    ``processor_path`` ("module:Class" of mlx-vlm's processor), ``placeholder`` (the text of one image in a
+    prompt), ``token_attr`` (the ModelConfig field of the image token id), ``add_special_tokens_for_chat``.
+
+    Hooks (called on the engine thread, in this order for a request):
+    - ``build_modules(parts)`` (abstract, at load): attach the mlx-vlm modules to ``parts``;
+    - ``split(inputs, n)`` (abstract): per-image ``(pixel_values, extras)`` from the processor's output;
+    - ``encode(pixel_values, extras)`` (abstract): one image's features, as mlx-vlm's
+      ``cached_image_features``; memoized by the image's sha256;
+    - ``join(feats)`` / ``count(feats)``: concatenate the images' features / how many image-token
+      positions one image fills;
+    - ``embed_kwargs(inputs)``: extra keyword arguments of mlx-vlm's ``get_input_embeddings``;
+    - ``make_state(ids, inputs, embedded)``: per-request state, a context manager entered around the
+      request's generation (Qwen's M-RoPE positions), or None.
+
+    What mlx-vlm's ``Model.get_input_embeddings`` (called with ``self.parts`` as its ``self``) reads, so
+    ``parts`` must carry it: ``config`` (``image_token_index`` / ``image_token_id``, ``video_token_id``,
+    ``pad_token_id``, ``hidden_size``), ``vision_tower`` (Qwen: ``patch_embed.proj.weight.dtype``),
+    ``multi_modal_projector``, ``vision_feature_layer`` (pixtral, mistral3: set it in ``build_modules``),
+    ``language_model.model.embed_tokens`` (the text model's embedding; Qwen also
+    ``language_model.get_rope_index``), and the family's static merge helpers
+    (``prepare_inputs_for_multimodal``, ``merge_input_ids_with_image_features``), copied onto ``parts``.
+    """
+
+    family = ""
+    module = ""
+    processor_path = ""
+    placeholder = ""
+    token_attr = "image_token_index"
     add_special_tokens_for_chat = False  # the chat template already wrote BOS etc.
 
     def __init__(self, path: Path, config: dict, text_model, options):
@@ -97,17 +122,17 @@ class VisionAddOn:
         self.memo = FeatureMemo()
 
     # ---- family hooks -------------------------------------------------------------------------
+    @abc.abstractmethod
     def build_modules(self, parts: VisionParts) -> None:
         """Attach ``vision_tower`` / ``multi_modal_projector`` (mlx-vlm classes) to ``parts``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def split(self, inputs: dict, n: int) -> list:
         """Per-image (pixel_values, extras) from the processor's output for n images."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def encode(self, pixel_values, extras):
         """Features of one image in the form mlx-vlm passes as ``cached_image_features``."""
-        raise NotImplementedError
 
     def join(self, feats: list):
         return mx.concatenate(feats, axis=0)
@@ -168,7 +193,7 @@ class VisionAddOn:
             parts.load_weights(list(weights.items()), strict=True)
         except ValueError as exc:
             raise WorkerError("model_load_failed", f"vision weights do not fit {self.family}: {exc}")
-        target = _float_dtype(text_model)
+        target = stored_dtype(text_model)
         parts.set_dtype(target, lambda d: mx.issubdtype(d, mx.floating))
         mx.eval(parts.parameters())
         parts.eval()
@@ -183,16 +208,14 @@ class VisionAddOn:
             raise WorkerError("model_load_failed", f"could not load the image processor: {exc}") from exc
 
     # ---- a request ----------------------------------------------------------------------------
-    def build_prompt(self, kit, req):
-        from ..prompt import PromptPlan
-
-        text, parts, add_special = self._prompt_text(kit, req)
-        loaded = [imgs.load(p, i) for i, p in enumerate(parts)]
-        found = text.count(self.placeholder)
+    def build_prompt(self, kit, inp: PromptInput) -> PromptPlan:
+        """The plan for a validated prompt with images (``worker.prompt.normalise`` made ``inp``)."""
+        loaded = [imgs.load(p, i) for i, p in enumerate(inp.images)]
+        found = inp.text.count(self.placeholder)
         if found != len(loaded):
             raise WorkerError("invalid_params", f"the prompt has {found} image placeholders "
                               f"({self.placeholder!r}) for {len(loaded)} images")
-        inputs = self._process(text, [im.image for im in loaded], add_special)
+        inputs = self._process(inp.text, [im.image for im in loaded], inp.add_special_tokens)
         ids_arr = inputs["input_ids"]
         ids = [int(t) for t in ids_arr.reshape(-1).tolist()]
         if not ids:
@@ -222,46 +245,7 @@ class VisionAddOn:
         emb = embedded.inputs_embeds[0]
         mx.eval(emb)
         state = self.make_state(ids_arr, inputs, embedded)
-        return PromptPlan(ids=ids, key=key, embeddings=emb, state=state,
-                          notes=[f"{len(loaded)} image(s), {len(positions)} image tokens"])
-
-    def _prompt_text(self, kit, req):
-        p = req.prompt
-        given = [x is not None for x in (p.text, p.tokens, p.messages)]
-        if sum(given) != 1:
-            raise WorkerError("invalid_params", "prompt needs exactly one of `text`, `tokens`, `messages`")
-        if p.messages is not None:
-            if p.images:
-                raise WorkerError("invalid_params", "put images in the messages' content, not in prompt.images")
-            if not kit.info.chat_template:
-                raise WorkerError("invalid_params", "this model has no chat template; send prompt.text")
-            messages, parts = [], []
-            for m in p.messages:
-                if isinstance(m.content, str):
-                    messages.append({"role": m.role, "content": m.content})
-                    continue
-                content = []
-                for part in m.content:
-                    if isinstance(part, TextPart):
-                        content.append({"type": "text", "text": part.text})
-                    else:
-                        content.append({"type": "image"})
-                        parts.append(part)
-                messages.append({"role": m.role, "content": content})
-            try:
-                text = kit.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=p.add_generation_prompt)
-            except Exception as exc:
-                raise WorkerError("invalid_params", f"the chat template failed on these messages: {exc}")
-            return text, parts, self.add_special_tokens_for_chat
-        parts = list(p.images or [])
-        if p.tokens is not None:
-            bad = [t for t in p.tokens if t >= kit.info.vocab_size]
-            if bad:
-                raise WorkerError("invalid_params", f"prompt.tokens has ids outside the vocabulary: {bad[:5]}")
-            # re-tokenized by the processor (which expands the placeholders): specials are kept
-            return kit.tokenizer.decode(list(p.tokens), skip_special_tokens=False), parts, False
-        return p.text, parts, p.add_special_tokens
+        return PromptPlan(ids=ids, key=key, embeddings=emb, state=state)
 
     def _process(self, text: str, images: list, add_special: bool) -> dict:
         from mlx_vlm.utils import prepare_inputs
@@ -273,16 +257,6 @@ class VisionAddOn:
             raise
         except Exception as exc:
             raise WorkerError("invalid_image", f"the image processor refused the input: {exc}") from exc
-
-
-def _float_dtype(model) -> mx.Dtype:
-    from mlx.utils import tree_flatten
-
-    counts = {}
-    for _, p in tree_flatten(model.parameters()):
-        if mx.issubdtype(p.dtype, mx.floating):
-            counts[p.dtype] = counts.get(p.dtype, 0) + p.size
-    return max(counts, key=counts.get) if counts else mx.float32
 
 
 def family_map() -> dict:
