@@ -14,8 +14,32 @@ ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = ("done", "error")
 
 
+def _event_validator():
+    """The committed JSON Schema's event part, strict: every event the suite sees must pass it."""
+    import jsonschema
+
+    schema = json.loads((ROOT / "schema" / "protocol.schema.json").read_text())
+    schema = {**schema, "oneOf": [{"$ref": "#/$defs/Event"}]}
+    return jsonschema.Draft202012Validator(schema)
+
+
+_VALIDATOR = None
+
+
+def check_event(ev) -> None:
+    """Raise AssertionError when an event does not match the schema (a worker bug, or a stale schema)."""
+    global _VALIDATOR
+    if _VALIDATOR is None:
+        _VALIDATOR = _event_validator()
+    errors = list(_VALIDATOR.iter_errors(ev))
+    if errors:
+        best = min(errors, key=lambda e: len(list(e.path)))
+        raise AssertionError(f"event breaks schema/protocol.schema.json: {best.message} in {ev}")
+
+
 class Worker:
-    def __init__(self, args=(), env=None, cmd=None, cwd=ROOT):
+    def __init__(self, args=(), env=None, cmd=None, cwd=ROOT, validate=True):
+        self.validate = validate
         full_env = dict(os.environ)
         full_env.update(env or {})
         base = shlex.split(os.environ["MLX_WORKER_CMD"]) if os.environ.get("MLX_WORKER_CMD") else None
@@ -54,6 +78,8 @@ class Worker:
         ev = self.events.get(timeout=timeout)
         if ev is None:
             raise EOFError("worker closed stdout; stderr:\n" + "".join(self.stderr_lines[-20:]))
+        if self.validate:
+            check_event(ev)
         return ev
 
     def collect(self, rid, timeout=120):

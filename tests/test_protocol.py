@@ -34,7 +34,9 @@ def test_every_code_and_stop_reason_is_documented():
 
 def test_schema_validates_examples():
     schema = json.loads(schema_text())
-    assert set(messages.REQUEST_TYPES) <= set(json.dumps(schema["$defs"]["Request"]).split('"'))
+    consts = {t for d in schema["$defs"].values() if isinstance(d, dict) and "type" in d.get("properties", {})
+              for t in d["properties"]["type"].get("enum", [])}
+    assert set(messages.REQUEST_TYPES) <= consts
     ev = messages.Done(id="x", request="generate", stop_reason="eos", text="hi", seq=3)
     assert json.loads(msgspec.json.encode(ev)) == {
         "type": "done", "id": "x", "seq": 3, "request": "generate", "stop_reason": "eos", "text": "hi"}
@@ -68,3 +70,45 @@ def test_read_lines_skips_long_lines():
     assert out[0] == b'{"a":1}'
     assert isinstance(out[1], TooLong) and out[1].size == 101
     assert out[2] == b"" and out[3] == b"y" * 30 and out[4] == b'{"b":2}'
+
+
+def _validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(json.loads(schema_text()))
+
+
+@pytest.mark.parametrize("doc", [
+    {"type": "generate", "id": "g", "prompt": {}},  # exactly one of text/tokens/messages
+    {"type": "generate", "id": "g", "prompt": {"text": "a", "tokens": [1]}},
+    {"type": "generate", "id": "g", "prompt": {"text": "a"}, "params": {"logit_bias": {"x": 1.0}}},
+    {"type": "generate", "id": "g", "prompt": {"text": "a"}, "params": {"logit_bias": {"-1": 1.0}}},
+    {"type": "generate", "id": "g", "prompt": {"text": "a"}, "params": {"bogus": 1}},
+    {"type": "done", "id": "g", "seq": 2, "request": "generate", "surprise": 1},  # events are closed too
+    {"type": "done", "id": "g", "request": "generate"},  # seq is required
+    {"type": "done", "id": "g", "seq": 2, "request": "dance"},
+    {"type": "error", "id": "g", "seq": 2, "code": "oops", "number": 1, "message": "m"},
+    {"type": "done", "id": "s", "seq": 2, "request": "status", "state": "sleeping"},
+])
+def test_schema_rejects_what_the_worker_rejects(doc):
+    assert not _validator().is_valid(doc)
+    if "params" in doc:  # the worker rejects these lines when it reads them (a bad prompt: in the engine)
+        with pytest.raises(WorkerError):
+            decode_request(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("doc", [
+    {"type": "generate", "id": "g", "prompt": {"text": "a", "tokens": None}},
+    {"type": "generate", "id": "g", "prompt": {"tokens": [1, 2]}, "params": {"logit_bias": {"12": -5}}},
+    {"type": "generate", "id": "g", "prompt": {"messages": [{"role": "user", "content": "hi"}]},
+     "params": {"json_schema": True}},
+    {"type": "done", "id": "g", "seq": 9, "request": "generate", "stop_reason": "eos", "text": ""},
+])
+def test_schema_accepts_what_the_worker_accepts(doc):
+    assert _validator().is_valid(doc)
+    if doc["type"] == "generate":
+        decode_request(json.dumps(doc).encode())
+
+
+def test_no_nonstandard_keywords():
+    assert '"discriminator"' not in schema_text()

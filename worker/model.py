@@ -15,7 +15,7 @@ from mlx_lm.utils import get_total_parameters, load_model, load_tokenizer
 
 from .addons import load_addon
 from .cache import DiskCache, PromptCacheStore, layout_identity, model_identity
-from .protocol import LoadOptions, ModelInfo, WorkerError
+from .protocol import LoadOptions, ModelInfo, WorkerError, failing_as
 from .weights import nbytes, stored_dtype
 
 log = logging.getLogger("worker")
@@ -139,12 +139,8 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
     if not any(path.glob("*.safetensors")):
         raise WorkerError("model_load_failed", f"no *.safetensors weights in {path}")
     progress(0.05)
-    try:
+    with failing_as("model_load_failed", "could not build the model"):
         model, config = load_model(path, lazy=True, trust_remote_code=options.trust_remote_code)
-    except WorkerError:
-        raise
-    except Exception as exc:  # mlx-lm raises ValueError, FileNotFoundError, RuntimeError...
-        raise WorkerError("model_load_failed", f"could not build the model: {exc}") from exc
     progress(0.3)
     stored = stored_dtype(model)
     target = compute_dtype(options, stored)
@@ -152,21 +148,12 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
         model.set_dtype(target, lambda d: mx.issubdtype(d, mx.floating))
     weights = check_memory(model, options.max_memory, used, what_else)
     check_kv_layout(config, options)
-    try:
+    with failing_as("model_load_failed", "could not read the weights"):
         mx.eval(model.parameters())
-    except MemoryError as exc:
-        raise WorkerError("out_of_memory", f"ran out of memory reading the weights: {exc}") from exc
-    except Exception as exc:
-        raise WorkerError("model_load_failed", f"could not read the weights: {exc}") from exc
     progress(0.8)
-    try:
-        tokenizer = load_tokenizer(
-            path,
-            {"trust_remote_code": options.trust_remote_code},
-            eos_token_ids=config.get("eos_token_id"),
-        )
-    except Exception as exc:
-        raise WorkerError("model_load_failed", f"could not load the tokenizer: {exc}") from exc
+    with failing_as("model_load_failed", "could not load the tokenizer"):
+        tokenizer = load_tokenizer(path, {"trust_remote_code": options.trust_remote_code},
+                                   eos_token_ids=config.get("eos_token_id"))
     progress(0.95)
     text_cfg = config.get("text_config") or {}
     context = next(

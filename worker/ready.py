@@ -6,11 +6,38 @@ from importlib.metadata import PackageNotFoundError, version
 import mlx.core as mx
 
 from . import __version__, blas
-from .protocol import PROTOCOL_VERSION, DeviceInfo, Limits, Ready
+from .protocol import (
+    PROTOCOL_VERSION, REQUEST_TYPES, DeviceInfo, Generate, GenerateParams, Limits, LoadOptions, Progress, Prompt,
+    Ready,
+)
 from .server import MAX_QUEUE
 
-CAPABILITIES = ["load", "generate", "cancel", "tokenize", "status", "unload", "shutdown",
-                "chat_template", "stop_strings", "prompt_progress"]
+# Features beyond the request types, each named after the protocol element that carries it, so the list
+# cannot claim what the wire types lack (tests/test_promises.py checks each is documented in PROTOCOL.md).
+FEATURES = {
+    "chat_template": (Prompt, "messages"),
+    "images": (Prompt, "images"),
+    "stop_strings": (GenerateParams, "stop"),
+    "stop_token_ids": (GenerateParams, "stop_token_ids"),
+    "logprobs": (GenerateParams, "top_logprobs"),
+    "penalties": (GenerateParams, "repetition_penalty"),
+    "logit_bias": (GenerateParams, "logit_bias"),
+    "json_schema": (GenerateParams, "json_schema"),
+    "speculative": (GenerateParams, "speculative"),
+    "prompt_cache": (Generate, "cache_key"),
+    "prompt_cache_disk": (LoadOptions, "cache_dir"),
+    "kv_bits": (LoadOptions, "kv_bits"),
+    "max_kv_size": (LoadOptions, "max_kv_size"),
+    "max_memory": (LoadOptions, "max_memory"),
+    "warmup": (LoadOptions, "warmup"),
+    "prompt_progress": (Progress, "processed"),
+}
+
+
+def capabilities() -> list:
+    """Every request type, then every feature whose field the wire types have."""
+    features = [name for name, (cls, fld) in FEATURES.items() if fld in cls.__struct_fields__]
+    return list(REQUEST_TYPES) + features
 
 
 def _version(pkg: str) -> str:
@@ -36,6 +63,6 @@ def ready_event(max_line_bytes: int) -> Ready:
                   "mlx-vlm": _version("mlx-vlm"), "python": os.sys.version.split()[0]},
         device=info,
         pid=os.getpid(),
-        capabilities=CAPABILITIES,
+        capabilities=capabilities(),
         limits=Limits(max_line_bytes=max_line_bytes, max_queue=MAX_QUEUE),
     )

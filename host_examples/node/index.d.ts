@@ -2,6 +2,7 @@
 // Regenerate: node host_examples/node/gen_types.js
 
 export interface CacheClear {
+  /** the host's name for this request; every event about it carries it */
   id: string;
   type: "cache_clear";
 }
@@ -16,7 +17,9 @@ export interface CacheStats {
 }
 
 export interface Cancel {
+  /** the host's name for this request; every event about it carries it */
   id: string;
+  /** the id of the request to cancel */
   target: string;
   type: "cancel";
 }
@@ -30,22 +33,36 @@ export interface DeviceInfo {
 
 /** The terminal success event. Which fields are present depends on the request type. */
 export interface Done {
+  /** status: the running request's id */
   active?: string | null;
   cache?: CacheStats | null;
+  /** generate: as in stats */
   cache_miss_reason?: string | null;
+  /** generate: as in stats (absent when it never ran) */
   cached_tokens?: number | null;
+  /** cancel: the target was found and will end cancelled */
   cancelled?: boolean | null;
   draft?: ModelInfo | null;
+  /** status: the MLX thread is running */
   engine_alive?: boolean | null;
+  /** the request this event belongs to; null for ready, fatal and unattributable errors */
   id: string | null;
   model?: ModelInfo | null;
+  /** status: queued request ids, in order */
   queue?: Array<string> | null;
-  request: string;
-  seq?: number;
-  state?: string | null;
+  /** the type of the request this ends */
+  request: "cache_clear" | "cancel" | "generate" | "load" | "load_draft" | "shutdown" | "status" | "tokenize" | "unload";
+  /** 1 for ready, then +1 per line: a gap means a lost line */
+  seq: number;
+  /** status: what the engine does now */
+  state?: "busy" | "empty" | "generating" | "idle" | "loading" | null;
+  /** generate: why it ended; any request: cancelled */
   stop_reason?: "cancelled" | "context_full" | "eos" | "max_tokens" | "stop_string" | "stop_token" | null;
+  /** generate: the stop string that ended it */
   stop_string?: string | null;
+  /** generate: the EOS or stop token that ended it */
   stop_token?: number | null;
+  /** generate: the whole generated text ("" when none) */
   text?: string | null;
   tokens?: Array<number> | null;
   type: "done";
@@ -53,26 +70,36 @@ export interface Done {
 }
 
 export interface Error {
-  code: string;
+  /** stable: match on this */
+  code: "context_overflow" | "draft_incompatible" | "internal" | "invalid_image" | "invalid_params" | "invalid_request" | "line_too_long" | "model_load_failed" | "model_not_found" | "no_model" | "out_of_memory" | "parse_error" | "queue_full" | "remote_code_refused" | "shutting_down" | "unknown_type";
+  /** the request this event belongs to; null for ready, fatal and unattributable errors */
   id: string | null;
+  /** for people; may change between versions */
   message: string;
+  /** JSON-RPC style number of the code */
   number: number;
-  seq?: number;
+  /** 1 for ready, then +1 per line: a gap means a lost line */
+  seq: number;
   type: "error";
 }
 
-export type Event = Ready | Progress | Token | Stats | Done | Error | Fatal | Log;
+export type Event = Ready | Progress | Token | Stats | Done | Error | Fatal;
 
 /** The last line before the worker exits on a failure it cannot survive (exit status 70). */
 export interface Fatal {
+  /** the request this event belongs to; null for ready, fatal and unattributable errors */
   id: string | null;
+  /** what failed */
   reason: string;
-  seq?: number;
+  /** 1 for ready, then +1 per line: a gap means a lost line */
+  seq: number;
   type: "fatal";
 }
 
 export interface Generate {
+  /** pin this conversation's prompt-cache entry */
   cache_key?: string | null;
+  /** the host's name for this request; every event about it carries it */
   id: string;
   params?: GenerateParams;
   prompt: Prompt;
@@ -80,22 +107,39 @@ export interface Generate {
 }
 
 export interface GenerateParams {
+  /** subtracted per occurrence */
   frequency_penalty?: number;
+  /** constrain the output to JSON valid for this schema (true: any JSON) */
   json_schema?: Record<string, unknown> | boolean | null;
+  /** token id (a decimal string key) -> added to its logit */
   logit_bias?: Record<string, unknown>;
+  /** most tokens to generate */
   max_tokens?: number;
+  /** 0: off */
   min_p?: number;
+  /** tokens the draft proposes per step */
   num_draft_tokens?: number;
+  /** subtracted once per seen token */
   presence_penalty?: number;
+  /** how many recent tokens the penalties look at */
   repetition_context_size?: number;
+  /** divide the logits of recent tokens (cached ones included) */
   repetition_penalty?: number | null;
+  /** seed for sampling, for repeatable samples */
   seed?: number | null;
+  /** use the draft model when one is loaded */
   speculative?: boolean;
+  /** stop strings: generation ends before the first one, which is not in the text */
   stop?: Array<string>;
+  /** token ids that end generation */
   stop_token_ids?: Array<number>;
+  /** 0: greedy */
   temperature?: number;
+  /** 0: off */
   top_k?: number;
+  /** report each token's logprob and this many alternatives */
   top_logprobs?: number;
+  /** nucleus sampling */
   top_p?: number;
 }
 
@@ -123,7 +167,9 @@ export interface Limits {
 }
 
 export interface Load {
+  /** the host's name for this request; every event about it carries it */
   id: string;
+  /** a local mlx-lm / mlx-vlm model directory */
   model_path: string;
   options?: LoadOptions;
   type: "load";
@@ -131,35 +177,43 @@ export interface Load {
 
 /** Load (or with ``model_path: null`` drop) the draft model for speculative decoding. */
 export interface LoadDraft {
+  /** the host's name for this request; every event about it carries it */
   id: string;
   model_path: string | null;
   type: "load_draft";
 }
 
 export interface LoadOptions {
+  /** folder where prompt-cache entries persist across restarts */
   cache_dir?: string | null;
+  /** byte budget of cache_dir */
   cache_disk_bytes?: number;
+  /** prompt-cache byte budget in memory */
   cache_max_bytes?: number;
+  /** prompt-cache entries kept in memory */
   cache_max_entries?: number;
+  /** a draft model for speculative decoding, loaded with the model */
   draft_model_path?: string | null;
+  /** compute dtype; auto: float32 on a CPU for half-precision checkpoints, else stored */
   dtype?: "auto" | "bfloat16" | "float16" | "float32" | "stored";
+  /** quantize the KV cache to this many bits */
   kv_bits?: 4 | 8 | null;
+  /** KV quantization group size (must divide the head size) */
   kv_group_size?: 32 | 64 | 128;
+  /** keep at most this many tokens of KV (a rotating window); null: unbounded */
   max_kv_size?: number | null;
+  /** refuse to load when all weights (model, vision tower, draft) exceed this many bytes */
   max_memory?: number | null;
+  /** prompt tokens per prefill chunk; null: 256 on a CPU, 2048 on a GPU */
   prefill_step_size?: number | null;
+  /** quantize the KV cache once it holds this many tokens */
   quantized_kv_start?: number;
+  /** seed MLX's random generator at load */
   seed?: number | null;
+  /** allow a checkpoint that asks to run its own Python code */
   trust_remote_code?: boolean;
+  /** compile the decode kernels at load; null: on a GPU only */
   warmup?: boolean | null;
-}
-
-export interface Log {
-  id: string | null;
-  level: "debug" | "error" | "info" | "warning";
-  message: string;
-  seq?: number;
-  type: "log";
 }
 
 export interface Message {
@@ -178,70 +232,106 @@ export interface ModelInfo {
   path: string;
   prefill_step_size: number;
   stored_dtype: string;
+  /** accepts images (a vision add-on is loaded); omitted when false */
   vision?: boolean;
   vocab_size: number;
   warmup_s?: number | null;
 }
 
 export interface Progress {
+  /** prompt: tokens served from the prompt cache */
   cached?: number | null;
+  /** 0..1, never decreasing within a request */
   fraction: number;
+  /** the request this event belongs to; null for ready, fatal and unattributable errors */
   id: string | null;
+  /** prompt: tokens in the KV cache so far, the cached ones included */
   processed?: number | null;
-  seq?: number;
+  /** 1 for ready, then +1 per line: a gap means a lost line */
+  seq: number;
+  /** a load's stages, or a generate's prefill */
   stage: "load" | "prompt";
+  /** prompt: tokens in the prompt */
   total?: number | null;
   type: "progress";
 }
 
 /** Exactly one of ``text``, ``tokens`` or ``messages``. */
 export interface Prompt {
+  /** messages: end with the assistant's turn header */
   add_generation_prompt?: boolean;
+  /** text: let the tokenizer add BOS etc. */
   add_special_tokens?: boolean;
+  /** images for a text or tokens prompt, one per placeholder */
   images?: Array<ImagePart> | null;
+  /** a chat, rendered through the model's chat template */
   messages?: Array<Message> | null;
+  /** raw text, tokenized as it is */
   text?: string | null;
+  /** token ids, used as they are */
   tokens?: Array<number> | null;
 }
 
 export interface Ready {
+  /** request types and features this worker has (PROTOCOL.md, Capabilities) */
   capabilities: Array<string>;
   device: DeviceInfo;
+  /** the request this event belongs to; null for ready, fatal and unattributable errors */
   id: string | null;
   limits: Limits;
+  /** the worker's process id */
   pid: number;
+  /** major.minor: a host supports one major; minors only add */
   protocol_version: string;
-  seq?: number;
+  /** 1 for ready, then +1 per line: a gap means a lost line */
+  seq: number;
   type: "ready";
+  /** worker, mlx, mlx-lm, mlx-vlm and python versions */
   versions: Record<string, unknown>;
 }
 
 export type Request = Load | LoadDraft | Generate | Cancel | Unload | Tokenize | Status | CacheClear | Shutdown;
 
 export interface Shutdown {
+  /** the host's name for this request; every event about it carries it */
   id: string;
   type: "shutdown";
 }
 
 export interface Stats {
+  /** why fewer tokens than possible were reused */
   cache_miss_reason?: string | null;
+  /** of them, served from the prompt cache */
   cached_tokens: number;
+  /** speculative: generated tokens that came from the draft */
   draft_tokens_accepted?: number | null;
+  /** speculative: tokens the draft proposed */
   draft_tokens_proposed?: number | null;
+  /** tokens sampled, a final EOS / stop token included */
   generated_tokens: number;
+  /** tokens per second after the first */
   generation_tps: number;
+  /** the request this event belongs to; null for ready, fatal and unattributable errors */
   id: string | null;
+  /** MLX's peak memory during the request */
   peak_memory_bytes: number;
+  /** tokens in the prompt */
   prompt_tokens: number;
+  /** uncached prompt tokens per second */
   prompt_tps: number;
-  seq?: number;
+  /** 1 for ready, then +1 per line: a gap means a lost line */
+  seq: number;
+  /** with a draft model loaded: "on", or "off: <why>" */
   speculative?: string | null;
+  /** the whole request, in the engine */
   total_s: number;
+  /** start of the request to its first token, in the engine */
   ttft_s: number;
   type: "stats";
 }
 
 export interface Status {
+  /** the host's name for this request; every event about it carries it */
   id: string;
   type: "status";
 }
@@ -252,18 +342,27 @@ export interface TextPart {
 }
 
 export interface Token {
+  /** when the draft model decodes: one per id in `tokens` */
   from_draft?: Array<boolean> | null;
+  /** the request this event belongs to; null for ready, fatal and unattributable errors */
   id: string | null;
+  /** with params.top_logprobs > 0: one per id in `tokens` */
   logprobs?: Array<TokenLogprob> | null;
-  seq?: number;
+  /** 1 for ready, then +1 per line: a gap means a lost line */
+  seq: number;
+  /** new text: complete UTF-8, stop strings held back until they cannot match */
   text: string;
+  /** the token ids this event releases (possibly more than one, or none) */
   tokens: Array<number>;
   type: "token";
 }
 
 export interface Tokenize {
+  /** let the tokenizer add BOS etc. */
   add_special_tokens?: boolean;
+  /** the host's name for this request; every event about it carries it */
   id: string;
+  /** the text to tokenize */
   text: string;
   type: "tokenize";
 }
@@ -271,6 +370,7 @@ export interface Tokenize {
 export interface TokenLogprob {
   id: number;
   logprob: number;
+  /** the most likely alternatives, best first; tokens with probability 0 (masked by json_schema) are left out, so it may be shorter than top_logprobs */
   top?: Array<TopLogprob>;
 }
 
@@ -281,6 +381,7 @@ export interface TopLogprob {
 }
 
 export interface Unload {
+  /** the host's name for this request; every event about it carries it */
   id: string;
   type: "unload";
 }

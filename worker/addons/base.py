@@ -11,7 +11,6 @@ image tokens), the embeddings mlx-vlm's own merge code builds from the mlx-lm mo
 import abc
 import glob
 import importlib
-import logging
 import types
 from collections import OrderedDict
 from pathlib import Path
@@ -21,11 +20,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..prompt import PromptInput, PromptPlan
-from ..protocol import WorkerError
+from ..protocol import WorkerError, failing_as
 from ..weights import stored_dtype
 from . import images as imgs
 
-log = logging.getLogger("worker")
 
 VISION_KEYS = ("vision_tower", "visual", "multi_modal_projector", "vision_encoder", "vision_projection")
 MEMO_ENTRIES = 64
@@ -202,10 +200,8 @@ class VisionAddOn(abc.ABC):
     def _load_processor(self):
         mod_name, cls_name = self.processor_path.split(":")
         cls = getattr(importlib.import_module(f"mlx_vlm.models.{mod_name}"), cls_name)
-        try:
+        with failing_as("model_load_failed", "could not load the image processor"):
             return cls.from_pretrained(str(self.path), trust_remote_code=self.options.trust_remote_code)
-        except Exception as exc:
-            raise WorkerError("model_load_failed", f"could not load the image processor: {exc}") from exc
 
     # ---- a request ----------------------------------------------------------------------------
     def build_prompt(self, kit, inp: PromptInput) -> PromptPlan:
@@ -250,13 +246,9 @@ class VisionAddOn(abc.ABC):
     def _process(self, text: str, images: list, add_special: bool) -> dict:
         from mlx_vlm.utils import prepare_inputs
 
-        try:
+        with failing_as("invalid_image", "the image processor refused the input"):
             return prepare_inputs(self.processor, images=images or None, prompts=text,
                                   image_token_index=self.image_token_id, add_special_tokens=add_special)
-        except WorkerError:
-            raise
-        except Exception as exc:
-            raise WorkerError("invalid_image", f"the image processor refused the input: {exc}") from exc
 
 
 def family_map() -> dict:
@@ -272,10 +264,5 @@ def load_addon(path, config, text_model, options):
     if cls is None:
         return None, (f"this checkpoint has a vision tower ({family}) but no vision add-on supports "
                       "it yet: loaded text-only")
-    try:
+    with failing_as("model_load_failed", f"could not load the {family} vision tower"):
         return cls(Path(path), config, text_model, options), None
-    except WorkerError:
-        raise
-    except Exception as exc:
-        log.exception("vision add-on failed to load")
-        raise WorkerError("model_load_failed", f"could not load the {family} vision tower: {exc}") from exc

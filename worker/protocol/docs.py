@@ -12,14 +12,23 @@ import msgspec.inspect as mi
 
 from .errors import CODES
 from .messages import AnyEvent, AnyRequest, GenerateParams, LoadOptions, Message, ModelInfo, Prompt
-from .messages import DeviceInfo, ImagePart, ImageUrl, ImageUrlPart, Limits, TextPart
+from .messages import CacheStats, DeviceInfo, ImagePart, ImageUrl, ImageUrlPart, Limits, TextPart
+from .messages import TokenLogprob, TopLogprob
 from .schema import schema_text
 
 BEGIN, END = "<!-- BEGIN GENERATED: python -m worker.protocol.docs --write -->", "<!-- END GENERATED -->"
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _meaning(t) -> str:
+    if isinstance(t, mi.Metadata):
+        return (t.extra_json_schema or {}).get("description") or _meaning(t.type)
+    return ""
+
+
 def _type(t) -> str:
+    if isinstance(t, mi.Metadata):
+        return _type(t.type)
     if isinstance(t, mi.UnionType):
         return " \\| ".join(_type(x) for x in t.types)
     if isinstance(t, mi.NoneType):
@@ -46,10 +55,10 @@ def _type(t) -> str:
 
 def _table(cls) -> str:
     info = mi.type_info(cls)
-    rows = ["| field | type | required / default |", "|---|---|---|"]
+    rows = ["| field | type | required / default | meaning |", "|---|---|---|---|"]
     tag = cls.__struct_config__.tag
     if tag is not None:
-        rows.append(f'| `type` | `"{tag}"` | required |')
+        rows.append(f'| `type` | `"{tag}"` | required | |')
     for f in info.fields:
         if f.required:
             req = "required"
@@ -60,7 +69,8 @@ def _table(cls) -> str:
                 req = f"default `{f.default!r}`"
         else:
             req = "optional"
-        rows.append(f"| `{f.encode_name}` | {_type(f.type)} | {req} |")
+        meaning = _meaning(f.type).replace("|", "\\|")
+        rows.append(f"| `{f.encode_name}` | {_type(f.type)} | {req} | {meaning} |")
     return "\n".join(rows)
 
 
@@ -75,7 +85,7 @@ def generated_markdown() -> str:
     for cls in AnyEvent.__args__:
         parts += [f"#### {cls.__name__}", "", _table(cls), ""]
     parts += ["### Event parts", ""]
-    for cls in (ModelInfo, DeviceInfo, Limits):
+    for cls in (ModelInfo, DeviceInfo, Limits, CacheStats, TokenLogprob, TopLogprob):
         parts += [f"#### {cls.__name__}", "", _table(cls), ""]
     parts += ["### Error codes", "", "| code | number |", "|---|---|"]
     parts += [f"| `{c}` | {n} |" for c, n in CODES.items()]

@@ -1,5 +1,7 @@
 """Stable error codes. Every error a host can cause is a ``WorkerError`` carrying one of these."""
 
+from contextlib import contextmanager
+
 # code -> JSON-RPC style number (the standard ones where they fit, -32000.. for ours)
 CODES = {
     "parse_error": -32700,  # the line is not valid JSON (or not UTF-8)
@@ -32,3 +34,20 @@ class WorkerError(Exception):
     @property
     def number(self) -> int:
         return CODES[self.code]
+
+
+@contextmanager
+def failing_as(code: str, what: str):
+    """Turn any failure inside the block into ``WorkerError(code, "<what>: <the failure>")``.
+
+    For library calls (mlx-lm, transformers, mlx-vlm) that fail with whatever exception a bad
+    checkpoint or input provokes; a ``WorkerError`` from inside passes through unchanged.
+    """
+    try:
+        yield
+    except WorkerError:
+        raise
+    except MemoryError as exc:
+        raise WorkerError("out_of_memory", f"{what}: ran out of memory: {exc}") from exc
+    except Exception as exc:
+        raise WorkerError(code, f"{what}: {exc}") from exc

@@ -10,7 +10,15 @@ import msgspec
 from msgspec import Meta, Struct
 from typing_extensions import Annotated
 
-PROTOCOL_VERSION = "1.0"
+from .errors import CODES
+
+PROTOCOL_VERSION = "1.1"
+
+
+def doc(t, text: str):
+    """``t`` with a meaning: it appears in PROTOCOL.md's tables and in the JSON Schema."""
+    return Annotated[t, Meta(description=text)]
+
 
 NonNeg = Annotated[int, Meta(ge=0)]
 Pos = Annotated[int, Meta(ge=1)]
@@ -21,29 +29,33 @@ RequestId = Annotated[str, Meta(min_length=1, max_length=256)]
 
 
 class Request(Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True):
-    id: RequestId
+    id: doc(RequestId, "the host's name for this request; every event about it carries it")
 
 
 class LoadOptions(Struct, forbid_unknown_fields=True, kw_only=True):
-    max_kv_size: Optional[Pos] = None
-    prefill_step_size: Optional[Annotated[int, Meta(ge=1, le=65536)]] = None  # null: per device
-    trust_remote_code: bool = False
-    seed: Optional[NonNeg] = None
-    dtype: Literal["auto", "stored", "float32", "float16", "bfloat16"] = "auto"
-    cache_max_bytes: NonNeg = 2 << 30
-    cache_max_entries: NonNeg = 8
-    cache_dir: Optional[str] = None
-    cache_disk_bytes: NonNeg = 8 << 30
-    kv_bits: Optional[Literal[4, 8]] = None
-    kv_group_size: Literal[32, 64, 128] = 64
-    quantized_kv_start: NonNeg = 0
-    draft_model_path: Optional[Annotated[str, Meta(min_length=1)]] = None
-    max_memory: Optional[Pos] = None
-    warmup: Optional[bool] = None  # null: on a GPU only
+    max_kv_size: doc(Optional[Pos], "keep at most this many tokens of KV (a rotating window); null: unbounded") = None
+    prefill_step_size: doc(Optional[Annotated[int, Meta(ge=1, le=65536)]],
+                           "prompt tokens per prefill chunk; null: 256 on a CPU, 2048 on a GPU") = None
+    trust_remote_code: doc(bool, "allow a checkpoint that asks to run its own Python code") = False
+    seed: doc(Optional[NonNeg], "seed MLX's random generator at load") = None
+    dtype: doc(Literal["auto", "stored", "float32", "float16", "bfloat16"],
+               "compute dtype; auto: float32 on a CPU for half-precision checkpoints, else stored") = "auto"
+    cache_max_bytes: doc(NonNeg, "prompt-cache byte budget in memory") = 2 << 30
+    cache_max_entries: doc(NonNeg, "prompt-cache entries kept in memory") = 8
+    cache_dir: doc(Optional[str], "folder where prompt-cache entries persist across restarts") = None
+    cache_disk_bytes: doc(NonNeg, "byte budget of cache_dir") = 8 << 30
+    kv_bits: doc(Optional[Literal[4, 8]], "quantize the KV cache to this many bits") = None
+    kv_group_size: doc(Literal[32, 64, 128], "KV quantization group size (must divide the head size)") = 64
+    quantized_kv_start: doc(NonNeg, "quantize the KV cache once it holds this many tokens") = 0
+    draft_model_path: doc(Optional[Annotated[str, Meta(min_length=1)]],
+                          "a draft model for speculative decoding, loaded with the model") = None
+    max_memory: doc(Optional[Pos], "refuse to load when all weights (model, vision tower, draft) exceed "
+                    "this many bytes") = None
+    warmup: doc(Optional[bool], "compile the decode kernels at load; null: on a GPU only") = None
 
 
 class Load(Request, tag="load", kw_only=True):
-    model_path: Annotated[str, Meta(min_length=1)]
+    model_path: doc(Annotated[str, Meta(min_length=1)], "a local mlx-lm / mlx-vlm model directory")
     options: LoadOptions = msgspec.field(default_factory=LoadOptions)
 
 
@@ -80,37 +92,44 @@ class Message(Struct, forbid_unknown_fields=True, kw_only=True):
 class Prompt(Struct, forbid_unknown_fields=True, kw_only=True):
     """Exactly one of ``text``, ``tokens`` or ``messages``."""
 
-    text: Optional[str] = None
-    tokens: Optional[list[NonNeg]] = None
-    messages: Optional[list[Message]] = None
-    images: Optional[list[ImagePart]] = None
-    add_generation_prompt: bool = True
-    add_special_tokens: bool = True
+    text: doc(Optional[str], "raw text, tokenized as it is") = None
+    tokens: doc(Optional[list[NonNeg]], "token ids, used as they are") = None
+    messages: doc(Optional[list[Message]], "a chat, rendered through the model's chat template") = None
+    images: doc(Optional[list[ImagePart]], "images for a text or tokens prompt, one per placeholder") = None
+    add_generation_prompt: doc(bool, "messages: end with the assistant's turn header") = True
+    add_special_tokens: doc(bool, "text: let the tokenizer add BOS etc.") = True
 
 
 class GenerateParams(Struct, forbid_unknown_fields=True, kw_only=True):
-    max_tokens: Annotated[int, Meta(ge=0, le=1_000_000)] = 512
-    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
-    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Meta(ge=0)] = 0
-    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
-    seed: Optional[NonNeg] = None
-    stop: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=16)] = []
-    stop_token_ids: Annotated[list[NonNeg], Meta(max_length=64)] = []
-    top_logprobs: Annotated[int, Meta(ge=0, le=20)] = 0
-    repetition_penalty: Optional[Annotated[float, Meta(gt=0.0, le=10.0)]] = None
-    repetition_context_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 20
-    presence_penalty: Annotated[float, Meta(ge=-10.0, le=10.0)] = 0.0
-    frequency_penalty: Annotated[float, Meta(ge=-10.0, le=10.0)] = 0.0
-    logit_bias: dict[NonNeg, Annotated[float, Meta(ge=-100.0, le=100.0)]] = {}
-    json_schema: Optional[Union[dict, bool]] = None
-    speculative: bool = True
-    num_draft_tokens: Annotated[int, Meta(ge=1, le=32)] = 3
+    max_tokens: doc(Annotated[int, Meta(ge=0, le=1_000_000)], "most tokens to generate") = 512
+    temperature: doc(Annotated[float, Meta(ge=0.0, le=100.0)], "0: greedy") = 0.0
+    top_p: doc(Annotated[float, Meta(gt=0.0, le=1.0)], "nucleus sampling") = 1.0
+    top_k: doc(Annotated[int, Meta(ge=0)], "0: off") = 0
+    min_p: doc(Annotated[float, Meta(ge=0.0, le=1.0)], "0: off") = 0.0
+    seed: doc(Optional[NonNeg], "seed for sampling, for repeatable samples") = None
+    stop: doc(Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=16)],
+              "stop strings: generation ends before the first one, which is not in the text") = []
+    stop_token_ids: doc(Annotated[list[NonNeg], Meta(max_length=64)], "token ids that end generation") = []
+    top_logprobs: doc(Annotated[int, Meta(ge=0, le=20)], "report each token's logprob and this many "
+                      "alternatives") = 0
+    repetition_penalty: doc(Optional[Annotated[float, Meta(gt=0.0, le=10.0)]],
+                            "divide the logits of recent tokens (cached ones included)") = None
+    repetition_context_size: doc(Annotated[int, Meta(ge=1, le=1_000_000)],
+                                 "how many recent tokens the penalties look at") = 20
+    presence_penalty: doc(Annotated[float, Meta(ge=-10.0, le=10.0)], "subtracted once per seen token") = 0.0
+    frequency_penalty: doc(Annotated[float, Meta(ge=-10.0, le=10.0)], "subtracted per occurrence") = 0.0
+    logit_bias: doc(dict[NonNeg, Annotated[float, Meta(ge=-100.0, le=100.0)]],
+                    "token id (a decimal string key) -> added to its logit") = {}
+    json_schema: doc(Optional[Union[dict, bool]], "constrain the output to JSON valid for this schema "
+                     "(true: any JSON)") = None
+    speculative: doc(bool, "use the draft model when one is loaded") = True
+    num_draft_tokens: doc(Annotated[int, Meta(ge=1, le=32)], "tokens the draft proposes per step") = 3
 
 
 class Generate(Request, tag="generate", kw_only=True):
     prompt: Prompt
-    cache_key: Optional[Annotated[str, Meta(min_length=1, max_length=256)]] = None
+    cache_key: doc(Optional[Annotated[str, Meta(min_length=1, max_length=256)]],
+                   "pin this conversation's prompt-cache entry") = None
     params: GenerateParams = msgspec.field(default_factory=GenerateParams)
 
 
@@ -121,7 +140,7 @@ class LoadDraft(Request, tag="load_draft", kw_only=True):
 
 
 class Cancel(Request, tag="cancel", kw_only=True):
-    target: str
+    target: doc(str, "the id of the request to cancel")
 
 
 class Unload(Request, tag="unload", kw_only=True):
@@ -129,8 +148,8 @@ class Unload(Request, tag="unload", kw_only=True):
 
 
 class Tokenize(Request, tag="tokenize", kw_only=True):
-    text: str
-    add_special_tokens: bool = True
+    text: doc(str, "the text to tokenize")
+    add_special_tokens: doc(bool, "let the tokenizer add BOS etc.") = True
 
 
 class Status(Request, tag="status", kw_only=True):
@@ -152,9 +171,14 @@ REQUEST_TYPES = {cls.__struct_config__.tag: cls for cls in AnyRequest.__args__}
 # ---------------------------------------------------------------- events
 
 
-class Event(Struct, tag_field="type", omit_defaults=True, kw_only=True):
-    id: Optional[str]
-    seq: int = 0
+RequestKind = Literal[tuple(REQUEST_TYPES)]
+ErrorCode = Literal[tuple(CODES)]
+State = Literal["empty", "idle", "loading", "generating", "busy"]
+
+
+class Event(Struct, tag_field="type", omit_defaults=True, forbid_unknown_fields=True, kw_only=True):
+    id: doc(Optional[str], "the request this event belongs to; null for ready, fatal and unattributable errors")
+    seq: doc(int, "1 for ready, then +1 per line: a gap means a lost line") = 0
 
 
 class DeviceInfo(Struct, omit_defaults=True, kw_only=True):
@@ -170,20 +194,20 @@ class Limits(Struct, kw_only=True):
 
 
 class Ready(Event, tag="ready", kw_only=True):
-    protocol_version: str
-    versions: dict[str, str]
+    protocol_version: doc(str, "major.minor: a host supports one major; minors only add")
+    versions: doc(dict[str, str], "worker, mlx, mlx-lm, mlx-vlm and python versions")
     device: DeviceInfo
-    pid: int
-    capabilities: list[str]
+    pid: doc(int, "the worker's process id")
+    capabilities: doc(list[str], "request types and features this worker has (PROTOCOL.md, Capabilities)")
     limits: Limits
 
 
 class Progress(Event, tag="progress", kw_only=True):
-    stage: Literal["load", "prompt"]
-    fraction: float
-    total: Optional[int] = None
-    cached: Optional[int] = None
-    processed: Optional[int] = None
+    stage: doc(Literal["load", "prompt"], "a load's stages, or a generate's prefill")
+    fraction: doc(float, "0..1, never decreasing within a request")
+    total: doc(Optional[int], "prompt: tokens in the prompt") = None
+    cached: doc(Optional[int], "prompt: tokens served from the prompt cache") = None
+    processed: doc(Optional[int], "prompt: tokens in the KV cache so far, the cached ones included") = None
 
 
 class TopLogprob(Struct, kw_only=True):
@@ -195,29 +219,30 @@ class TopLogprob(Struct, kw_only=True):
 class TokenLogprob(Struct, kw_only=True):
     id: int
     logprob: float
-    top: list[TopLogprob] = []
+    top: doc(list[TopLogprob], "the most likely alternatives, best first; tokens with probability 0 "
+             "(masked by json_schema) are left out, so it may be shorter than top_logprobs") = []
 
 
 class Token(Event, tag="token", kw_only=True):
-    text: str
-    tokens: list[int]
-    logprobs: Optional[list[TokenLogprob]] = None  # with params.top_logprobs > 0: one per id in `tokens`
-    from_draft: Optional[list[bool]] = None  # with a draft model: one per id in `tokens`
+    text: doc(str, "new text: complete UTF-8, stop strings held back until they cannot match")
+    tokens: doc(list[int], "the token ids this event releases (possibly more than one, or none)")
+    logprobs: doc(Optional[list[TokenLogprob]], "with params.top_logprobs > 0: one per id in `tokens`") = None
+    from_draft: doc(Optional[list[bool]], "when the draft model decodes: one per id in `tokens`") = None
 
 
 class Stats(Event, tag="stats", kw_only=True):
-    prompt_tokens: int
-    cached_tokens: int
-    cache_miss_reason: Optional[str] = None
-    generated_tokens: int
-    ttft_s: float
-    prompt_tps: float
-    generation_tps: float
-    peak_memory_bytes: int
-    total_s: float
-    speculative: Optional[str] = None  # "on", or "off: <why>" when a draft model is loaded
-    draft_tokens_accepted: Optional[int] = None
-    draft_tokens_proposed: Optional[int] = None
+    prompt_tokens: doc(int, "tokens in the prompt")
+    cached_tokens: doc(int, "of them, served from the prompt cache")
+    cache_miss_reason: doc(Optional[str], "why fewer tokens than possible were reused") = None
+    generated_tokens: doc(int, "tokens sampled, a final EOS / stop token included")
+    ttft_s: doc(float, "start of the request to its first token, in the engine")
+    prompt_tps: doc(float, "uncached prompt tokens per second")
+    generation_tps: doc(float, "tokens per second after the first")
+    peak_memory_bytes: doc(int, "MLX's peak memory during the request")
+    total_s: doc(float, "the whole request, in the engine")
+    speculative: doc(Optional[str], "with a draft model loaded: \"on\", or \"off: <why>\"") = None
+    draft_tokens_accepted: doc(Optional[int], "speculative: generated tokens that came from the draft") = None
+    draft_tokens_proposed: doc(Optional[int], "speculative: tokens the draft proposed") = None
 
 
 class CacheStats(Struct, kw_only=True):
@@ -234,7 +259,7 @@ class ModelInfo(Struct, omit_defaults=True, kw_only=True):
     model_type: str
     context_length: Optional[int] = None
     vocab_size: int
-    vision: bool = False
+    vision: doc(bool, "accepts images (a vision add-on is loaded); omitted when false") = False
     eos_token_ids: list[int]
     chat_template: bool
     compute_dtype: str
@@ -251,14 +276,14 @@ StopReason = Literal["eos", "stop_string", "stop_token", "max_tokens", "context_
 class Done(Event, tag="done", kw_only=True):
     """The terminal success event. Which fields are present depends on the request type."""
 
-    request: str
+    request: doc(RequestKind, "the type of the request this ends")
     # generate (and a cancelled request of any type)
-    stop_reason: Optional[StopReason] = None
-    stop_string: Optional[str] = None
-    stop_token: Optional[int] = None
-    text: Optional[str] = None
-    cached_tokens: Optional[int] = None
-    cache_miss_reason: Optional[str] = None
+    stop_reason: doc(Optional[StopReason], "generate: why it ended; any request: cancelled") = None
+    stop_string: doc(Optional[str], "generate: the stop string that ended it") = None
+    stop_token: doc(Optional[int], "generate: the EOS or stop token that ended it") = None
+    text: doc(Optional[str], "generate: the whole generated text (\"\" when none)") = None
+    cached_tokens: doc(Optional[int], "generate: as in stats (absent when it never ran)") = None
+    cache_miss_reason: doc(Optional[str], "generate: as in stats") = None
     # load, status
     model: Optional[ModelInfo] = None
     draft: Optional[ModelInfo] = None
@@ -266,31 +291,26 @@ class Done(Event, tag="done", kw_only=True):
     # tokenize
     tokens: Optional[list[int]] = None
     # cancel
-    cancelled: Optional[bool] = None
+    cancelled: doc(Optional[bool], "cancel: the target was found and will end cancelled") = None
     # status
-    state: Optional[str] = None
-    active: Optional[str] = None
-    queue: Optional[list[str]] = None
-    engine_alive: Optional[bool] = None
+    state: doc(Optional[State], "status: what the engine does now") = None
+    active: doc(Optional[str], "status: the running request's id") = None
+    queue: doc(Optional[list[str]], "status: queued request ids, in order") = None
+    engine_alive: doc(Optional[bool], "status: the MLX thread is running") = None
     # status, cache_clear (for cache_clear: what was dropped)
     cache: Optional[CacheStats] = None
 
 
 class Error(Event, tag="error", kw_only=True):
-    code: str
-    number: int
-    message: str
+    code: doc(ErrorCode, "stable: match on this")
+    number: doc(int, "JSON-RPC style number of the code")
+    message: doc(str, "for people; may change between versions")
 
 
 class Fatal(Event, tag="fatal", kw_only=True):
     """The last line before the worker exits on a failure it cannot survive (exit status 70)."""
 
-    reason: str
+    reason: doc(str, "what failed")
 
 
-class Log(Event, tag="log", kw_only=True):
-    level: Literal["debug", "info", "warning", "error"]
-    message: str
-
-
-AnyEvent = Union[Ready, Progress, Token, Stats, Done, Error, Fatal, Log]
+AnyEvent = Union[Ready, Progress, Token, Stats, Done, Error, Fatal]
