@@ -112,3 +112,28 @@ def test_schema_accepts_what_the_worker_accepts(doc):
 
 def test_no_nonstandard_keywords():
     assert '"discriminator"' not in schema_text()
+
+
+def test_protocol_md_links_resolve():
+    import re
+
+    text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
+    links = set(re.findall(r"\]\(#([a-z0-9_-]+)\)", text))
+    headings = {h.strip().lower().replace(" ", "-").replace("`", "") for h in re.findall(r"^#+ (.+)$", text, re.M)}
+    assert links and not links - headings, sorted(links - headings)
+
+
+def test_transcript_lines_match_the_schema():
+    """Every event line of PROTOCOL.md's transcript is a valid event of this version."""
+    import jsonschema
+
+    text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
+    transcript = text.split("## Transcript", 1)[1].split("```", 2)[1]
+    schema = json.loads(schema_text())
+    validator = jsonschema.Draft202012Validator({**schema, "oneOf": [{"$ref": "#/$defs/Event"}]})
+    events = [json.loads(line[2:]) for line in transcript.splitlines() if line.startswith("← ")]
+    assert events
+    for ev in events:
+        errors = list(validator.iter_errors(ev))
+        assert not errors, (ev, errors[0].message)
+    assert events[0]["protocol_version"] == messages.PROTOCOL_VERSION

@@ -249,20 +249,3 @@ class VisionAddOn(abc.ABC):
         with failing_as("invalid_image", "the image processor refused the input"):
             return prepare_inputs(self.processor, images=images or None, prompts=text,
                                   image_token_index=self.image_token_id, add_special_tokens=add_special)
-
-
-def family_map() -> dict:
-    from . import gemma3, mistral3, pixtral, qwen2_5_vl, qwen2_vl
-
-    return {c.family: c for c in (gemma3.Gemma3AddOn, pixtral.PixtralAddOn, mistral3.Mistral3AddOn,
-                                  qwen2_vl.Qwen2VLAddOn, qwen2_5_vl.Qwen25VLAddOn)}
-
-
-def load_addon(path, config, text_model, options):
-    family = config.get("model_type")
-    cls = family_map().get(family)
-    if cls is None:
-        return None, (f"this checkpoint has a vision tower ({family}) but no vision add-on supports "
-                      "it yet: loaded text-only")
-    with failing_as("model_load_failed", f"could not load the {family} vision tower"):
-        return cls(Path(path), config, text_model, options), None
