@@ -91,7 +91,9 @@ def _schema_paths():
     def walk(t, path, depth):
         if depth > 6:
             return
-        if isinstance(t, msgspec.inspect.UnionType):
+        if isinstance(t, msgspec.inspect.Metadata):  # a field with a description (doc() in messages.py)
+            walk(t.type, path, depth)
+        elif isinstance(t, msgspec.inspect.UnionType):
             for u in t.types:
                 walk(u, path, depth)
         elif isinstance(t, msgspec.inspect.StructType):

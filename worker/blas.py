@@ -38,11 +38,10 @@ import os
 import sys
 
 from .blas_find import (  # noqa: F401  (re-exported: the search lives in blas_find)
-    KINDS, OFF_VALUES, Candidate, _lib_dirs, _realpath, _same_file, _source_of, _tuning_env, candidates, classify,
+    ENV_CHOICE, KINDS, OFF_VALUES, Candidate, _lib_dirs, _realpath, _same_file, _source_of, _tuning_env, candidates, classify,
     effective_cpus, find_blas, probe,
 )
 
-ENV_CHOICE = "MLX_WORKER_BLAS"
 ENV_MARKER = "MLX_WORKER_BLAS_REEXEC"
 ENV_DEVICE = "MLX_WORKER_DEVICE"
 

@@ -12,6 +12,7 @@ import threading
 import msgspec
 
 from .protocol import Error, Fatal
+from .protocol.framing import valid_text
 
 log = logging.getLogger("worker")
 
@@ -77,14 +78,7 @@ class Writer(threading.Thread):
         except Exception:  # e.g. a lone surrogate in a string: never break the stream
             log.exception("could not encode a %s event; sending an internal error instead", type(ev).__name__)
             del buf[start:]
-            rid = ev.id if _encodable(ev.id) else None
+            rid = ev.id if ev.id is None or valid_text(ev.id) else None
             self.enc.encode_into(Error(id=rid, code="internal", number=-32603, seq=self.seq,
                                        message="the worker could not encode an event"), buf, start)
         buf += b"\n"
-
-
-def _encodable(s) -> bool:
-    try:
-        return s is None or (s.encode("utf-8") and True)
-    except UnicodeEncodeError:
-        return False

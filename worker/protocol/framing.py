@@ -112,11 +112,11 @@ def _lone_surrogate_path(obj) -> Optional[str]:
     while stack:
         path, value = stack.pop()
         if isinstance(value, str):
-            if not _valid_text(value):
+            if not valid_text(value):
                 return path
         elif isinstance(value, dict):
             for key, item in value.items():
-                if not _valid_text(key):
+                if not valid_text(key):
                     return path
                 stack.append((f"{path}.{key}", item))
         elif isinstance(value, list):
@@ -124,7 +124,8 @@ def _lone_surrogate_path(obj) -> Optional[str]:
     return None
 
 
-def _valid_text(s: str) -> bool:
+def valid_text(s: str) -> bool:
+    """Whether a str is Unicode (no lone surrogates), so it can be written as UTF-8."""
     try:
         s.encode("utf-8")
         return True
@@ -133,7 +134,7 @@ def _valid_text(s: str) -> bool:
 
 
 def _valid_id(rid) -> bool:
-    return isinstance(rid, str) and 1 <= len(rid) <= 256 and _valid_text(rid)
+    return isinstance(rid, str) and 1 <= len(rid) <= 256 and valid_text(rid)
 
 
 MAX_DEPTH = 128
