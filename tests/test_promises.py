@@ -80,13 +80,17 @@ def test_cancel_during_load_is_honoured(worker, llama_dir, fixtures_root):
 
 def test_speculative_with_repetition_penalty_is_identical(worker, llama_dir):
     worker.load(llama_dir, draft_model_path=str(llama_dir))
-    ids = [random.Random(3).randrange(20, 400) for _ in range(200)]
+    # a context made of the model's own greedy continuation: the penalty then changes what comes next
+    seed = [random.Random(3).randrange(20, 400) for _ in range(8)]
+    ids = seed + reference.generate(llama_dir, seed, 192, dtype="float32", stop_at_eos=False)
+    unpenalised = reference.generate(llama_dir, ids, 24, dtype="float32")
     params = {"max_tokens": 24, "repetition_penalty": 3.0, "repetition_context_size": 200}
     spec = _gen(worker, "spec", {"tokens": ids}, cache_key="a", **params)
     plain = _gen(worker, "plain", {"tokens": ids}, cache_key="b", speculative=False, **params)
     assert next(e for e in spec if e["type"] == "stats")["speculative"] == "on"
     assert generated_tokens(spec) == generated_tokens(plain)
     assert generated_tokens(plain) == _penalised_reference(llama_dir, ids, 24, 3.0, 200)
+    assert generated_tokens(plain) != unpenalised  # the penalty over the whole context mattered
 
 
 def _penalised_reference(path, ids, n, penalty, context):
