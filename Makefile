@@ -7,19 +7,19 @@ UV := $(VENV)/tools/bin/uv
 UNAME := $(shell uname -s)
 # `make setup CUDA=1`: Linux with an NVIDIA GPU (mlx[cuda13] instead of mlx[cpu]).
 CUDA ?=
-LOCK := $(shell $(PYTHON) locks/lock.py target $(if $(CUDA),--cuda) 2>/dev/null || echo locks/linux-cpu.txt)
+LOCK := $(shell $(PYTHON) locks/lock.py target $(if $(CUDA),--cuda) 2>/dev/null || echo locks/requirements-linux-cpu.txt)
 
 .PHONY: setup sysdeps model demo test test-fast bench schema lock lock-check check-newest clean
 
 setup: $(VENV)/.installed
 
-# uv (itself hash-pinned in locks/tools.txt) installs the lock: exact versions, hashes checked.
-$(UV): locks/tools.txt
+# uv (itself hash-pinned in locks/requirements-tools.txt) installs the lock: exact versions, hashes checked.
+$(UV): locks/requirements-tools.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "mlx-worker needs Python >= 3.11 (mlx-lm does): run e.g. make PYTHON=python3.12"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps --upgrade \
-	  --target $(VENV)/tools -r locks/tools.txt
+	  --target $(VENV)/tools -r locks/requirements-tools.txt
 	@touch $@
 
 $(VENV)/.installed: pyproject.toml $(LOCK) locks/build.in | $(UV)

@@ -1,7 +1,7 @@
 """The lock files: ``make lock`` writes them with uv, ``make setup`` and ``make test`` check them.
 
 One hash-pinned resolution per supported platform (``TARGETS``), each universal over the Python
-versions ``requires-python`` allows, plus ``tools.txt`` (uv itself, used to install the others).
+versions ``requires-python`` allows, plus ``requirements-tools.txt`` (uv itself, used to install the others).
 Every lock starts with two digests: one of the inputs it was resolved from (pyproject.toml's
 dependency tables and ``build.in``) and one of its own body. ``check`` recomputes both, so a lock
 that is stale against pyproject.toml, or was edited by hand, fails with the message to run
@@ -63,7 +63,7 @@ def inputs_digest(target: str) -> str:
 
 
 def lock_path(target: str) -> Path:
-    return HERE / f"{target}.txt"
+    return HERE / f"requirements-{target}.txt"
 
 
 def _split(text: str):
@@ -130,13 +130,13 @@ def write(uv: str) -> None:
             body = out.read_text()
             header = f"{INPUTS_TAG}{inputs_digest(target)}\n{BODY_TAG}{_sha(body)}\n"
             lock_path(target).write_text(header + body)
-            print(f"wrote locks/{target}.txt", file=sys.stderr)
+            print(f"wrote {lock_path(target).relative_to(ROOT)}", file=sys.stderr)
 
 
 def target(cuda: bool) -> str:
     if platform.system() == "Darwin":
-        return "locks/macos.txt"
-    return "locks/linux-cuda.txt" if cuda else "locks/linux-cpu.txt"
+        return "locks/requirements-macos.txt"
+    return "locks/requirements-linux-cuda.txt" if cuda else "locks/requirements-linux-cpu.txt"
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ def test_pip_install_gives_a_working_console_script(tmp_path, llama_dir):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     # a regular (not editable) install of the package from its source tree, versions held to the lock
-    lock = LOCKS / "linux-cpu.txt" if sys.platform == "linux" else LOCKS / "macos.txt"
+    lock = LOCKS / "requirements-linux-cpu.txt" if sys.platform == "linux" else LOCKS / "requirements-macos.txt"
     subprocess.run([str(UV), "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"),
                     str(ROOT), "--constraint", str(lock), "--build-constraint", str(lock)],
                    check=True, cwd=tmp_path)

@@ -44,14 +44,14 @@ def test_locks_are_fresh():
 
 def test_a_hand_edited_pin_fails_the_check(tmp_path):
     root = _copy(tmp_path)
-    lock = root / "locks" / "linux-cpu.txt"
+    lock = root / "locks" / "requirements-linux-cpu.txt"
     text = lock.read_text()
     edited = re.sub(r"^msgspec==[0-9.]+", "msgspec==0.19.0", text, count=1, flags=re.M)
     assert edited != text
     lock.write_text(edited)
     proc = _check(root)
     assert proc.returncode == 1
-    assert "locks/linux-cpu.txt" in proc.stderr and "make lock" in proc.stderr, proc.stderr
+    assert "locks/requirements-linux-cpu.txt" in proc.stderr and "make lock" in proc.stderr, proc.stderr
 
 
 def test_a_changed_dependency_fails_the_check(tmp_path):
@@ -76,7 +76,7 @@ def test_every_direct_dependency_is_satisfied_by_each_lock():
     for lock, platform in (("linux-cpu", "linux"), ("linux-cuda", "linux"), ("macos", "darwin")):
         env = {"sys_platform": platform, "platform_system": platform.capitalize()}
         locked = {}
-        for line in (LOCKS / f"{lock}.txt").read_text().splitlines():
+        for line in (LOCKS / f"requirements-{lock}.txt").read_text().splitlines():
             if re.match(r"[A-Za-z0-9]", line):
                 req = Requirement(line.rstrip(" \\"))
                 if req.marker is None or req.marker.evaluate(env):
@@ -87,7 +87,7 @@ def test_every_direct_dependency_is_satisfied_by_each_lock():
             name = canonicalize_name(req.name)
             assert name in locked, f"{lock}: {name} missing"
             assert req.specifier.contains(locked[name], prereleases=True), (lock, name, locked[name])
-    assert "mlx-cpu" not in (LOCKS / "linux-cuda.txt").read_text()  # it would overwrite libmlx
+    assert "mlx-cpu" not in (LOCKS / "requirements-linux-cuda.txt").read_text()  # it would overwrite libmlx
 
 
 def test_this_environment_is_exactly_the_lock():
