@@ -10,11 +10,11 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import get_total_parameters, load_model, load_tokenizer
 
 from .addons import load_addon
 from .cache import DiskCache, PromptCacheStore, layout_identity, model_identity
+from .cache.layout import make_cache, quantizable
 from .protocol import LoadOptions, ModelInfo, WorkerError, failing_as
 from .weights import nbytes, stored_dtype
 
@@ -91,8 +91,9 @@ def compute_dtype(options: LoadOptions, stored: mx.Dtype) -> Optional[mx.Dtype]:
     return None
 
 
-def check_kv_layout(config: dict, options: LoadOptions) -> None:
-    """KV quantization groups run along the head dimension: they must divide it."""
+def check_kv_layout(model: nn.Module, config: dict, options: LoadOptions) -> None:
+    """KV quantization groups run along the head dimension: they must divide it; and some layer must be
+    quantizable (with max_kv_size every layer is a rotating window, which mlx-lm cannot quantize)."""
     if options.kv_bits is None:
         return
     text = config.get("text_config") or config
@@ -102,6 +103,10 @@ def check_kv_layout(config: dict, options: LoadOptions) -> None:
     if isinstance(head_dim, int) and head_dim % options.kv_group_size:
         raise WorkerError("invalid_params", f"options.kv_group_size {options.kv_group_size} must divide the "
                           f"model's attention head size {head_dim}; this model cannot use kv_bits with it")
+    if not quantizable(make_cache(model, options.max_kv_size, options.kv_bits)):
+        why = " with options.max_kv_size (every layer is then a rotating window)" if options.max_kv_size else ""
+        raise WorkerError("invalid_params", f"options.kv_bits cannot quantize any KV layer of this model{why}; "
+                          "mlx-lm quantizes full-attention layers only")
 
 
 def check_memory(model: nn.Module, max_memory: Optional[int], used: int = 0, what_else: str = "") -> int:
@@ -147,7 +152,7 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
     if target is not None and target != stored:
         model.set_dtype(target, lambda d: mx.issubdtype(d, mx.floating))
     weights = check_memory(model, options.max_memory, used, what_else)
-    check_kv_layout(config, options)
+    check_kv_layout(model, config, options)
     with failing_as("model_load_failed", "could not read the weights"):
         mx.eval(model.parameters())
     progress(0.8)
@@ -213,7 +218,7 @@ def warm_up(kit: ModelKit) -> float:
     tic = time.perf_counter()
     opts = kit.options
     for _ in generate_step(mx.array([0, 1, 2, 3]), kit.model, max_tokens=4,
-                           prompt_cache=make_prompt_cache(kit.model, max_kv_size=opts.max_kv_size),
+                           prompt_cache=make_cache(kit.model, opts.max_kv_size, opts.kv_bits),
                            kv_bits=opts.kv_bits, kv_group_size=opts.kv_group_size,
                            quantized_kv_start=opts.quantized_kv_start):
         pass
@@ -240,7 +245,8 @@ def load_draft(kit: ModelKit, path_str: str, progress: Callable[[float], None]) 
         raise WorkerError("draft_incompatible", f"the draft model's vocabulary has as many ids "
                           f"({info.vocab_size}) as the main model's but maps them to other tokens; "
                           "speculative decoding needs the same tokenizer")
-    store = PromptCacheStore(model, opts.max_kv_size, opts.cache_max_bytes, opts.cache_max_entries)
+    store = PromptCacheStore(model, opts.max_kv_size, opts.cache_max_bytes, opts.cache_max_entries,
+                             kv_bits=opts.kv_bits)
     return DraftKit(model, info, store)
 
 
@@ -251,8 +257,8 @@ def make_store(path: Path, model: nn.Module, options: LoadOptions, info: ModelIn
                                  kv_bits=options.kv_bits, kv_group_size=options.kv_group_size)
         try:
             disk = DiskCache(Path(options.cache_dir), model_identity(path), layout,
-                             len(make_prompt_cache(model)), options.cache_disk_bytes)
+                             len(make_cache(model)), options.cache_disk_bytes)
         except OSError as exc:
             raise WorkerError("invalid_params", f"options.cache_dir is not usable: {exc}")
     return PromptCacheStore(model, options.max_kv_size, options.cache_max_bytes,
-                            options.cache_max_entries, disk)
+                            options.cache_max_entries, disk, options.kv_bits)

@@ -10,8 +10,10 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import common_prefix_len
+
+from .layout import adapt, make_cache
 
 log = logging.getLogger("worker")
 
@@ -46,9 +48,10 @@ def cache_len(cache) -> Optional[int]:
 
 
 class PromptCacheStore:
-    def __init__(self, model, max_kv_size=None, max_bytes=2 << 30, max_entries=8, disk=None):
+    def __init__(self, model, max_kv_size=None, max_bytes=2 << 30, max_entries=8, disk=None, kv_bits=None):
         self.model = model
         self.max_kv_size = max_kv_size
+        self.kv_bits = kv_bits
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.disk = disk
@@ -59,7 +62,7 @@ class PromptCacheStore:
             self.entries.extend(disk.index())
 
     def fresh(self) -> list:
-        return make_prompt_cache(self.model, max_kv_size=self.max_kv_size)
+        return make_cache(self.model, self.max_kv_size, self.kv_bits)
 
     def take(self, ids: List[int], key: Optional[str] = None) -> Lease:
         """The best cache for a prompt; the chosen entry leaves the store until ``put`` back."""
@@ -77,6 +80,8 @@ class PromptCacheStore:
         cache = best.cache
         if cache is None:
             cache = self.disk.load(best)
+            if cache is not None:
+                cache = adapt(cache, self.kv_bits)
             if cache is None:
                 self.entries.remove(best)
                 return Lease(self.fresh(), 0, "disk_entry_unreadable")
