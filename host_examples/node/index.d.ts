@@ -8,11 +8,17 @@ export interface CacheClear {
 }
 
 export interface CacheStats {
+  /** bytes they hold */
   bytes: number;
+  /** entries in cache_dir */
   disk_entries: number;
+  /** prompt-cache entries in memory */
   entries: number;
+  /** the memory byte budget */
   max_bytes: number;
+  /** the memory entry budget */
   max_entries: number;
+  /** tokens they hold */
   tokens: number;
 }
 
@@ -25,9 +31,13 @@ export interface Cancel {
 }
 
 export interface DeviceInfo {
+  /** CPU: the BLAS library mapped into the process (name, path, preloaded, source) */
   blas?: Record<string, unknown> | null;
+  /** float32 on a CPU (half precision is computed in float32), else auto */
   compute_dtype: string;
+  /** MLX's name of the device */
   name?: string;
+  /** where MLX runs */
   type: "cpu" | "gpu";
 }
 
@@ -162,7 +172,9 @@ export interface ImageUrlPart {
 }
 
 export interface Limits {
+  /** longest request line read (the newline not counted) */
   max_line_bytes: number;
+  /** most work requests waiting; more get queue_full */
   max_queue: number;
 }
 
@@ -222,19 +234,31 @@ export interface Message {
 }
 
 export interface ModelInfo {
+  /** prompt.messages can be used */
   chat_template: boolean;
+  /** the dtype the model computes in */
   compute_dtype: string;
+  /** the context window the config declares */
   context_length?: number | null;
+  /** ids that end generation as eos */
   eos_token_ids: Array<number>;
+  /** seconds the load took */
   load_s: number;
+  /** config.json's model_type */
   model_type: string;
+  /** parameters of the text model */
   parameters: number;
+  /** the model directory, resolved */
   path: string;
+  /** prompt tokens per prefill chunk (the option, or the device default) */
   prefill_step_size: number;
+  /** the dtype of the checkpoint's weights */
   stored_dtype: string;
   /** accepts images (a vision add-on is loaded); omitted when false */
   vision?: boolean;
+  /** token ids are below this */
   vocab_size: number;
+  /** seconds the warm-up took (with warmup) */
   warmup_s?: number | null;
 }
 
@@ -368,15 +392,20 @@ export interface Tokenize {
 }
 
 export interface TokenLogprob {
+  /** the generated token id */
   id: number;
+  /** its log-probability (finite) */
   logprob: number;
   /** the most likely alternatives, best first; tokens with probability 0 (masked by json_schema) are left out, so it may be shorter than top_logprobs */
   top?: Array<TopLogprob>;
 }
 
 export interface TopLogprob {
+  /** a token id */
   id: number;
+  /** its log-probability (finite) */
   logprob: number;
+  /** its text alone */
   text: string;
 }
 

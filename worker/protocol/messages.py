@@ -182,15 +182,15 @@ class Event(Struct, tag_field="type", omit_defaults=True, forbid_unknown_fields=
 
 
 class DeviceInfo(Struct, omit_defaults=True, kw_only=True):
-    type: Literal["cpu", "gpu"]
-    name: str = ""
-    compute_dtype: str
-    blas: Optional[dict] = None
+    type: doc(Literal["cpu", "gpu"], "where MLX runs")
+    name: doc(str, "MLX's name of the device") = ""
+    compute_dtype: doc(str, "float32 on a CPU (half precision is computed in float32), else auto")
+    blas: doc(Optional[dict], "CPU: the BLAS library mapped into the process (name, path, preloaded, source)") = None
 
 
 class Limits(Struct, kw_only=True):
-    max_line_bytes: int
-    max_queue: int
+    max_line_bytes: doc(int, "longest request line read (the newline not counted)")
+    max_queue: doc(int, "most work requests waiting; more get queue_full")
 
 
 class Ready(Event, tag="ready", kw_only=True):
@@ -211,14 +211,14 @@ class Progress(Event, tag="progress", kw_only=True):
 
 
 class TopLogprob(Struct, kw_only=True):
-    id: int
-    text: str
-    logprob: float
+    id: doc(int, "a token id")
+    text: doc(str, "its text alone")
+    logprob: doc(float, "its log-probability (finite)")
 
 
 class TokenLogprob(Struct, kw_only=True):
-    id: int
-    logprob: float
+    id: doc(int, "the generated token id")
+    logprob: doc(float, "its log-probability (finite)")
     top: doc(list[TopLogprob], "the most likely alternatives, best first; tokens with probability 0 "
              "(masked by json_schema) are left out, so it may be shorter than top_logprobs") = []
 
@@ -246,28 +246,28 @@ class Stats(Event, tag="stats", kw_only=True):
 
 
 class CacheStats(Struct, kw_only=True):
-    entries: int
-    tokens: int
-    bytes: int
-    disk_entries: int
-    max_bytes: int
-    max_entries: int
+    entries: doc(int, "prompt-cache entries in memory")
+    tokens: doc(int, "tokens they hold")
+    bytes: doc(int, "bytes they hold")
+    disk_entries: doc(int, "entries in cache_dir")
+    max_bytes: doc(int, "the memory byte budget")
+    max_entries: doc(int, "the memory entry budget")
 
 
 class ModelInfo(Struct, omit_defaults=True, kw_only=True):
-    path: str
-    model_type: str
-    context_length: Optional[int] = None
-    vocab_size: int
+    path: doc(str, "the model directory, resolved")
+    model_type: doc(str, "config.json's model_type")
+    context_length: doc(Optional[int], "the context window the config declares") = None
+    vocab_size: doc(int, "token ids are below this")
     vision: doc(bool, "accepts images (a vision add-on is loaded); omitted when false") = False
-    eos_token_ids: list[int]
-    chat_template: bool
-    compute_dtype: str
-    stored_dtype: str
-    prefill_step_size: int
-    parameters: int
-    load_s: float
-    warmup_s: Optional[float] = None
+    eos_token_ids: doc(list[int], "ids that end generation as eos")
+    chat_template: doc(bool, "prompt.messages can be used")
+    compute_dtype: doc(str, "the dtype the model computes in")
+    stored_dtype: doc(str, "the dtype of the checkpoint's weights")
+    prefill_step_size: doc(int, "prompt tokens per prefill chunk (the option, or the device default)")
+    parameters: doc(int, "parameters of the text model")
+    load_s: doc(float, "seconds the load took")
+    warmup_s: doc(Optional[float], "seconds the warm-up took (with warmup)") = None
 
 
 StopReason = Literal["eos", "stop_string", "stop_token", "max_tokens", "context_full", "cancelled"]
