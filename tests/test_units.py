@@ -115,11 +115,23 @@ def test_untrimmable_entry_is_not_used_and_says_why():
     assert store.stats()["entries"] == 1  # the entry stays
 
 
-def test_key_limits_the_pool():
+def test_another_key_copies_and_the_pinned_entry_stays():
     store = PromptCacheStore(FakeModel())
     _filled(store, [1, 2, 3, 4], key="a")
-    assert store.take([1, 2, 3, 4, 5], key="b").reused == 0
-    assert store.take([1, 2, 3, 4, 5], key="a").reused == 4
+    other = store.take([1, 2, 3, 4, 5], key="b")
+    assert other.reused == 4 and store.stats()["entries"] == 1  # a copy: the entry stayed
+    assert store.take([1, 2, 3, 4, 5], key=None).reused == 4
+    own = store.take([1, 2, 3, 4, 5], key="a")
+    assert own.reused == 4 and store.stats()["entries"] == 0  # its own conversation: handed over
+
+
+def test_a_shared_prefix_is_copied_not_stolen():
+    store = PromptCacheStore(FakeModel())
+    _filled(store, [1, 2, 3, 4, 5, 6])
+    lease = store.take([1, 2, 3, 9, 9])  # another chat with the same first three tokens
+    assert lease.reused == 3 and all(layer.offset == 3 for layer in lease.cache)
+    entry = store.entries[0]
+    assert entry.tokens == [1, 2, 3, 4, 5, 6] and all(layer.offset == 6 for layer in entry.cache)
 
 
 def test_lru_eviction_by_entries_and_bytes():

@@ -5,6 +5,7 @@ extends it, then puts it back), a request can pin a conversation with a key, and
 why fewer tokens than possible were reused.
 """
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -65,42 +66,51 @@ class PromptCacheStore:
         return make_cache(self.model, self.max_kv_size, self.kv_bits)
 
     def take(self, ids: List[int], key: Optional[str] = None) -> Lease:
-        """The best cache for a prompt; the chosen entry leaves the store until ``put`` back."""
-        pool = [e for e in self.entries if key is None or e.key == key]
+        """The best cache for a prompt: the entry sharing the longest prefix with it, of any conversation.
+
+        An entry the prompt fully extends, of the same ``cache_key`` (or both without one), is handed over
+        (the request extends it and puts it back); any other match is copied up to the shared prefix,
+        so the entry stays for its own conversation: a shared system prompt is shared, not stolen, and a
+        pinned entry is never taken by a request with another key.
+        """
         best, common = None, 0
-        for e in pool:
+        for e in self.entries:
             n = common_prefix_len(e.tokens, ids)
-            if n > common or (n == common and best is not None and n and e.used > best.used):
+            if n > common or (n == common and n and best is not None and _rank(e, key) > _rank(best, key)):
                 best, common = e, n
         if best is None or common == 0:
-            return Lease(self.fresh(), 0, self._reason_for_nothing(pool, ids))
+            return Lease(self.fresh(), 0, self._reason_for_nothing(self.entries, ids))
         reuse = min(common, len(ids) - 1)  # keep one token to process, so decoding has logits
         if reuse == 0:
             return Lease(self.fresh(), 0, "prefix_diverged_at 0")
         cache = best.cache
         if cache is None:
             cache = self.disk.load(best)
-            if cache is not None:
-                cache = adapt(cache, self.kv_bits)
             if cache is None:
                 self.entries.remove(best)
                 return Lease(self.fresh(), 0, "disk_entry_unreadable")
+            best.cache = cache = adapt(cache, self.kv_bits)
         excess = len(best.tokens) - reuse
+        if excess > 0 and not can_trim_prompt_cache(cache):
+            return Lease(self.fresh(), 0, "untrimmable")
+        if best.key == key and common == len(best.tokens):
+            self._hand_over(best)
+        else:
+            cache = copy.deepcopy(cache)
+            best.used = time.monotonic()
         if excess > 0:
-            if not can_trim_prompt_cache(cache):
-                best.cache = cache
-                return Lease(self.fresh(), 0, "untrimmable")
             trim_prompt_cache(cache, excess)
-        self.entries.remove(best)
-        if best.disk_name is not None:  # the file stays a candidate until an extension replaces it
-            self.entries.append(Entry(best.tokens, None, best.nbytes, best.key, best.used,
-                                      best.disk_name))
         reason = None
         if common < len(best.tokens) and reuse < len(ids) - 1:
             reason = f"prefix_diverged_at {common}"
         elif reuse < len(ids) - 1 and self._ghost_match(ids) > reuse:
             reason = "evicted"
         return Lease(cache, reuse, reason)
+
+    def _hand_over(self, entry: Entry) -> None:
+        self.entries.remove(entry)
+        if entry.disk_name is not None:  # the file stays a candidate until an extension replaces it
+            self.entries.append(Entry(entry.tokens, None, entry.nbytes, entry.key, entry.used, entry.disk_name))
 
     def put(self, tokens: List[int], cache: list, key: Optional[str] = None) -> None:
         n = cache_len(cache)
@@ -184,3 +194,8 @@ class PromptCacheStore:
         for e in self.disk.enforce_budget():
             if e in self.entries and e.cache is None:
                 self.entries.remove(e)
+
+
+def _rank(entry: Entry, key: Optional[str]):
+    """Between equally long matches: the request's own conversation first, then the most recent."""
+    return (entry.key == key, entry.used)
