@@ -57,16 +57,17 @@ def w():
 def test_max_kv_size_is_a_window_for_every_family(w, family_dirs, family):
     path = family_dirs[family]
     w.load(path, max_kv_size=WINDOW)
-    ids = _ids(120, 1)
+    ids = _ids(400, 1)
     events = w.request({"type": "generate", "id": "g", "prompt": {"tokens": ids}, "params": {"max_tokens": 20}})
     assert events[-1]["type"] == "done", events[-1]
     assert generated_tokens(events) == _raw(path, ids, 20, _windowed)
-    # the window bounds memory: the entry is far smaller than the unbounded one
+    # the window bounds memory: the entry (with its snapshots of the window layers) is far smaller
     windowed = w.request({"type": "status", "id": "s"})[-1]["cache"]["bytes"]
     w.load(path)
     w.request({"type": "generate", "id": "g2", "prompt": {"tokens": ids}, "params": {"max_tokens": 20}})
     full = w.request({"type": "status", "id": "s2"})[-1]["cache"]["bytes"]
-    assert windowed < full * 0.75, (windowed, full)
+    # gemma3's local layers keep their own 512-token window (and its snapshots): only its global layers shrink
+    assert windowed < full * (0.75 if family != "gemma3_text" else 1.0), (windowed, full)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -13,6 +13,8 @@ from typing import Callable, List, Optional
 import mlx.core as mx
 from mlx_lm.generate import generate_step, maybe_quantize_kv_cache, speculative_generate_step
 
+from .cache import cache_len
+from .cache.snapshots import take_snapshot
 from .model import ModelKit
 from .prompt import build_prompt
 from .protocol import Done, Generate, Progress, Stats, Token, WorkerError
@@ -198,8 +200,13 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     lease = kit.cache.take(plan.key, req.cache_key)
     cached = lease.reused
     last_progress = [0.0]
+    snapshots = list(lease.snapshots)
 
     def on_prefill(processed: int, total: int):
+        if processed >= total - 1 and not spec.on:  # the prompt but its last token; then + the first token
+            snap = take_snapshot(lease.cache, cache_len(lease.cache))
+            if snap is not None and (not snapshots or snapshots[-1].n < snap.n):
+                snapshots.append(snap)
         if cancelled():
             raise Cancelled()
         now = time.perf_counter()
@@ -222,7 +229,7 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     stream = TextStream(kit.tokenizer.detokenizer, params.stop)
     with plan.state if plan.state is not None else nullcontext():
         out = _decode(kit, req, gen, stream, emit, cancelled, spec, on_first)
-    kit.cache.put(plan.key + out.generated, lease.cache, req.cache_key)
+    kit.cache.put(plan.key + out.generated, lease.cache, req.cache_key, snapshots)
     if d_lease is not None:
         kit.draft.cache.put(plan.key + out.generated, d_lease.cache, req.cache_key)
     if out.reason is None:

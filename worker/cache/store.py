@@ -15,6 +15,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
 from .layout import adapt, make_cache
+from .snapshots import best_snapshot, keep, resume
 
 log = logging.getLogger("worker")
 
@@ -29,6 +30,7 @@ class Entry:
     key: Optional[str] = None
     used: float = field(default_factory=time.monotonic)
     disk_name: Optional[str] = None
+    snapshots: list = field(default_factory=list)  # Snapshots of its bounded layers (memory only)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Lease:
     cache: list
     reused: int
     miss_reason: Optional[str]
+    snapshots: list = field(default_factory=list)  # those still valid for the request's prompt
 
 
 def cache_nbytes(cache) -> int:
@@ -92,7 +95,13 @@ class PromptCacheStore:
             best.cache = cache = adapt(cache, self.kv_bits)
         excess = len(best.tokens) - reuse
         if excess > 0 and not can_trim_prompt_cache(cache):
-            return Lease(self.fresh(), 0, "untrimmable")
+            snap = best_snapshot(best.snapshots, reuse)
+            if snap is None:
+                return Lease(self.fresh(), 0, "untrimmable")
+            best.used = time.monotonic()
+            reason = f"prefix_diverged_at {common}" if snap.n < len(ids) - 1 else None
+            return Lease(resume(cache, snap), snap.n, reason, keep(best.snapshots, snap.n + 1))
+        snapshots = keep(best.snapshots, reuse + 1)
         if best.key == key and common == len(best.tokens):
             self._hand_over(best)
         else:
@@ -105,24 +114,28 @@ class PromptCacheStore:
             reason = f"prefix_diverged_at {common}"
         elif reuse < len(ids) - 1 and self._ghost_match(ids) > reuse:
             reason = "evicted"
-        return Lease(cache, reuse, reason)
+        return Lease(cache, reuse, reason, snapshots)
 
     def _hand_over(self, entry: Entry) -> None:
         self.entries.remove(entry)
         if entry.disk_name is not None:  # the file stays a candidate until an extension replaces it
             self.entries.append(Entry(entry.tokens, None, entry.nbytes, entry.key, entry.used, entry.disk_name))
 
-    def put(self, tokens: List[int], cache: list, key: Optional[str] = None) -> None:
+    def put(self, tokens: List[int], cache: list, key: Optional[str] = None, snapshots=()) -> None:
+        """Store a request's cache holding ``tokens`` (its prompt key + generated ids), with the
+        snapshots its request took or inherited (each a prefix of ``tokens``)."""
         n = cache_len(cache)
         if n is None or n == 0 or n > len(tokens):
             return  # nothing reusable, or we cannot tell which tokens it holds
         tokens = list(tokens[:n])
+        snapshots = keep(snapshots, n)
         if key is not None:
             self._drop([e for e in self.entries if e.key == key])
         if can_trim_prompt_cache(cache):  # an entry that this one extends is now redundant
             self._drop([e for e in self.entries if e.key == key and len(e.tokens) <= n
                         and tokens[: len(e.tokens)] == e.tokens])
-        entry = Entry(tokens, cache, cache_nbytes(cache), key)
+        entry = Entry(tokens, cache, cache_nbytes(cache) + sum(s.nbytes for s in snapshots), key,
+                      snapshots=snapshots)
         self.entries.append(entry)
         self._evict()
         if self.disk is not None and entry in self.entries:
