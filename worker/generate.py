@@ -132,12 +132,11 @@ def _speculative_source(kit, ids, lease, d_lease, params, budget, sampler, quant
         prompt_cache=lease.cache + d_lease.cache, **quant)
 
 
-def _decode(kit, req, gen, stream, emit, cancelled, spec: Speculation, on_first) -> Outcome:
-    """Drive the token source: stop conditions, held-back text, token events."""
+def _decode(kit, req, gen, stream, emit, cancelled, spec: Speculation, on_first, out: Outcome) -> None:
+    """Drive the token source into ``out``: stop conditions, held-back text, token events."""
     params = req.params
     eos, stop_ids = set(kit.info.eos_token_ids), set(params.stop_token_ids)
     want_lp, extras = params.top_logprobs > 0, collections.deque()  # (logprob report, from_draft)
-    out = Outcome()
 
     def release(text, tok_ids):
         if not (text or tok_ids):
@@ -176,7 +175,6 @@ def _decode(kit, req, gen, stream, emit, cancelled, spec: Speculation, on_first)
         gen.close()
     if out.reason != "stop_string":
         release(*stream.finish())
-    return out
 
 
 def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bool]) -> Done:
@@ -207,7 +205,9 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
             snap = take_snapshot(lease.cache, cache_len(lease.cache))
             if snap is not None and (not snapshots or snapshots[-1].n < snap.n):
                 snapshots.append(snap)
-        if cancelled():
+        # the end of prefill is no cancel point: the first token is already being computed, and the decode
+        # loop's check right after it keeps the cache consistent with the tokens (it is stored)
+        if processed < total and cancelled():
             raise Cancelled()
         now = time.perf_counter()
         if processed in (0, total) or now - last_progress[0] >= PROGRESS_INTERVAL_S:
@@ -227,8 +227,14 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
         gen = _plain_source(kit, plan, lease, params, budget, sampler, quant, on_prefill, constraint)
         on_first = lambda: None  # noqa: E731 (generate_step reported the end of prefill itself)
     stream = TextStream(kit.tokenizer.detokenizer, params.stop)
-    with plan.state if plan.state is not None else nullcontext():
-        out = _decode(kit, req, gen, stream, emit, cancelled, spec, on_first)
+    out = Outcome()
+    try:
+        with plan.state if plan.state is not None else nullcontext():
+            _decode(kit, req, gen, stream, emit, cancelled, spec, on_first, out)
+    except BaseException:
+        if cache_len(lease.cache) == cached:  # failed before touching the cache: what was taken goes back
+            kit.cache.put(plan.key, lease.cache, req.cache_key, snapshots)
+        raise
     kit.cache.put(plan.key + out.generated, lease.cache, req.cache_key, snapshots)
     if d_lease is not None:
         kit.draft.cache.put(plan.key + out.generated, d_lease.cache, req.cache_key)
