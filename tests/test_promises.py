@@ -282,3 +282,15 @@ def test_no_import_cycle():
     for n in graph:
         if n not in state:
             visit(n, [])
+
+
+def test_the_draft_cache_is_in_status_and_cleared(worker, llama_dir):
+    worker.load(llama_dir, draft_model_path=str(llama_dir))
+    _gen(worker, "g", {"tokens": [5, 6, 7, 8, 9, 10]}, max_tokens=4)
+    status = worker.request({"type": "status", "id": "s"})[-1]
+    assert status["draft_cache"]["entries"] == 1 and status["draft_cache"]["bytes"] > 0, status
+    worker.request({"type": "cache_clear", "id": "cc"})
+    status = worker.request({"type": "status", "id": "s2"})[-1]
+    assert status["cache"]["entries"] == 0 and status["draft_cache"]["entries"] == 0, status
+    worker.request({"type": "load_draft", "id": "d", "model_path": None})
+    assert "draft_cache" not in worker.request({"type": "status", "id": "s3"})[-1]

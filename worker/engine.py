@@ -36,6 +36,7 @@ class Snapshot:
     model: Optional[ModelInfo] = None
     draft: Optional[ModelInfo] = None
     cache: Optional[CacheStats] = None
+    draft_cache: Optional[CacheStats] = None
     tokenizer: object = None  # read-only use: encode for an early `tokenize`
 
 
@@ -105,8 +106,10 @@ class Engine:
         if kit is None:
             self.snapshot = Snapshot()
             return
-        self.snapshot = Snapshot(model=_copy(kit.info), draft=_copy(kit.draft.info if kit.draft else None),
-                                 cache=CacheStats(**kit.cache.stats()), tokenizer=kit.tokenizer)
+        draft = kit.draft
+        self.snapshot = Snapshot(model=_copy(kit.info), draft=_copy(draft.info if draft else None),
+                                 cache=CacheStats(**kit.cache.stats()), tokenizer=kit.tokenizer,
+                                 draft_cache=CacheStats(**draft.cache.stats()) if draft else None)
 
     def _drop_model(self) -> None:
         self.kit = None

@@ -221,7 +221,7 @@ class Server:
             active=self.active.req.id if self.active else None,
             queue=[j.req.id for j in self.queue],
             engine_alive=self.engine_thread.is_alive(),
-            cache=snap.cache,
+            cache=snap.cache, draft_cache=snap.draft_cache,
         )
 
     # ------------------------------------------------------------ engine side

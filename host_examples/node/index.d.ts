@@ -53,6 +53,7 @@ export interface Done {
   /** cancel: the target was found and will end cancelled */
   cancelled?: boolean | null;
   draft?: ModelInfo | null;
+  draft_cache?: CacheStats | null;
   /** status: the MLX thread is running */
   engine_alive?: boolean | null;
   /** the request this event belongs to; null for ready, fatal and unattributable errors */

@@ -299,6 +299,8 @@ class Done(Event, tag="done", kw_only=True):
     engine_alive: doc(Optional[bool], "status: the MLX thread is running") = None
     # status, cache_clear (for cache_clear: what was dropped)
     cache: Optional[CacheStats] = None
+    # status: the draft model's own prompt cache (with a draft loaded)
+    draft_cache: Optional[CacheStats] = None
 
 
 class Error(Event, tag="error", kw_only=True):
