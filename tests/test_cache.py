@@ -162,3 +162,32 @@ def test_layout_change_is_not_reused(llama_dir, tmp_path):
         assert stats["cached_tokens"] == 0 and stats["cache_miss_reason"] == "options_changed"
     finally:
         w.close()
+
+
+def test_a_truncated_disk_entry_is_reported_and_removed(llama_dir, tmp_path):
+    cache_dir = tmp_path / "pc"
+    p1 = prompt(21, 50)
+    w = Worker()
+    try:
+        w.load(llama_dir, cache_dir=str(cache_dir))
+        gen(w, "t1", p1)
+        w.request({"type": "shutdown", "id": "bye"})
+    finally:
+        w.close()
+    data = next(cache_dir.rglob("*.safetensors"))
+    data.write_bytes(data.read_bytes()[:100])
+    w = Worker()
+    try:
+        w.load(llama_dir, cache_dir=str(cache_dir))
+        out, stats, _ = gen(w, "t2", p1 + [7, 8])
+        assert stats["cached_tokens"] == 0 and stats["cache_miss_reason"] == "disk_entry_unreadable", stats
+        assert out == ref.generate(llama_dir, p1 + [7, 8], 12)
+        assert not data.exists() and not data.with_suffix(".json").exists()  # removed
+    finally:
+        w.close()
+
+
+def test_a_one_token_prompt_has_no_miss_reason(llama_worker):
+    gen(llama_worker, "o1", [42, 43, 44])
+    _, stats, _ = gen(llama_worker, "o2", [42])
+    assert stats["cached_tokens"] == 0 and "cache_miss_reason" not in stats, stats

@@ -50,6 +50,7 @@ class DiskCache:
         self.model_id, self.layout_id, self.n_layers = model_id, layout_id, n_layers
         self.max_bytes = max_bytes
         self.entries: List[Entry] = []
+        self.unreadable: List[List[int]] = []  # token lists of our own entries found broken (and removed)
 
     def index(self) -> List[Entry]:
         """Entries found on disk (arrays not loaded yet)."""
@@ -62,11 +63,19 @@ class DiskCache:
                       and meta.get("layout_id") == self.layout_id
                       and isinstance(meta.get("tokens"), list) and data_file.is_file()
                       and data_file.stat().st_size == meta.get("file_bytes"))
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, AttributeError) as exc:  # AttributeError: JSON but not an object
                 log.warning("prompt cache: ignoring %s: unreadable (%s)", meta_file.name, exc)
                 continue
             if not ok:
-                log.warning("prompt cache: ignoring %s: another model/layout, or truncated", meta_file.name)
+                ours = (isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("model_id") == self.model_id
+                        and meta.get("layout_id") == self.layout_id and isinstance(meta.get("tokens"), list))
+                if ours:  # our entry, but its data is missing or truncated: remove it, remember its tokens
+                    log.warning("prompt cache: removing %s: its data file is missing or truncated", meta_file.name)
+                    self.unreadable.append(meta["tokens"])
+                    for f in (meta_file, data_file):
+                        f.unlink(missing_ok=True)
+                else:
+                    log.warning("prompt cache: ignoring %s: another model or layout", meta_file.name)
                 continue
             e = Entry(meta["tokens"], None, int(meta.get("nbytes", 0)), meta.get("key"),
                       disk_name=data_file.stem)

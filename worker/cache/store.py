@@ -84,8 +84,8 @@ class PromptCacheStore:
         if best is None or common == 0:
             return Lease(self.fresh(), 0, self._reason_for_nothing(self.entries, ids))
         reuse = min(common, len(ids) - 1)  # keep one token to process, so decoding has logits
-        if reuse == 0:
-            return Lease(self.fresh(), 0, "prefix_diverged_at 0")
+        if reuse == 0:  # a one-token prompt: nothing could be reused, nothing was missed
+            return Lease(self.fresh(), 0, None)
         cache = best.cache
         if cache is None:
             cache = self.disk.load(best)
@@ -169,9 +169,13 @@ class PromptCacheStore:
 
     # ------------------------------------------------------------------
 
-    def _reason_for_nothing(self, pool, ids) -> str:
+    def _reason_for_nothing(self, pool, ids) -> Optional[str]:
+        if len(ids) <= 1:
+            return None  # a one-token prompt cannot reuse anything
         if self._ghost_match(ids) > 0:
             return "evicted"
+        if self.disk is not None and any(common_prefix_len(t, ids) for t in self.disk.unreadable):
+            return "disk_entry_unreadable"
         if not pool:
             if self.disk is not None and self.disk.other_layouts():
                 return "options_changed"
