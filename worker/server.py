@@ -14,7 +14,7 @@ from typing import BinaryIO, Optional
 
 from .engine import Engine, tokenize
 from .protocol import (
-    DEFAULT_MAX_LINE_BYTES, CacheClear, Cancel, Done, Error, Fatal, Generate, Load, LoadDraft, Shutdown,
+    DEFAULT_MAX_LINE_BYTES, Cancel, Done, Error, Fatal, Generate, Load, LoadDraft, Shutdown,
     Status, Tokenize, TooLong, Unload, WorkerError, decode_request, read_lines,
 )
 from .writer import Writer

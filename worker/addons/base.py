@@ -14,7 +14,6 @@ import importlib
 import types
 from collections import OrderedDict
 from pathlib import Path
-from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
