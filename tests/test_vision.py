@@ -239,7 +239,7 @@ def test_mrope_state_is_per_request(root, images):
     req = msgspec.convert({"type": "generate", "id": "g", "prompt": {"messages": [user([images["a"]])]}},
                           Generate)
     plan = build_prompt(kit, req)
-    x, e = mx.array(plan.ids)[None], plan.embeddings[None]
+    x, e = mx.array(plan.ids)[None], plan.embed(0)[None]
     plain = kit.model(x, input_embeddings=e)
     with plan.state:
         mrope = kit.model(x, input_embeddings=e)
@@ -251,3 +251,51 @@ def test_mrope_state_is_per_request(root, images):
     tail = st.positions(n - 1, 3)  # last prompt token + two decode steps
     assert tail.shape == (3, 1, 3)
     assert tail[:, 0, 1].tolist() == [n + st.delta] * 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memoized_image_costs_nothing_on_the_follow_up(root, images, family, monkeypatch):
+    """In-process: a follow-up on a memoized image decodes, processes and encodes nothing; its ids and
+    key equal the first turn's; embeddings of any suffix (cut before, inside or after an image) equal
+    the same rows of the whole prompt's, and equal mlx-vlm's own merge over the full processor output."""
+    import mlx.core as mx
+    import msgspec
+    from mlx_vlm.utils import prepare_inputs
+
+    from worker.addons import images as imgs
+    from worker.model import load
+    from worker.prompt import build_prompt
+    from worker.protocol import Generate, LoadOptions
+
+    kit = load(str(vlm_fixture_dir(family, root)), LoadOptions(), lambda f: None)
+    addon = kit.addon
+    msgs = [user([images["a"], images["b"]])]
+    req = msgspec.convert({"type": "generate", "id": "g", "prompt": {"messages": msgs}}, Generate)
+    first = build_prompt(kit, req)
+    full = first.embed(0)
+
+    # the reference: mlx-vlm's processor over the whole prompt, and its merge
+    text = kit.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        tokenize=False, add_generation_prompt=True)
+    pil = [imgs.decode(open(p, "rb").read()).image for p in (images["a"], images["b"])]
+    ref_in = prepare_inputs(addon.processor, images=pil, prompts=text, image_token_index=addon.image_token_id,
+                            add_special_tokens=False)
+    assert first.ids == ref_in["input_ids"].reshape(-1).tolist()
+    ref = addon.mod.Model.get_input_embeddings(
+        addon.parts, ref_in["input_ids"], ref_in["pixel_values"], mask=ref_in.get("attention_mask"),
+        **({"image_grid_thw": ref_in["image_grid_thw"]} if "image_grid_thw" in ref_in else {}),
+        **({"image_sizes": ref_in["image_sizes"]} if "image_sizes" in ref_in else {}))
+    assert mx.abs(ref.inputs_embeds[0] - full).max().item() < 1e-5
+
+    calls = []
+    monkeypatch.setattr(imgs, "decode", lambda *a, **k: calls.append("decode"))
+    monkeypatch.setattr(addon, "encode", lambda *a, **k: calls.append("encode"))
+    monkeypatch.setattr(addon, "_process", lambda *a, **k: calls.append("process"))
+    again = build_prompt(kit, req)
+    assert calls == [] and again.ids == first.ids and again.key == first.key
+    pos = [i for i, t in enumerate(first.ids) if t == addon.image_token_id]
+    for cut in (1, pos[0], pos[0] + 1, pos[len(pos) // 2], pos[-1], pos[-1] + 1, len(first.ids) - 1):
+        part = again.embed(cut)
+        assert part.shape[0] == len(first.ids) - cut
+        assert mx.abs(part - full[cut:]).max().item() == 0.0, cut

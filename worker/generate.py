@@ -14,7 +14,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step, maybe_quantize_kv_cache, speculative_generate_step
 
 from .cache import cache_len
-from .cache.snapshots import take_snapshot
+from .cache.snapshots import bounded, take_snapshot
 from .model import ModelKit
 from .prompt import build_prompt
 from .protocol import Done, Generate, Progress, Stats, Token, WorkerError
@@ -22,6 +22,8 @@ from .sampling import JsonConstraint, logprob_report, processors_for, sampler_fo
 from .textstream import TextStream
 
 PROGRESS_INTERVAL_S = 0.1
+DECODE_SNAPSHOT_EVERY = 4  # tokens between snapshots of the bounded layers while decoding
+DECODE_SNAPSHOTS = 2  # the newest ones are kept: 1-4 and 5-8 tokens before the end
 
 
 class Cancelled(Exception):
@@ -39,7 +41,7 @@ class Speculation:
 def speculation_for(kit: ModelKit, req: Generate, plan) -> Speculation:
     if kit.draft is None:
         return Speculation()
-    for cond, why in ((not req.params.speculative, "request"), (plan.embeddings is not None, "images"),
+    for cond, why in ((not req.params.speculative, "request"), (plan.embed is not None, "images"),
                       (req.params.json_schema is not None, "json_schema"),
                       (kit.options.max_kv_size is not None, "max_kv_size")):
         if cond:
@@ -93,7 +95,7 @@ def _plain_source(kit, plan, lease, params, budget, sampler, quant, on_prefill, 
         mx.array(ids[cached:]), kit.model, max_tokens=budget, sampler=sampler,
         logits_processors=processors or None, prompt_cache=lease.cache,
         prefill_step_size=opts.prefill_step_size, prompt_progress_callback=on_prefill,
-        input_embeddings=plan.embeddings[cached:] if plan.embeddings is not None else None, **quant)
+        input_embeddings=plan.embed(cached) if plan.embed is not None else None, **quant)
     try:
         for token, logprobs in gen:
             yield token, logprobs, False
@@ -130,6 +132,21 @@ def _speculative_source(kit, ids, lease, d_lease, params, budget, sampler, quant
         mx.array(ids[-1:]), kit.model, draft_model, num_draft_tokens=params.num_draft_tokens,
         max_tokens=budget, sampler=sampler, logits_processors=processors or None,
         prompt_cache=lease.cache + d_lease.cache, **quant)
+
+
+def _with_snapshots(gen, cache, out: list):
+    """Pass ``gen`` through, snapshotting the bounded layers every few tokens into ``out`` (the newest
+    DECODE_SNAPSHOTS): a follow-up whose re-rendered answer differs in its last tokens (a trimmed
+    newline, a stop string cut off) then resumes a few tokens before the end, not at the prompt."""
+    try:
+        for i, item in enumerate(gen, 1):
+            yield item
+            if i % DECODE_SNAPSHOT_EVERY == 0:
+                snap = take_snapshot(cache, cache_len(cache))
+                if snap is not None and (not out or out[-1].n < snap.n):
+                    out[:] = (out + [snap])[-DECODE_SNAPSHOTS:]
+    finally:
+        gen.close()
 
 
 def _decode(kit, req, gen, stream, emit, cancelled, spec: Speculation, on_first, out: Outcome) -> None:
@@ -226,6 +243,9 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     else:
         gen = _plain_source(kit, plan, lease, params, budget, sampler, quant, on_prefill, constraint)
         on_first = lambda: None  # noqa: E731 (generate_step reported the end of prefill itself)
+    decode_snaps = []
+    if not spec.on and any(bounded(c) for c in lease.cache):
+        gen = _with_snapshots(gen, lease.cache, decode_snaps)
     stream = TextStream(kit.tokenizer.detokenizer, params.stop)
     out = Outcome()
     try:
@@ -235,7 +255,7 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
         if cache_len(lease.cache) == cached:  # failed before touching the cache: what was taken goes back
             kit.cache.put(plan.key, lease.cache, req.cache_key, snapshots)
         raise
-    kit.cache.put(plan.key + out.generated, lease.cache, req.cache_key, snapshots)
+    kit.cache.put(plan.key + out.generated, lease.cache, req.cache_key, snapshots + decode_snaps)
     if d_lease is not None:
         kit.draft.cache.put(plan.key + out.generated, d_lease.cache, req.cache_key)
     if out.reason is None:

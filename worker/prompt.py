@@ -6,7 +6,7 @@ which returns the ``PromptPlan``. This module knows the kit only by duck typing 
 """
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from .protocol import Generate, TextPart, WorkerError
 
@@ -25,7 +25,7 @@ class PromptInput:
 class PromptPlan:
     ids: List[int]  # what the text model sees
     key: List[int]  # what the prompt cache matches on: ids, with image positions made image-specific
-    embeddings: Optional[Any] = None  # mx.array [len(ids), hidden] when images are present
+    embed: Optional[Callable[[int], Any]] = None  # with images: reused -> embeddings of ids[reused:]
     state: Any = None  # a VisionAddOn's per-request state (a context manager, e.g. M-RoPE), or None
 
 

@@ -9,10 +9,12 @@ image tokens), the embeddings mlx-vlm's own merge code builds from the mlx-lm mo
 """
 
 import abc
+import functools
 import glob
 import importlib
 import types
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,12 +31,32 @@ MEMO_ENTRIES = 64
 MEMO_BYTES = 512 << 20
 
 
+@dataclass(frozen=True)
+class ImageItem:
+    """What a request needs of one image, kept in the memo by the sha256 of its encoded bytes."""
+
+    digest: str
+    expansion: str  # the text the processor put in place of this image's placeholder
+    feats: mx.array  # the encoded image, as mlx-vlm's cached_image_features
+    extras: dict  # split()'s extras for this image (e.g. image_grid_thw)
+    count: int  # image-token positions it fills
+
+    @functools.cached_property
+    def keys(self) -> tuple:
+        """The cache-key tokens of its image-token positions."""
+        return tuple(image_key(self.digest, j) for j in range(self.count))
+
+    @property
+    def nbytes(self) -> int:
+        return self.feats.nbytes
+
+
 class FeatureMemo:
     """LRU of encoded images keyed by the encoded bytes' sha256."""
 
     def __init__(self, max_entries=MEMO_ENTRIES, max_bytes=MEMO_BYTES):
         self.max_entries, self.max_bytes = max_entries, max_bytes
-        self.items: "OrderedDict[str, mx.array]" = OrderedDict()
+        self.items: "OrderedDict[str, ImageItem]" = OrderedDict()
 
     def get(self, digest):
         feats = self.items.get(digest)
@@ -46,7 +68,7 @@ class FeatureMemo:
         self.items[digest] = feats
         self.items.move_to_end(digest)
         while self.items and (len(self.items) > self.max_entries
-                              or sum(f.nbytes for f in self.items.values()) > self.max_bytes):
+                              or sum(it.nbytes for it in self.items.values()) > self.max_bytes):
             self.items.popitem(last=False)
 
 
@@ -87,9 +109,14 @@ class VisionAddOn(abc.ABC):
       ``cached_image_features``; memoized by the image's sha256;
     - ``join(feats)`` / ``count(feats)``: concatenate the images' features / how many image-token
       positions one image fills;
-    - ``embed_kwargs(inputs)``: extra keyword arguments of mlx-vlm's ``get_input_embeddings``;
-    - ``make_state(ids, inputs, embedded)``: per-request state, a context manager entered around the
-      request's generation (Qwen's M-RoPE positions), or None.
+    - ``embed_kwargs(extras)``: extra keyword arguments of mlx-vlm's ``get_input_embeddings`` for the
+      images (their ``split`` extras) whose tokens are embedded;
+    - ``make_state(ids, items)``: per-request state for the whole prompt (``items``: its ImageItems),
+      a context manager entered around the request's generation (Qwen's M-RoPE positions), or None.
+
+    Each image is processed alone (the processor's text for its placeholder is recorded), so a
+    family's processor must expand one image independently of the others, and tokenize the expanded
+    prompt with ``self.tokenizer(text, ...)``, as every mlx-vlm processor of these families does.
 
     What mlx-vlm's ``Model.get_input_embeddings`` (called with ``self.parts`` as its ``self``) reads, so
     ``parts`` must carry it: ``config`` (``image_token_index`` / ``image_token_id``, ``video_token_id``,
@@ -117,6 +144,7 @@ class VisionAddOn(abc.ABC):
         self.parts.language_model = self._language_stub(find_embed_tokens(text_model))
         self.processor = self._load_processor()
         self.memo = FeatureMemo()
+        self._tok_kwargs = {}  # what the processor passes its tokenizer (recorded at the first image)
 
     # ---- family hooks -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -138,10 +166,11 @@ class VisionAddOn(abc.ABC):
         """How many image-token positions one image's features fill."""
         return int(feats.shape[-2]) if feats.ndim == 3 else int(feats.shape[0])
 
-    def embed_kwargs(self, inputs: dict) -> dict:
+    def embed_kwargs(self, extras: list) -> dict:
+        """Extra keyword arguments of ``get_input_embeddings`` for images with these extras."""
         return {}
 
-    def make_state(self, ids, inputs, embedded):
+    def make_state(self, ids: list, items: list):
         return None
 
     # ---- loading ------------------------------------------------------------------------------
@@ -204,47 +233,108 @@ class VisionAddOn(abc.ABC):
 
     # ---- a request ----------------------------------------------------------------------------
     def build_prompt(self, kit, inp: PromptInput) -> PromptPlan:
-        """The plan for a validated prompt with images (``worker.prompt.normalise`` made ``inp``)."""
-        loaded = [imgs.load(p, i) for i, p in enumerate(inp.images)]
+        """The plan for a validated prompt with images (``worker.prompt.normalise`` made ``inp``).
+
+        A memoized image (same bytes) is neither decoded nor processed nor encoded again: its
+        placeholder expands to the text the processor gave it the first time, the whole prompt is
+        tokenized as the processor would, and ``plan.embed`` builds embeddings only for the part
+        of the prompt the cache does not hold.
+        """
         found = inp.text.count(self.placeholder)
-        if found != len(loaded):
+        if found != len(inp.images):
             raise WorkerError("invalid_params", f"the prompt has {found} image placeholders "
-                              f"({self.placeholder!r}) for {len(loaded)} images")
-        inputs = self._process(inp.text, [im.image for im in loaded], inp.add_special_tokens)
-        ids_arr = inputs["input_ids"]
-        ids = [int(t) for t in ids_arr.reshape(-1).tolist()]
+                              f"({self.placeholder!r}) for {len(inp.images)} images")
+        items = [self._image(imgs.source(p, i), i) for i, p in enumerate(inp.images)]
+        pieces = inp.text.split(self.placeholder)
+        text = pieces[0] + "".join(it.expansion + after for it, after in zip(items, pieces[1:]))
+        ids = self._tokenize(text, inp.add_special_tokens)
         if not ids:
             raise WorkerError("invalid_params", "the prompt is empty")
-        feats = []
-        for im, (pv, extras) in zip(loaded, self.split(inputs, len(loaded))):
-            f = self.memo.get(im.digest)
-            if f is None:
-                f = self.encode(pv, extras)
-                mx.eval(f)
-                self.memo.put(im.digest, f)
-            feats.append(f)
-        key = list(ids)
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        counts = [self.count(f) for f in feats]
-        if sum(counts) != len(positions):
+        if sum(it.count for it in items) != len(positions):
             raise WorkerError("invalid_params", f"{len(positions)} image tokens in the prompt for "
-                              f"{sum(counts)} image features: do not write image tokens yourself")
-        at = 0
-        for im, n in zip(loaded, counts):
-            for j in range(n):
-                key[positions[at + j]] = image_key(im.digest, j)
-            at += n
-        embedded = self.mod.Model.get_input_embeddings(
-            self.parts, ids_arr, inputs.get("pixel_values"), mask=inputs.get("attention_mask"),
-            cached_image_features=self.join(feats), **self.embed_kwargs(inputs))
-        emb = embedded.inputs_embeds[0]
-        mx.eval(emb)
-        state = self.make_state(ids_arr, inputs, embedded)
-        return PromptPlan(ids=ids, key=key, embeddings=emb, state=state)
+                              f"{sum(it.count for it in items)} image features: do not write image tokens "
+                              "yourself")
+        key, spans, at = list(ids), [], 0
+        for it in items:
+            for j, k in enumerate(it.keys):
+                key[positions[at + j]] = k
+            spans.append((positions[at], positions[at + it.count - 1] + 1))
+            at += it.count
+        embed = functools.partial(self._embed, ids, items, spans)
+        return PromptPlan(ids=ids, key=key, embed=embed, state=self.make_state(ids, items))
 
-    def _process(self, text: str, images: list, add_special: bool) -> dict:
+    def _image(self, src: imgs.Source, index: int) -> ImageItem:
+        """One image's memo entry: on a miss it is decoded, processed alone and encoded, once."""
+        item = self.memo.get(src.digest)
+        if item is not None:
+            return item
+        digest = src.digest
+        image = imgs.decode(src.read(), index, digest)
+        recorder = _TextRecorder(self.processor.tokenizer)
+        self.processor.tokenizer = recorder
+        try:
+            inputs = self._process(self.placeholder, [image.image])
+        finally:
+            self.processor.tokenizer = recorder.tok
+        if recorder.text is None:
+            raise WorkerError("internal", f"the {self.family} processor did not tokenize as expected")
+        self._tok_kwargs = recorder.kwargs
+        pv, extras = self.split(inputs, 1)[0]
+        feats = self.encode(pv, extras)
+        mx.eval(feats)
+        item = ImageItem(digest, recorder.text, feats, extras, self.count(feats))
+        self.memo.put(digest, item)
+        return item
+
+    def _tokenize(self, text: str, add_special: bool) -> list:
+        """The prompt's ids, tokenized exactly as the family's processor tokenizes its expanded text."""
+        kwargs = {k: v for k, v in self._tok_kwargs.items() if k not in _NOT_TOKENIZER_KWARGS}
+        out = self.processor.tokenizer([text], add_special_tokens=add_special, **kwargs)
+        ids = out["input_ids"]
+        return [int(t) for t in (ids[0] if len(ids) and not isinstance(ids[0], int) else ids)]
+
+    def _embed(self, ids: list, items: list, spans: list, reused: int):
+        """Input embeddings of ``ids[reused:]``, from mlx-vlm's merge code over the smallest suffix
+        that starts outside an image (an image cut by the cache boundary is merged whole)."""
+        start = min([b for b, e in spans if b < reused < e] + [reused])
+        sel = [it for it, (b, _) in zip(items, spans) if b >= start]
+        ids_arr = mx.array(ids[start:])[None]
+        if not sel:  # what every family's get_input_embeddings does without pixels
+            emb = self.parts.language_model.model.embed_tokens(ids_arr)[0]
+            mx.eval(emb)
+            return emb
+        extra = self.embed_kwargs([it.extras for it in sel]) if sel else {}
+        embedded = self.mod.Model.get_input_embeddings(
+            self.parts, ids_arr, _PIXELS_CACHED if sel else None, mask=mx.ones(ids_arr.shape, mx.int32),
+            cached_image_features=self.join([it.feats for it in sel]) if sel else None, **extra)
+        emb = embedded.inputs_embeds[0][reused - start:]
+        mx.eval(emb)
+        return emb
+
+    def _process(self, text: str, images: list) -> dict:
         from mlx_vlm.utils import prepare_inputs
 
         with failing_as("invalid_image", "the image processor refused the input"):
-            return prepare_inputs(self.processor, images=images or None, prompts=text,
-                                  image_token_index=self.image_token_id, add_special_tokens=add_special)
+            return prepare_inputs(self.processor, images=images, prompts=text,
+                                  image_token_index=self.image_token_id, add_special_tokens=False)
+
+
+# mlx-vlm's get_input_embeddings only checks that pixels were given when cached features are passed
+_PIXELS_CACHED = mx.zeros((1, 1, 1, 1))
+_NOT_TOKENIZER_KWARGS = ("add_special_tokens", "return_tensors", "padding", "padding_side")
+
+
+class _TextRecorder:
+    """Stands in for a processor's tokenizer for one call: records the expanded text it is given."""
+
+    def __init__(self, tok):
+        self.tok, self.text, self.kwargs = tok, None, {}
+
+    def __call__(self, text, **kwargs):
+        self.text = text[0] if isinstance(text, list) else text
+        self.kwargs = kwargs
+        return self.tok(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)

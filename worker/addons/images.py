@@ -9,12 +9,15 @@ cheaply. Images are not resized here: the model's processor applies its own limi
 
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import os
+import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
 from ..protocol import ImagePart, ImageUrlPart, WorkerError
@@ -53,39 +56,78 @@ def _b64(data: str, what: str) -> bytes:
 
 
 def _read_file(path: str, what: str) -> bytes:
-    if not os.path.isabs(path):
-        raise _bad(f"{what}: `path` must be absolute: {path!r}")
     try:
-        size = os.path.getsize(path)
-        if size > MAX_BYTES:
-            raise _bad(f"{what}: {path} is larger than {MAX_BYTES >> 20} MiB")
         with open(path, "rb") as f:
             return f.read()
-    except WorkerError:
-        raise
     except OSError as exc:
         raise _bad(f"{what}: cannot read {path}: {exc.strerror or exc}")
 
 
-def raw_bytes(part, index: int) -> bytes:
-    what = f"image {index + 1}"
+def _stat(path: str, what: str) -> os.stat_result:
+    if not os.path.isabs(path):
+        raise _bad(f"{what}: `path` must be absolute: {path!r}")
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise _bad(f"{what}: cannot read {path}: {exc.strerror or exc}")
+    if st.st_size > MAX_BYTES:
+        raise _bad(f"{what}: {path} is larger than {MAX_BYTES >> 20} MiB")
+    return st
+
+
+def _locate(part, what: str):
+    """("path", absolute path) or ("data", bytes) for an image part."""
     if isinstance(part, ImagePart):
         if (part.path is None) == (part.data is None):
             raise _bad(f"{what}: give exactly one of `path` or `data`")
-        return _read_file(part.path, what) if part.path is not None else _b64(part.data, what)
+        return ("path", part.path) if part.path is not None else ("data", _b64(part.data, what))
     if isinstance(part, ImageUrlPart):
         url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
         if url.startswith("data:"):
-            return _b64(url, what)
+            return "data", _b64(url, what)
         if url.startswith("file://"):
-            return _read_file(unquote(urlparse(url).path), what)
+            return "path", unquote(urlparse(url).path)
         if url.startswith("/"):
-            return _read_file(url, what)
+            return "path", url
         raise _bad(f"{what}: only data:, file:// or absolute-path image URLs are accepted (no network)")
     raise _bad(f"{what}: not an image part")
 
 
-def decode(data: bytes, index: int = 0) -> LoadedImage:
+@dataclass(frozen=True)
+class Source:
+    digest: str  # sha256 of the encoded bytes
+    read: Callable[[], bytes]  # the bytes (read again from the file if they were not needed to hash)
+
+
+# path -> ((inode, size, mtime_ns), digest): a file unchanged since it was hashed is not read again.
+# Like git's index, only files whose mtime was already RACY_NS old when hashed are remembered, so a
+# rewrite within one timestamp tick cannot go unnoticed.
+_DIGESTS: "OrderedDict[str, tuple]" = OrderedDict()
+MAX_DIGESTS = 1024
+RACY_NS = 2_000_000_000
+
+
+def source(part, index: int = 0) -> Source:
+    what = f"image {index + 1}"
+    kind, value = _locate(part, what)
+    if kind == "data":
+        return Source(hashlib.sha256(value).hexdigest(), lambda: value)
+    st = _stat(value, what)
+    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+    known = _DIGESTS.get(value)
+    if known is not None and known[0] == sig:
+        _DIGESTS.move_to_end(value)
+        return Source(known[1], functools.partial(_read_file, value, what))
+    data = _read_file(value, what)
+    digest = hashlib.sha256(data).hexdigest()
+    if time.time_ns() - st.st_mtime_ns > RACY_NS:
+        _DIGESTS[value] = (sig, digest)
+        while len(_DIGESTS) > MAX_DIGESTS:
+            _DIGESTS.popitem(last=False)
+    return Source(digest, lambda: data)
+
+
+def decode(data: bytes, index: int = 0, digest: str = "") -> LoadedImage:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     what = f"image {index + 1}"
@@ -110,8 +152,5 @@ def decode(data: bytes, index: int = 0) -> LoadedImage:
             rgb = img.convert("RGB")
     except Exception as exc:
         raise _bad(f"{what}: could not decode the {img.format} data ({exc})")
-    return LoadedImage(hashlib.sha256(data).hexdigest(), rgb, (w, h))
+    return LoadedImage(digest or hashlib.sha256(data).hexdigest(), rgb, (w, h))
 
-
-def load(part, index: int = 0) -> LoadedImage:
-    return decode(raw_bytes(part, index), index)

@@ -98,6 +98,7 @@ class Qwen2VLAddOn(VisionAddOn):
         super().__init__(path, config, text_model, options)
         self.language = __import__(f"mlx_vlm.models.{self.module}.language", fromlist=["x"])
         self.box = install_mrope(text_model, self.language, self.mc.text_config)
+        self._rope_memo = None  # (prompt prefix, image digests) -> positions, delta
 
     def _language_stub(self, embed):
         stub = super()._language_stub(embed)
@@ -122,9 +123,19 @@ class Qwen2VLAddOn(VisionAddOn):
         pv = pv.astype(tower.patch_embed.proj.weight.dtype)
         return tower(pv, extras["image_grid_thw"], output_hidden_states=False)
 
-    def embed_kwargs(self, inputs):
-        return {"image_grid_thw": inputs["image_grid_thw"]}
+    def embed_kwargs(self, extras):
+        return {"image_grid_thw": mx.concatenate([e["image_grid_thw"] for e in extras], axis=0)}
 
-    def make_state(self, ids, inputs, embedded):
-        pos, delta = embedded.position_ids, embedded.rope_deltas
-        return MRopeState(self.box, pos, int(delta.reshape(-1)[0].item()))
+    def make_state(self, ids, items):
+        """mlx-vlm's positions for the prompt up to its last image token (the embeddings may cover only a
+        suffix); the text after it continues linearly, which ``MRopeState`` computes itself. The last
+        prompt's are kept: a follow-up on the same images has the same ones."""
+        end = len(ids) - ids[::-1].index(self.image_token_id)
+        memo_key = (tuple(ids[:end]), tuple(it.digest for it in items))
+        if self._rope_memo is None or self._rope_memo[0] != memo_key:
+            ids_arr = mx.array(ids[:end])[None]
+            pos, delta = self.parts.language_model.get_rope_index(
+                ids_arr, **self.embed_kwargs([it.extras for it in items]),
+                attention_mask=mx.ones(ids_arr.shape))
+            self._rope_memo = (memo_key, pos, int(delta.reshape(-1)[0].item()))
+        return MRopeState(self.box, self._rope_memo[1], self._rope_memo[2])

@@ -4,7 +4,9 @@ Once a rotating KV layer has wrapped, it cannot be trimmed, so a prompt that div
 entry (a regenerated answer, an edited message, a re-rendered answer) could reuse nothing. So, during a
 request, the worker copies those layers (bounded by their window, unlike full-attention layers) at the
 points where the next prompt will likely diverge: the end of the prompt (before its last token, for a
-regenerate) and right after it (prompt + first token, for an edited next message). A later prompt then
+regenerate) and right after it (prompt + first token, for an answer re-rendered differently from its
+start), and every few tokens while decoding (the newest two are kept, for an answer re-rendered
+differently near its end). A later prompt then
 resumes from the longest snapshot within its common prefix: full-attention layers are trimmed as usual,
 the bounded ones come from the snapshot.
 """
@@ -15,7 +17,7 @@ from typing import List, Optional
 
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-MAX_SNAPSHOTS = 4  # per entry: the newest ones (a few turns back)
+MAX_SNAPSHOTS = 6  # per entry: the newest ones (this turn's and the previous turn's last ones)
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,8 @@ class PromptCacheStore:
             return  # nothing reusable, or we cannot tell which tokens it holds
         tokens = list(tokens[:n])
         snapshots = keep(snapshots, n)
+        while snapshots and cache_nbytes(cache) + sum(s.nbytes for s in snapshots) > self.max_bytes:
+            snapshots = snapshots[1:]  # the oldest go first: the entry itself must fit its budget
         if key is not None:
             self._drop([e for e in self.entries if e.key == key])
         if can_trim_prompt_cache(cache):  # an entry that this one extends is now redundant
