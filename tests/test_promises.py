@@ -197,8 +197,9 @@ def test_queued_generate_cancelled_gets_done_with_empty_text_and_no_stats(worker
     events = worker.collect("queued")
     assert [e["type"] for e in events] == ["done"]
     assert events[0]["stop_reason"] == "cancelled" and events[0]["text"] == ""
+    first = worker.wait_for("long", lambda e: e["type"] == "token")  # it runs (not queued any more)
     worker.request({"type": "cancel", "id": "c2", "target": "long"})
-    long = worker.collect("long")
+    long = [first] + worker.collect("long")
     assert [e["type"] for e in long][-2:] == ["stats", "done"]  # a generate that ran always has stats
 
 

@@ -15,6 +15,7 @@ from mlx_lm.utils import get_total_parameters, load_model, load_tokenizer
 from .addons import load_addon
 from .cache import DiskCache, PromptCacheStore, layout_identity, model_identity
 from .cache.layout import make_cache, quantizable
+from .prefix_tokens import PrefixTokenizer, probe_texts
 from .protocol import LoadOptions, ModelInfo, WorkerError, failing_as
 from .weights import nbytes, stored_dtype
 
@@ -41,6 +42,7 @@ class ModelKit:
     addon: object = None  # a VisionAddOn (worker/addons/) when the checkpoint has a supported vision tower
     draft: object = None  # a DraftKit for speculative decoding
     weights_bytes: int = 0  # the text model and the vision tower (max_memory counts the draft too)
+    encoder: object = None  # a PrefixTokenizer: prompts tokenized reusing the previous prompt's ids
 
 
 def read_config(path: Path) -> dict:
@@ -200,7 +202,8 @@ def load(path_str: str, options: LoadOptions, progress: Callable[[float], None])
     progress(0.96)
     info.vision = addon is not None
     kit = ModelKit(path, model, tokenizer, config, options, info, make_store(path, model, options, info),
-                   warnings, addon, weights_bytes=weights)
+                   warnings, addon, weights_bytes=weights,
+                   encoder=PrefixTokenizer(tokenizer._tokenizer, probe_texts(tokenizer)))
     if options.draft_model_path:  # its own load stages report 0.96-0.97 (and check cancel)
         kit.draft = load_draft(kit, options.draft_model_path, lambda f: progress(round(0.96 + f / 100, 4)))
     warm = options.warmup if options.warmup is not None else mx.default_device().type == mx.DeviceType.gpu

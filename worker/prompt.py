@@ -33,8 +33,7 @@ def build_prompt(kit, req: Generate) -> PromptPlan:
     inp = normalise(kit, req)
     if inp.images:
         return kit.addon.build_prompt(kit, inp)
-    ids = inp.ids if inp.ids is not None else list(
-        kit.tokenizer.encode(inp.text, add_special_tokens=inp.add_special_tokens))
+    ids = inp.ids if inp.ids is not None else kit.encoder.encode(inp.text, inp.add_special_tokens)
     if not ids:
         raise WorkerError("invalid_params", "the prompt is empty")
     return PromptPlan(ids=ids, key=ids)

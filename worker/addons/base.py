@@ -20,6 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..prefix_tokens import PrefixTokenizer, probe_texts
 from ..prompt import PromptInput, PromptPlan
 from ..protocol import WorkerError, failing_as
 from ..weights import stored_dtype
@@ -145,6 +146,7 @@ class VisionAddOn(abc.ABC):
         self.processor = self._load_processor()
         self.memo = FeatureMemo()
         self._tok_kwargs = {}  # what the processor passes its tokenizer (recorded at the first image)
+        self._encoder = None
 
     # ---- family hooks -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -288,8 +290,13 @@ class VisionAddOn(abc.ABC):
         return item
 
     def _tokenize(self, text: str, add_special: bool) -> list:
-        """The prompt's ids, tokenized exactly as the family's processor tokenizes its expanded text."""
+        """The prompt's ids, tokenized exactly as the family's processor tokenizes its expanded text
+        (through a PrefixTokenizer when the processor passes its tokenizer nothing else)."""
         kwargs = {k: v for k, v in self._tok_kwargs.items() if k not in _NOT_TOKENIZER_KWARGS}
+        if not kwargs:
+            if self._encoder is None:
+                self._encoder = PrefixTokenizer(self.processor.tokenizer, probe_texts(self.processor.tokenizer))
+            return self._encoder.encode(text, add_special)
         out = self.processor.tokenizer([text], add_special_tokens=add_special, **kwargs)
         ids = out["input_ids"]
         return [int(t) for t in (ids[0] if len(ids) and not isinstance(ids[0], int) else ids)]

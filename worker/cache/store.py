@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-from mlx_lm.utils import common_prefix_len
 
+from ..prefix_tokens import common_prefix
 from .layout import adapt, make_cache
 from .snapshots import best_snapshot, keep, resume
 
@@ -78,7 +78,7 @@ class PromptCacheStore:
         """
         best, common = None, 0
         for e in self.entries:
-            n = common_prefix_len(e.tokens, ids)
+            n = common_prefix(e.tokens, ids)
             if n > common or (n == common and n and best is not None and _rank(e, key) > _rank(best, key)):
                 best, common = e, n
         if best is None or common == 0:
@@ -176,7 +176,7 @@ class PromptCacheStore:
             return None  # a one-token prompt cannot reuse anything
         if self._ghost_match(ids) > 0:
             return "evicted"
-        if self.disk is not None and any(common_prefix_len(t, ids) for t in self.disk.unreadable):
+        if self.disk is not None and any(common_prefix(t, ids) for t in self.disk.unreadable):
             return "disk_entry_unreadable"
         if not pool:
             if self.disk is not None and self.disk.other_layouts():
@@ -185,7 +185,7 @@ class PromptCacheStore:
         return "prefix_diverged_at 0"
 
     def _ghost_match(self, ids) -> int:
-        return max((common_prefix_len(g, ids) for g in self.ghosts), default=0)
+        return max((common_prefix(g, ids) for g in self.ghosts), default=0)
 
     def _drop(self, entries) -> None:
         for e in entries:

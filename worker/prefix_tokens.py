@@ -1,0 +1,127 @@
+"""Tokenizing a prompt that extends an earlier one without tokenizing the shared part again.
+
+Chat apps send the whole conversation every turn, so each follow-up's text starts with the previous
+prompt's; tokenizing 16k tokens takes tens of milliseconds on a CPU, more than a GPU needs for the new
+turn itself. A Hugging Face fast tokenizer first splits the text at its added tokens (``<|im_start|>``,
+``<start_of_turn>``, ...) and tokenizes the pieces between them independently, so the ids up to the start
+of an added token do not depend on what follows it. A new text that shares a prefix with a remembered
+one keeps the remembered ids up to the last such token inside the shared prefix and tokenizes only the
+rest. Added tokens whose matching depends on their neighbours (``lstrip``, ``single_word``,
+``normalized``) are not used as cut points. A self-check at load compares the result with a whole
+tokenization on rendered conversations; a tokenizer that fails it, or is not a fast tokenizer, is
+always tokenized whole.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import List, Optional
+
+log = logging.getLogger("worker")
+
+MEMO_TEXTS = 8
+
+
+@dataclass(frozen=True)
+class _Seen:
+    text: str
+    special: bool  # add_special_tokens
+    ids: tuple
+    cuts: tuple  # (char start, char end, token index) of each added token usable as a cut
+
+
+def common_prefix(a, b) -> int:
+    """Length of the common prefix of two strings or lists (C-speed slice comparisons, binary search:
+    a follow-up usually extends the remembered prompt, which one comparison confirms)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # a[:lo] == b[:lo] holds; a[:hi] != b[:hi] or hi is the first unknown
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class PrefixTokenizer:
+    """``encode(text, add_special_tokens)`` equal to the tokenizer's own, reusing remembered prefixes."""
+
+    def __init__(self, hf_tokenizer, probes: Optional[List[str]] = None):
+        self.hf = hf_tokenizer
+        self.backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        self.seen: List[_Seen] = []
+        self.reused_chars = 0  # for tests and logs: how much the last encode did not tokenize again
+        self.cut_ids = set()
+        if self.backend is not None:
+            for tid, tok in self.backend.get_added_tokens_decoder().items():
+                if not (tok.lstrip or tok.single_word or tok.normalized):
+                    self.cut_ids.add(int(tid))
+        self.enabled = bool(self.cut_ids) and self._self_check(probes or [])
+        if self.backend is not None and not self.enabled:
+            log.info("prompts are tokenized whole: the tokenizer failed the prefix self-check")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
+        self.reused_chars = 0
+        if not self.enabled:
+            return [int(t) for t in self.hf.encode(text, add_special_tokens=add_special_tokens)]
+        best, cut = None, None
+        for seen in self.seen:
+            if seen.special != add_special_tokens:
+                continue
+            n = common_prefix(seen.text, text)
+            usable = [c for c in seen.cuts if c[1] <= n and c[0] > 0]
+            if usable and (cut is None or usable[-1][0] > cut[0]):
+                best, cut = seen, usable[-1]
+        if best is None:
+            enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
+            ids, cuts = tuple(enc.ids), self._cuts(enc, 0, 0)
+        else:
+            start, _, at = cut
+            enc = self.backend.encode(text[start:], add_special_tokens=False)
+            ids = best.ids[:at] + tuple(enc.ids)
+            cuts = tuple(c for c in best.cuts if c[0] < start) + self._cuts(enc, start, at)
+            self.reused_chars = start
+        self._remember(_Seen(text, add_special_tokens, ids, cuts))
+        return list(ids)
+
+    def _cuts(self, enc, char0: int, tok0: int) -> tuple:
+        return tuple((char0 + s, char0 + e, tok0 + i) for i, (tid, (s, e)) in enumerate(zip(enc.ids, enc.offsets))
+                     if tid in self.cut_ids and e > s)
+
+    def _remember(self, seen: _Seen) -> None:
+        self.seen = [s for s in self.seen if s.text != seen.text or s.special != seen.special]
+        self.seen = (self.seen + [seen])[-MEMO_TEXTS:]
+
+    def _self_check(self, probes: List[str]) -> bool:
+        """Each probe (a text extending the one before, e.g. longer and longer conversations) and a few
+        edits of it, tokenized through the memo, equal a whole tokenization by the tokenizer itself."""
+        self.enabled = True
+        try:
+            texts = []
+            for p in probes:
+                texts += [p, p + " Hello", p + "\n\n", p[: len(p) // 2]]
+            for text in texts:
+                for special in (False, True):
+                    want = [int(t) for t in self.hf.encode(text, add_special_tokens=special)]
+                    if self.encode(text, special) != want:
+                        return False
+            return True
+        except Exception:  # noqa: BLE001 (an odd tokenizer: tokenize whole)
+            log.debug("prefix tokenizer self-check failed", exc_info=True)
+            return False
+        finally:
+            self.seen = []
+
+
+def probe_texts(tokenizer) -> List[str]:
+    """Conversations of growing length rendered by the model's chat template ([] without one)."""
+    turns = [("user", "Hi! What's 2+2?"), ("assistant", " It is 4.\n"), ("user", "And in words, naïve café? 日本")]
+    out = []
+    for k in range(1, len(turns) + 1):
+        msgs = [{"role": r, "content": c} for r, c in turns[:k]]
+        try:
+            out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=k % 2 == 1))
+        except Exception:  # noqa: BLE001 (a template that wants other roles: fewer probes)
+            break
+    return out
