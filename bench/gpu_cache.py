@@ -1,0 +1,249 @@
+"""GPU profile, prompt cache: follow-ups on a Gemma-3-shaped VLM against raw mlx-lm with a hand-kept cache.
+
+    python -m bench.gpu_cache --out DIR [--shape 4b|12b|smoke] [--rounds 3]
+
+A random-weight Gemma-3 VLM (SigLIP 27 x 1152 at 896 px, 256 image tokens; text 34 x 2560 for 4b,
+48 x 3840 for 12b; bf16; the fixture tokenizer's 512-id vocabulary) through the real worker process.
+In each round, per scenario, the same turns as a chat app sends them (``messages``):
+- ``image-300`` / ``image-2.5k``: an image + a question (+ a ~2.3k-token document), then a follow-up;
+- ``text-300`` / ``text-2.5k``: the same conversation with text of the same length in place of the image
+  (the same answer and the same follow-up question: the same new tokens);
+- ``messages-16k``: a ~16k-token conversation, then a follow-up.
+The floor of a follow-up is raw mlx-lm (``generate_step``, this process) with a hand-kept cache holding
+the first turn (prompt + generated tokens) and feeding only the follow-up's new tokens. Also mlx-vlm's
+own ``stream_generate`` (no prompt cache) on the image follow-ups. Speed does not depend on weights.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.gpu_vlm import GEMMA3_4B, SMOKE  # noqa: E402
+
+GEMMA3_12B = {
+    "config": {"hidden_size": 3840, "mm_tokens_per_image": 256},
+    "text": dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+                 sliding_window_pattern=6, mm_tokens_per_image=256, max_position_embeddings=32768),
+    "vision": GEMMA3_4B["vision"], "processor": GEMMA3_4B["processor"], "preprocessor": GEMMA3_4B["preprocessor"],
+}
+SHAPES = {"4b": GEMMA3_4B, "12b": GEMMA3_12B, "smoke": SMOKE}
+QUESTION = "Describe what you see, briefly."
+FOLLOW = "And which colour dominates in the upper half? Answer in one short sentence."
+WORDS = ["red", "blue", "cat", "tree", "sky", "house", "water", "stone", "light", "river"]
+
+
+def log(msg):
+    print(f"[gpu-cache {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build(shape: str, root: Path) -> Path:
+    from tests.vlm_fixtures import build_vlm_fixture
+
+    spec = SHAPES[shape]
+    path = root / f"gemma3-{shape}-shaped"
+    if not (path / "model.safetensors").exists():
+        text = dict(spec["text"])
+        text.setdefault("max_position_embeddings", 32768)
+        build_vlm_fixture("gemma3", path, 0, text_overrides=text,
+                          overrides={k: spec[k] for k in ("config", "vision", "processor", "preprocessor")},
+                          dtype="float32" if shape == "smoke" else "bfloat16")
+    return path
+
+
+class Bench:
+    def __init__(self, path: Path, worker, rounds: int):
+        import mlx_lm
+        from transformers import AutoTokenizer
+
+        self.path, self.w, self.rounds = path, worker, rounds
+        self.tok = AutoTokenizer.from_pretrained(str(path))
+        self.model, _ = mlx_lm.load(str(path))  # the floor: mlx-lm's own text model
+        self.vocab = 512
+        self.n = 0
+
+    def length(self, msgs) -> int:
+        text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return len(self.tok.encode(text, add_special_tokens=False))
+
+    def words(self, n_tokens: int, seed: int, prefix: list = ()) -> str:
+        """Text whose user message makes the chat ``n_tokens`` long (bisection on the word count)."""
+        rng = np.random.default_rng(seed)
+        pool = [WORDS[i] for i in rng.integers(0, len(WORDS), 4 * n_tokens + 8)]
+
+        def msgs(k):
+            return list(prefix) + [{"role": "user", "content": " ".join(pool[:k]) + " " + QUESTION}]
+
+        lo, hi = 0, len(pool)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if self.length(msgs(mid)) < n_tokens else (lo, mid)
+        return " ".join(pool[:lo])
+
+    def ask(self, messages, max_tokens=16, key=None):
+        self.n += 1
+        req = {"type": "generate", "id": f"q{self.n}", "prompt": {"messages": messages},
+               "params": {"max_tokens": max_tokens}}
+        if key:
+            req["cache_key"] = key
+        evs = self.w.request(req, timeout=900)
+        if evs[-1]["type"] != "done":
+            raise RuntimeError(evs[-1])
+        st = next(e for e in evs if e["type"] == "stats")
+        return evs[-1]["text"], st
+
+    def floor(self, held: int, new: int) -> float:
+        """Raw mlx-lm: a cache holding ``held`` tokens (prefilled, untimed), then ``new`` tokens to the
+        first generated one (timed)."""
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import make_prompt_cache
+
+        rng = np.random.default_rng(held + new)
+        ids = [int(t) for t in rng.integers(20, self.vocab, held + new)]
+        cache = make_prompt_cache(self.model)
+        for _ in generate_step(mx.array(ids[:held]), self.model, max_tokens=1, prompt_cache=cache):
+            break
+        for c in cache:  # generate_step fed its first token too: cut back to exactly ``held``
+            if c.offset > held and c.is_trimmable():
+                c.trim(c.offset - held)
+        held_now = max(c.offset for c in cache)
+        mx.eval([c.state for c in cache])
+        t0 = time.perf_counter()
+        for _ in generate_step(mx.array(ids[held_now:]), self.model, max_tokens=1, prompt_cache=cache):
+            break
+        return time.perf_counter() - t0
+
+    def conversation(self, key, first):
+        answer, s1 = self.ask(first, key=key)
+        follow = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": FOLLOW}]
+        _, s2 = self.ask(follow, max_tokens=1, key=key)
+        held = s1["prompt_tokens"] + s1["generated_tokens"]
+        return follow, s1, s2, held, s2["prompt_tokens"] - held
+
+    def image_pair(self, tag, image, doc_tokens, r):
+        """An image conversation and its text twin (same length, answer and follow-up question)."""
+        doc = self.words(doc_tokens, 1000 + r) if doc_tokens else ""
+        first = [{"role": "user", "content": [{"type": "image", "path": image},
+                                              {"type": "text", "text": (doc + " " if doc else "") + QUESTION}]}]
+        follow, s1, s2, held, new = self.conversation(f"{tag}-img-{r}", first)
+        twin = [{"role": "user", "content": self.words(s1["prompt_tokens"], 2000 + r) + " " + QUESTION}]
+        answer = follow[1]["content"]
+        twin_follow = twin + [{"role": "assistant", "content": answer}, {"role": "user", "content": FOLLOW}]
+        self.ask(twin, max_tokens=0 or 1, key=f"{tag}-txt-{r}")  # fill the cache with the twin's first turn
+        _, t2 = self.ask(twin_follow, max_tokens=1, key=f"{tag}-txt-{r}")
+        return {"image_first_ttft_s": s1["ttft_s"], "image_first_prompt": s1["prompt_tokens"],
+                "image_follow_ttft_s": s2["ttft_s"], "image_follow_prompt": s2["prompt_tokens"],
+                "image_follow_cached": s2["cached_tokens"], "image_follow_miss": s2.get("cache_miss_reason"),
+                "text_follow_ttft_s": t2["ttft_s"], "text_follow_prompt": t2["prompt_tokens"],
+                "text_follow_cached": t2["cached_tokens"], "floor_s": self.floor(held, new),
+                "floor_held": held, "floor_new": new, "follow_messages": follow}
+
+    def long_chat(self, r, target=16000):
+        first = [{"role": "user", "content": self.words(target, 3000 + r)}]
+        follow, s1, s2, held, new = self.conversation(f"long-{r}", first)
+        return {"cold_ttft_s": s1["ttft_s"], "cold_prompt": s1["prompt_tokens"], "follow_ttft_s": s2["ttft_s"],
+                "follow_prompt": s2["prompt_tokens"], "follow_cached": s2["cached_tokens"],
+                "floor_s": self.floor(held, new), "floor_held": held, "floor_new": new}
+
+
+def mlx_vlm_follow(path: Path, messages, image, repeats=2) -> float:
+    """mlx-vlm's stream_generate on the follow-up conversation (it has no prompt cache): time to first token."""
+    from mlx_vlm import load
+    from mlx_vlm.generate import stream_generate
+
+    model, proc = load(str(path))
+    content = [{"type": "image"}, {"type": "text", "text": messages[0]["content"][1]["text"]}]
+    chat = [{"role": "user", "content": content}] + messages[1:]
+    prompt = proc.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        for _ in stream_generate(model, proc, prompt, image=[image], max_tokens=1, temperature=0.0):
+            break
+        times.append(time.perf_counter() - t0)
+    del model
+    return statistics.median(times[1:])
+
+
+def med(rows, key):
+    return statistics.median(r[key] for r in rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shape", default="4b", choices=sorted(SHAPES))
+    ap.add_argument("--models-dir", default="/tmp/gpu-models")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--long", type=int, default=16000, help="tokens of the long conversation (0: skip)")
+    ap.add_argument("--doc", type=int, default=2300, help="document tokens of the 2.5k image scenario")
+    args = ap.parse_args(argv)
+    from PIL import Image
+
+    from bench.host import TimedWorker
+
+    root = Path(args.models_dir)
+    t = time.time()
+    path = build(args.shape, root)
+    log(f"model ready in {time.time() - t:.1f}s: {path}")
+    side = SHAPES[args.shape]["vision"]["image_size"]
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(2 * args.rounds + 2):
+        p = root / f"cache-image-{side}-{i}.png"
+        if not p.exists():
+            Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(p)
+        images.append(str(p))
+    gpu = args.shape != "smoke"
+    w = TimedWorker(env={"MLX_WORKER_DEVICE": "gpu", "MLX_WORKER_BLAS": "off"} if gpu else {})
+    try:
+        info = w.load_model(path)
+        log(f"worker loaded {info['parameters'] / 1e9:.2f}B params in {info['load_s']:.1f}s")
+        b = Bench(path, w, args.rounds)
+        log("warm-up")
+        b.image_pair("warm", images[0], 0, 0)
+        b.image_pair("warm", images[1], args.doc, 1)
+        if args.long:
+            b.long_chat(99, target=min(args.long, 4000))
+        res = {"model": path.name, "shape": args.shape, "parameters": info["parameters"], "image_px": side}
+        for tag, doc in (("300", 0), ("2.5k", args.doc)):
+            rows = [b.image_pair(tag, images[2 + 2 * r + (tag != "300")], doc, 10 + r) for r in range(args.rounds)]
+            res[tag] = {"rows": [{k: v for k, v in row.items() if k != "follow_messages"} for row in rows]}
+            for k in ("image_first_ttft_s", "image_follow_ttft_s", "text_follow_ttft_s", "floor_s"):
+                res[tag][k] = med(rows, k)
+            res[tag]["image_vs_text"] = res[tag]["image_follow_ttft_s"] / res[tag]["text_follow_ttft_s"]
+            res[tag]["image_vs_floor"] = res[tag]["image_follow_ttft_s"] / res[tag]["floor_s"]
+            res[tag]["text_vs_floor"] = res[tag]["text_follow_ttft_s"] / res[tag]["floor_s"]
+            res[tag]["cold_vs_follow"] = res[tag]["image_first_ttft_s"] / res[tag]["image_follow_ttft_s"]
+            res[tag]["_last"] = (rows[-1]["follow_messages"], images[2 + 2 * (args.rounds - 1) + (tag != "300")])
+            log(f"{tag}: " + json.dumps({k: v for k, v in res[tag].items() if k not in ("rows", "_last")}))
+        if args.long:
+            rows = [b.long_chat(r, args.long) for r in range(args.rounds)]
+            res["messages-16k"] = {"rows": rows, "follow_ttft_s": med(rows, "follow_ttft_s"),
+                                   "floor_s": med(rows, "floor_s"), "cold_ttft_s": med(rows, "cold_ttft_s")}
+            res["messages-16k"]["follow_vs_floor"] = res["messages-16k"]["follow_ttft_s"] / res["messages-16k"]["floor_s"]
+            log("messages-16k: " + json.dumps({k: v for k, v in res["messages-16k"].items() if k != "rows"}))
+        del b
+    finally:
+        w.close()
+    for tag in ("300", "2.5k"):
+        msgs, image = res[tag].pop("_last")
+        res[tag]["mlx_vlm_follow_ttft_s"] = mlx_vlm_follow(path, msgs, image)
+        log(f"{tag}: mlx-vlm stream_generate follow-up {res[tag]['mlx_vlm_follow_ttft_s'] * 1000:.1f} ms")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"gpu-cache-{args.shape}.json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
