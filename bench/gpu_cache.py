@@ -141,13 +141,14 @@ class Bench:
         twin = [{"role": "user", "content": self.words(s1["prompt_tokens"], 2000 + r) + " " + QUESTION}]
         answer = follow[1]["content"]
         twin_follow = twin + [{"role": "assistant", "content": answer}, {"role": "user", "content": FOLLOW}]
-        self.ask(twin, max_tokens=0 or 1, key=f"{tag}-txt-{r}")  # fill the cache with the twin's first turn
+        self.ask(twin, max_tokens=1, key=f"{tag}-txt-{r}")  # fill the cache with the twin's first turn
         _, t2 = self.ask(twin_follow, max_tokens=1, key=f"{tag}-txt-{r}")
         return {"image_first_ttft_s": s1["ttft_s"], "image_first_prompt": s1["prompt_tokens"],
                 "image_follow_ttft_s": s2["ttft_s"], "image_follow_prompt": s2["prompt_tokens"],
                 "image_follow_cached": s2["cached_tokens"], "image_follow_miss": s2.get("cache_miss_reason"),
                 "text_follow_ttft_s": t2["ttft_s"], "text_follow_prompt": t2["prompt_tokens"],
                 "text_follow_cached": t2["cached_tokens"], "floor_s": self.floor(held, new),
+                "floor_same_work_s": self.floor(s2["cached_tokens"], s2["prompt_tokens"] - s2["cached_tokens"]),
                 "floor_held": held, "floor_new": new, "follow_messages": follow}
 
     def long_chat(self, r, target=16000):
@@ -186,7 +187,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--shape", default="4b", choices=sorted(SHAPES))
     ap.add_argument("--models-dir", default="/tmp/gpu-models")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--long", type=int, default=16000, help="tokens of the long conversation (0: skip)")
     ap.add_argument("--doc", type=int, default=2300, help="document tokens of the 2.5k image scenario")
     args = ap.parse_args(argv)

@@ -248,7 +248,7 @@ def load_draft(kit: ModelKit, path_str: str, progress: Callable[[float], None]) 
         raise WorkerError("draft_incompatible", f"the draft model's vocabulary has as many ids "
                           f"({info.vocab_size}) as the main model's but maps them to other tokens; "
                           "speculative decoding needs the same tokenizer")
-    store = PromptCacheStore(model, opts.max_kv_size, opts.cache_max_bytes, opts.cache_max_entries,
+    store = PromptCacheStore(model, opts.max_kv_size, cache_budget(opts), opts.cache_max_entries,
                              kv_bits=opts.kv_bits)
     return DraftKit(model, info, store)
 
@@ -263,5 +263,17 @@ def make_store(path: Path, model: nn.Module, options: LoadOptions, info: ModelIn
                              len(make_cache(model)), options.cache_disk_bytes)
         except OSError as exc:
             raise WorkerError("invalid_params", f"options.cache_dir is not usable: {exc}")
-    return PromptCacheStore(model, options.max_kv_size, options.cache_max_bytes,
+    return PromptCacheStore(model, options.max_kv_size, cache_budget(options),
                             options.cache_max_entries, disk, options.kv_bits)
+
+
+def cache_budget(options: LoadOptions) -> int:
+    """``cache_max_bytes``, or by default 2 GiB on a CPU and a quarter of the GPU's memory (2-64 GiB) on a
+    GPU: one 16k-token conversation of a 12B model holds ~2 GB of KV plus its window snapshots."""
+    if options.cache_max_bytes is not None:
+        return options.cache_max_bytes
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return 2 << 30
+    info = mx.device_info()
+    memory = info.get("memory_size") or info.get("total_memory") or (64 << 30)
+    return int(min(64 << 30, max(2 << 30, memory // 4)))

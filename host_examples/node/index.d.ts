@@ -201,8 +201,8 @@ export interface LoadOptions {
   cache_dir?: string | null;
   /** byte budget of cache_dir */
   cache_disk_bytes?: number;
-  /** prompt-cache byte budget in memory */
-  cache_max_bytes?: number;
+  /** prompt-cache byte budget in memory; null: 2 GiB on a CPU, a quarter of the GPU's memory (2-64 GiB) on a GPU */
+  cache_max_bytes?: number | null;
   /** prompt-cache entries kept in memory */
   cache_max_entries?: number;
   /** a draft model for speculative decoding, loaded with the model */

@@ -12,7 +12,7 @@ from typing_extensions import Annotated
 
 from .errors import CODES
 
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 
 
 def doc(t, text: str):
@@ -40,7 +40,8 @@ class LoadOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     seed: doc(Optional[NonNeg], "seed MLX's random generator at load") = None
     dtype: doc(Literal["auto", "stored", "float32", "float16", "bfloat16"],
                "compute dtype; auto: float32 on a CPU for half-precision checkpoints, else stored") = "auto"
-    cache_max_bytes: doc(NonNeg, "prompt-cache byte budget in memory") = 2 << 30
+    cache_max_bytes: doc(Optional[NonNeg], "prompt-cache byte budget in memory; null: 2 GiB on a CPU, a quarter "
+                         "of the GPU's memory (2-64 GiB) on a GPU") = None
     cache_max_entries: doc(NonNeg, "prompt-cache entries kept in memory") = 8
     cache_dir: doc(Optional[str], "folder where prompt-cache entries persist across restarts") = None
     cache_disk_bytes: doc(NonNeg, "byte budget of cache_dir") = 8 << 30
