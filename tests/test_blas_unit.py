@@ -43,12 +43,18 @@ def _touch(path: Path) -> Path:
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    """The BLAS variables removed; the whole environment put back afterwards: the re-exec code sets
+    LD_PRELOAD and its marker in os.environ itself (a faked execv leaves them), which monkeypatch cannot
+    undo for variables that were absent, and every later test's worker would inherit them."""
+    saved = dict(os.environ)
     for k in ("MLX_WORKER_BLAS", "MLX_WORKER_BLAS_REEXEC", "MLX_WORKER_DEVICE", "LD_PRELOAD",
               "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE",
               "MKL_NUM_THREADS", "MKL_THREADING_LAYER", "BLIS_NUM_THREADS"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(sys, "platform", "linux")
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 # ------------------------------------------------------------------ classify
