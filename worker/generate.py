@@ -134,6 +134,11 @@ def _speculative_source(kit, ids, lease, d_lease, params, budget, sampler, quant
         prompt_cache=lease.cache + d_lease.cache, **quant)
 
 
+def _append_snapshot(snapshots: list, snap) -> None:
+    if snap is not None and (not snapshots or snapshots[-1].n < snap.n):
+        snapshots.append(snap)
+
+
 def _with_snapshots(gen, cache, out: list):
     """Pass ``gen`` through, snapshotting the bounded layers every few tokens into ``out`` (the newest
     DECODE_SNAPSHOTS): a follow-up whose re-rendered answer differs in its last tokens (a trimmed
@@ -216,12 +221,12 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     cached = lease.reused
     last_progress = [0.0]
     snapshots = list(lease.snapshots)
+    if cached and not spec.on:  # where the previous turn ended: an edit of this turn's message resumes here
+        _append_snapshot(snapshots, take_snapshot(lease.cache, cached))
 
     def on_prefill(processed: int, total: int):
         if processed >= total - 1 and not spec.on:  # the prompt but its last token; then + the first token
-            snap = take_snapshot(lease.cache, cache_len(lease.cache))
-            if snap is not None and (not snapshots or snapshots[-1].n < snap.n):
-                snapshots.append(snap)
+            _append_snapshot(snapshots, take_snapshot(lease.cache, cache_len(lease.cache)))
         # the end of prefill is no cancel point: the first token is already being computed, and the decode
         # loop's check right after it keeps the cache consistent with the tokens (it is stored)
         if processed < total and cancelled():

@@ -3,7 +3,8 @@
 Once a rotating KV layer has wrapped, it cannot be trimmed, so a prompt that diverges from a cached
 entry (a regenerated answer, an edited message, a re-rendered answer) could reuse nothing. So, during a
 request, the worker copies those layers (bounded by their window, unlike full-attention layers) at the
-points where the next prompt will likely diverge: the end of the prompt (before its last token, for a
+points where the next prompt will likely diverge: where the cached part ends (the previous turn's end, for
+an edited message), the end of the prompt (before its last token, for a
 regenerate) and right after it (prompt + first token, for an answer re-rendered differently from its
 start), and every few tokens while decoding (the newest two are kept, for an answer re-rendered
 differently near its end). A later prompt then
@@ -17,7 +18,7 @@ from typing import List, Optional
 
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-MAX_SNAPSHOTS = 6  # per entry: the newest ones (this turn's and the previous turn's last ones)
+MAX_SNAPSHOTS = 8  # per entry: the newest ones (this turn's and the previous turn's last ones)
 
 
 @dataclass(frozen=True)
