@@ -233,3 +233,21 @@ def test_speculative_prefill_cancel_keeps_the_main_cache(worker, llama_dir, fixt
     stats = next(e for e in again if e["type"] == "stats")
     assert stats["cached_tokens"] > 0 and stats["speculative"] == "on"
     assert generated_tokens(again) == ref.generate(llama_dir, prompt["tokens"], 4)
+
+
+def test_speculative_with_a_sliding_window(worker, gemma3_dir):
+    """Gemma 3 (window 512) as its own draft: speculative while prompt + answer + drafts fit the window,
+    off ("sliding window") past it, where mlx-lm could not rewind rejected drafts; tokens equal mlx-lm's."""
+    import random
+
+    worker.request({"type": "load", "id": "l", "model_path": str(gemma3_dir),
+                    "options": {"draft_model_path": str(gemma3_dir)}})
+    short = [random.Random(1).randrange(20, 400) for _ in range(100)]
+    long = [random.Random(2).randrange(20, 400) for _ in range(700)]
+    for ids, want in ((short, "on"), (long, "off: sliding window"), (long + short, "off: sliding window")):
+        events = gen(worker, f"s{len(ids)}", {"tokens": ids}, max_tokens=16, num_draft_tokens=3)
+        assert next(e for e in events if e["type"] == "stats")["speculative"] == want
+        assert generated_tokens(events) == ref.generate(gemma3_dir, ids, 16, dtype="float32")
+    edge = short * 4 + short[:95]  # 495 + 16 + 3 = 514 >= 512: would wrap
+    events = gen(worker, "edge", {"tokens": edge}, max_tokens=16, num_draft_tokens=3)
+    assert next(e for e in events if e["type"] == "stats")["speculative"] == "off: sliding window"

@@ -14,6 +14,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step, maybe_quantize_kv_cache, speculative_generate_step
 
 from .cache import cache_len
+from .cache.layout import trimmable_span
 from .cache.snapshots import bounded, take_snapshot
 from .model import ModelKit
 from .prompt import build_prompt
@@ -38,12 +39,15 @@ class Speculation:
     label: Optional[str] = None  # None without a draft model, else "on" or "off: <why>"
 
 
-def speculation_for(kit: ModelKit, req: Generate, plan) -> Speculation:
+def speculation_for(kit: ModelKit, req: Generate, plan, budget: int) -> Speculation:
     if kit.draft is None:
         return Speculation()
+    spans = [s for s in (trimmable_span(kit.cache.fresh()), trimmable_span(kit.draft.cache.fresh())) if s is not None]
+    # mlx-lm rewinds rejected drafts: a sliding window must not wrap before the end (prompt + answer + drafts)
+    wraps = bool(spans) and len(plan.ids) + budget + req.params.num_draft_tokens >= min(spans)
     for cond, why in ((not req.params.speculative, "request"), (plan.embed is not None, "images"),
                       (req.params.json_schema is not None, "json_schema"),
-                      (kit.options.max_kv_size is not None, "max_kv_size")):
+                      (kit.options.max_kv_size is not None, "max_kv_size"), (wraps, "sliding window")):
         if cond:
             return Speculation(False, f"off: {why}")
     return Speculation(True, "on")
@@ -210,7 +214,7 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
         raise WorkerError("context_overflow", f"the prompt has {n_prompt} tokens; the context holds {ctx}")
     budget = params.max_tokens if ctx is None else min(params.max_tokens, ctx - n_prompt)
     constraint = JsonConstraint(kit, params.json_schema) if params.json_schema is not None else None
-    spec = speculation_for(kit, req, plan)
+    spec = speculation_for(kit, req, plan, budget)
     if params.seed is not None:
         mx.random.seed(params.seed)
     sampler = sampler_for(params)

@@ -43,3 +43,16 @@ def adapt(cache: list, kv_bits) -> list:
 def quantizable(cache: list) -> bool:
     """Whether ``kv_bits`` would quantize any layer of this cache."""
     return any(hasattr(c, "to_quantized") for c in cache)
+
+
+def trimmable_span(cache: list):
+    """How many tokens this cache can hold and still be cut back anywhere (speculative decoding rewinds
+    rejected drafts): the smallest rotating window, 0 for other layers that never trim (SSM state), None
+    when every layer trims."""
+    limits = []
+    for c in cache:
+        if isinstance(c, mlx_cache.RotatingKVCache):
+            limits.append(c.max_size)
+        elif not (hasattr(c, "is_trimmable") and c.is_trimmable()):
+            limits.append(0)
+    return min(limits) if limits else None
