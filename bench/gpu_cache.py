@@ -160,7 +160,8 @@ class Bench:
                 "image_follow_replays_s": s2["replays"],
                 "text_follow_ttft_s": t2["ttft_s"], "text_follow_prompt": t2["prompt_tokens"],
                 "text_follow_cached": t2["cached_tokens"], "text_follow_replays_s": t2["replays"],
-                "floor_s": floor, "floor_min_s": floor_min, "floor_held": held, "floor_new": new, "follow_messages": follow}
+                "floor_s": floor, "floor_min_s": floor_min, "floor_held": held, "floor_new": new,
+                "follow_messages": follow}
 
     def long_chat(self, r, target=16000):
         first = [{"role": "user", "content": self.words(target, 3000 + r)}]
