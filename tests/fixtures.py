@@ -127,11 +127,22 @@ MODEL_SPECS = {
     ),
 }
 
+# A hybrid: short-convolution layers (state in an ArraysCache, which cannot be cut back) between
+# full-attention layers, like LiquidAI's LFM2; it uses the llama fixture's tokenizer.
+MODEL_SPECS["lfm2"] = dict(
+    model_type="lfm2", architectures=["Lfm2ForCausalLM"], hidden_size=_HIDDEN, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, norm_eps=1e-5, conv_bias=False, conv_L_cache=3,
+    block_dim=_HIDDEN, block_ff_dim=352, block_multiple_of=32, block_ffn_dim_multiplier=1.0,
+    block_auto_adjust_ff_dim=False, layer_types=["conv", "full_attention", "conv", "full_attention"],
+    rope_theta=1000000.0, tie_word_embeddings=True,
+)
+TOKENIZER_SPECS["lfm2"] = TOKENIZER_SPECS["llama"]
+
 # Random weights as initialized collapse into short token cycles (the last token's
 # embedding dominates the residual stream). Scaling the transformer-block weights up
 # (llama/qwen2) or the tied embedding down (gemma3) makes context matter, and greedy
 # output varies. (embedding scale, block weight scale):
-INIT_SCALES = {"llama": (1.0, 3.0), "qwen2": (1.0, 3.0), "gemma3_text": (0.3, 1.0)}
+INIT_SCALES = {"llama": (1.0, 3.0), "qwen2": (1.0, 3.0), "gemma3_text": (0.3, 1.0), "lfm2": (1.0, 3.0)}
 
 # Draft model for speculative decoding: llama, same tokenizer, ~10x fewer params.
 DRAFT_SPEC = dict(MODEL_SPECS["llama"], hidden_size=64, intermediate_size=128,

@@ -26,9 +26,11 @@ REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
-def test_no_internal_error_from_any_option_combination(family_dirs, family):
-    path = family_dirs[family]
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "lfm2"])
+def test_no_internal_error_from_any_option_combination(fixtures_root, family):
+    from tests.fixtures import fixture_dir
+
+    path = fixture_dir(family, fixtures_root)
     w = Worker()
     try:
         for kv_bits, max_kv, draft in itertools.product(KV_BITS, MAX_KV, DRAFT):
