@@ -111,3 +111,22 @@ def test_smollm2_tokenizer():
         assert pt.encode(text, False) == list(tok._tokenizer.encode(text, add_special_tokens=False))
         msgs.append({"role": "assistant", "content": f"There are {turn}.  "})
     assert pt.reused_chars > 0
+
+
+def test_a_tokenizer_that_appends_eos_is_caught_by_the_self_check(tokenizers):
+    """Ids a post-processor appends after the text (an EOS) would be missing from a reused prefix +
+    suffix: the self-check sees it and the tokenizer is used whole."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    base = tokenizers["llama"]._tokenizer.backend_tokenizer
+    tok = Tokenizer.from_str(base.to_str())
+    eos = "<|end_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}",
+                                                       special_tokens=[(eos, tok.token_to_id(eos))])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
+    assert hf.encode("hi", add_special_tokens=True)[-1] == tok.token_to_id(eos)
+    pt = PrefixTokenizer(hf, probe_texts(hf))
+    assert not pt.enabled
+    text = probe_texts(hf)[-1]
+    assert pt.encode(text, True) == hf.encode(text, add_special_tokens=True)

@@ -115,13 +115,19 @@ class PrefixTokenizer:
 
 
 def probe_texts(tokenizer) -> List[str]:
-    """Conversations of growing length rendered by the model's chat template ([] without one)."""
+    """Texts of growing length for the self-check: conversations rendered by the model's chat template,
+    and plain text around the tokenizer's special tokens (for models without a template, and for what
+    the template does not show)."""
     turns = [("user", "Hi! What's 2+2?"), ("assistant", " It is 4.\n"), ("user", "And in words, naïve café? 日本")]
     out = []
     for k in range(1, len(turns) + 1):
         msgs = [{"role": r, "content": c} for r, c in turns[:k]]
         try:
             out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=k % 2 == 1))
-        except Exception:  # noqa: BLE001 (a template that wants other roles: fewer probes)
+        except Exception:  # noqa: BLE001 (no template, or one that wants other roles: fewer probes)
             break
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t][:3] or [""]
+    a, b, c = (specials * 3)[:3]
+    text = f"Hello{a} world, naïve 日本\n{b}  x"
+    out += [text, text + f"{c} more  text", text + f"{c} more  text{a}\n end"]
     return out
