@@ -138,9 +138,12 @@ def _speculative_source(kit, ids, lease, d_lease, params, budget, sampler, quant
         prompt_cache=lease.cache + d_lease.cache, **quant)
 
 
-def _append_snapshot(snapshots: list, snap) -> None:
-    if snap is not None and (not snapshots or snapshots[-1].n < snap.n):
-        snapshots.append(snap)
+def _snapshot_into(snapshots: list, cache: list, n) -> None:
+    """Append a snapshot of ``cache`` holding ``n`` tokens, unless the newest one already lies there."""
+    if n and not (snapshots and snapshots[-1].n >= n):
+        snap = take_snapshot(cache, n)
+        if snap is not None:
+            snapshots.append(snap)
 
 
 def _with_snapshots(gen, cache, out: list):
@@ -151,9 +154,8 @@ def _with_snapshots(gen, cache, out: list):
         for i, item in enumerate(gen, 1):
             yield item
             if i % DECODE_SNAPSHOT_EVERY == 0:
-                snap = take_snapshot(cache, cache_len(cache))
-                if snap is not None and (not out or out[-1].n < snap.n):
-                    out[:] = (out + [snap])[-DECODE_SNAPSHOTS:]
+                _snapshot_into(out, cache, cache_len(cache))
+                del out[:-DECODE_SNAPSHOTS]
     finally:
         gen.close()
 
@@ -226,11 +228,11 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     last_progress = [0.0]
     snapshots = list(lease.snapshots)
     if cached and not spec.on:  # where the previous turn ended: an edit of this turn's message resumes here
-        _append_snapshot(snapshots, take_snapshot(lease.cache, cached))
+        _snapshot_into(snapshots, lease.cache, cached)
 
     def on_prefill(processed: int, total: int):
         if processed >= total - 1 and not spec.on:  # the prompt but its last token; then + the first token
-            _append_snapshot(snapshots, take_snapshot(lease.cache, cache_len(lease.cache)))
+            _snapshot_into(snapshots, lease.cache, cache_len(lease.cache))
         # the end of prefill is no cancel point: the first token is already being computed, and the decode
         # loop's check right after it keeps the cache consistent with the tokens (it is stored)
         if processed < total and cancelled():
