@@ -41,7 +41,7 @@ FOLLOW = "And which colour dominates in the upper half? Answer in one short sent
 # the same follow-up with its first word changed, replayed: past the window each costs the same work (the
 # previous replay's entry offers nothing beyond the first turn's snapshots); within it, a replay also reuses
 # the re-rendered answer from the previous one (cached counts are in the rows)
-VARIANTS = [FOLLOW, "But" + FOLLOW[3:], "Now" + FOLLOW[3:]]
+VARIANTS = [FOLLOW] + [w + FOLLOW[3:] for w in ("But", "Now", "Yet", "Say", "Ask")]
 WORDS = ["red", "blue", "cat", "tree", "sky", "house", "water", "stone", "light", "river"]
 
 
@@ -93,15 +93,18 @@ class Bench:
         return " ".join(pool[:lo])
 
     def ask(self, messages, max_tokens=16, key=None):
+        """One request; its stats plus ``host_ttft_s`` (request written -> first token event read)."""
         self.n += 1
         req = {"type": "generate", "id": f"q{self.n}", "prompt": {"messages": messages},
                "params": {"max_tokens": max_tokens}}
         if key:
             req["cache_key"] = key
+        t0 = time.perf_counter()
         evs = self.w.request(req, timeout=900)
         if evs[-1]["type"] != "done":
             raise RuntimeError(evs[-1])
-        st = next(e for e in evs if e["type"] == "stats")
+        st = dict(next(e for e in evs if e["type"] == "stats"))
+        st["host_ttft_s"] = next(e["_t"] for e in evs if e["type"] == "token") - t0
         return evs[-1]["text"], st
 
     def floor(self, held: int, new: int, repeats: int = 3) -> tuple:
@@ -130,46 +133,56 @@ class Bench:
             break
         return time.perf_counter() - t0
 
-    def conversation(self, key, first):
-        answer, s1 = self.ask(first, key=key)
-        follow = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": FOLLOW}]
-        s2s = [self.ask(follow[:-1] + [{"role": "user", "content": v}], max_tokens=1, key=f"{key}-{j}")[1]
-               for j, v in enumerate(VARIANTS)]
-        s2 = dict(s2s[0], ttft_s=statistics.median(s["ttft_s"] for s in s2s), replays=[s["ttft_s"] for s in s2s],
-                  cached=[s["cached_tokens"] for s in s2s])
-        held = s1["prompt_tokens"] + s1["generated_tokens"]
-        return follow, s1, s2, held, s2["prompt_tokens"] - held
+    def replays(self, convs: dict) -> dict:
+        """Each conversation's follow-up (``convs``: name -> (messages up to the follow-up, key)), replayed
+        once per variant; right after each replay, raw mlx-lm does the same work (the replay's cached and
+        new token counts): pairs measured moments apart, so the machine's drift hits both alike. The
+        first replay of a shape pays kernel compilation on both sides (``cold``), later ones do not."""
+        out = {name: {"worker": [], "host": [], "floor": [], "cached": [], "prompt": []} for name in convs}
+        for j, v in enumerate(VARIANTS):
+            for name, (msgs, key) in convs.items():
+                _, st = self.ask(msgs + [{"role": "user", "content": v}], max_tokens=1, key=f"{key}-{j}")
+                o = out[name]
+                o["worker"].append(st["ttft_s"])
+                o["host"].append(st["host_ttft_s"])
+                o["cached"].append(st["cached_tokens"])
+                o["prompt"].append(st["prompt_tokens"])
+                o["floor"].append(self._floor(st["cached_tokens"], st["prompt_tokens"] - st["cached_tokens"]))
+        for o in out.values():
+            ratios = [w / f for w, f in zip(o["worker"], o["floor"])]
+            host = [h / f for h, f in zip(o["host"], o["floor"])]
+            o.update(cold_ratio=ratios[0], warm_ratio=statistics.median(ratios[1:]),
+                     warm_host_ratio=statistics.median(host[1:]), warm_s=statistics.median(o["worker"][1:]),
+                     warm_floor_s=statistics.median(o["floor"][1:]))
+        return out
 
     def image_pair(self, tag, image, doc_tokens, r):
         """An image conversation and its text twin (same length, answer and follow-up question)."""
         doc = self.words(doc_tokens, 1000 + r) if doc_tokens else ""
         first = [{"role": "user", "content": [{"type": "image", "path": image},
                                               {"type": "text", "text": (doc + " " if doc else "") + QUESTION}]}]
-        follow, s1, s2, held, new = self.conversation(f"{tag}-img-{r}", first)
+        answer, s1 = self.ask(first, key=f"{tag}-img-{r}")
         twin = [{"role": "user", "content": self.words(s1["prompt_tokens"], 2000 + r) + " " + QUESTION}]
-        answer = follow[1]["content"]
-        twin_follow = twin + [{"role": "assistant", "content": answer}, {"role": "user", "content": FOLLOW}]
         self.ask(twin, max_tokens=1, key=f"{tag}-txt-{r}")  # fill the cache with the twin's first turn
-        t2s = [self.ask(twin_follow[:-1] + [{"role": "user", "content": v}], max_tokens=1, key=f"{tag}-txt-{r}-{j}")[1]
-               for j, v in enumerate(VARIANTS)]
-        t2 = dict(t2s[0], ttft_s=statistics.median(t["ttft_s"] for t in t2s), replays=[t["ttft_s"] for t in t2s])
+        turn = [{"role": "assistant", "content": answer}]
+        rep = self.replays({"image": (first + turn, f"{tag}-img-{r}"), "text": (twin + turn, f"{tag}-txt-{r}")})
+        held = s1["prompt_tokens"] + s1["generated_tokens"]
+        new = rep["image"]["prompt"][0] - held
         floor, floor_min = self.floor(held, new)
         return {"image_first_ttft_s": s1["ttft_s"], "image_first_prompt": s1["prompt_tokens"],
-                "image_follow_ttft_s": s2["ttft_s"], "image_follow_prompt": s2["prompt_tokens"],
-                "image_follow_cached": s2["cached"], "image_follow_miss": s2.get("cache_miss_reason"),
-                "image_follow_replays_s": s2["replays"],
-                "text_follow_ttft_s": t2["ttft_s"], "text_follow_prompt": t2["prompt_tokens"],
-                "text_follow_cached": t2["cached_tokens"], "text_follow_replays_s": t2["replays"],
-                "floor_s": floor, "floor_min_s": floor_min, "floor_held": held, "floor_new": new,
-                "follow_messages": follow}
+                "image": rep["image"], "text": rep["text"],
+                "floor_turn_s": floor, "floor_turn_min_s": floor_min, "floor_held": held, "floor_new": new,
+                "follow_messages": first + turn + [{"role": "user", "content": FOLLOW}]}
 
     def long_chat(self, r, target=16000):
         first = [{"role": "user", "content": self.words(target, 3000 + r)}]
-        follow, s1, s2, held, new = self.conversation(f"long-{r}", first)
+        answer, s1 = self.ask(first, key=f"long-{r}")
+        rep = self.replays({"messages": (first + [{"role": "assistant", "content": answer}], f"long-{r}")})
+        held = s1["prompt_tokens"] + s1["generated_tokens"]
+        new = rep["messages"]["prompt"][0] - held
         floor, floor_min = self.floor(held, new)
-        return {"cold_ttft_s": s1["ttft_s"], "cold_prompt": s1["prompt_tokens"], "follow_ttft_s": s2["ttft_s"],
-                "follow_prompt": s2["prompt_tokens"], "follow_cached": s2["cached"], "replays_s": s2["replays"],
-                "floor_s": floor, "floor_min_s": floor_min, "floor_held": held, "floor_new": new}
+        return {"cold_ttft_s": s1["ttft_s"], "cold_prompt": s1["prompt_tokens"], "messages": rep["messages"],
+                "floor_turn_s": floor, "floor_turn_min_s": floor_min, "floor_held": held, "floor_new": new}
 
 
 def mlx_vlm_follow(path: Path, messages, image, repeats=2) -> float:
@@ -193,6 +206,17 @@ def mlx_vlm_follow(path: Path, messages, image, repeats=2) -> float:
 
 def med(rows, key):
     return statistics.median(r[key] for r in rows)
+
+
+def summary(rows, names) -> dict:
+    """Medians over rounds: warm follow-up TTFT (worker, same-work floor), the paired worker / floor
+    ratios (engine stats and host-measured), the first replay's ratio, and the first turn's floor."""
+    out = {"floor_turn_s": med(rows, "floor_turn_s")}
+    for n in names:
+        for k in ("warm_s", "warm_floor_s", "warm_ratio", "warm_host_ratio", "cold_ratio"):
+            out[f"{n}_{k}"] = statistics.median(r[n][k] for r in rows)
+        out[f"{n}_vs_floor_turn"] = out[f"{n}_warm_s"] / out["floor_turn_s"]
+    return out
 
 
 def main(argv=None):
@@ -242,31 +266,18 @@ def main(argv=None):
             (out / f"gpu-cache-{args.shape}.json").write_text(json.dumps(clean, indent=2))
         for tag, doc in (("300", 0), ("2.5k", args.doc)):
             rows = [b.image_pair(tag, images[2 + 2 * r + (tag != "300")], doc, 10 + r) for r in range(args.rounds)]
-            res[tag] = {"rows": [{k: v for k, v in row.items() if k != "follow_messages"} for row in rows]}
-            for k in ("image_first_ttft_s", "image_follow_ttft_s", "text_follow_ttft_s", "floor_s"):
-                res[tag][k] = med(rows, k)
-            res[tag]["image_vs_text"] = res[tag]["image_follow_ttft_s"] / res[tag]["text_follow_ttft_s"]
-            res[tag]["image_vs_floor"] = res[tag]["image_follow_ttft_s"] / res[tag]["floor_s"]
-            res[tag]["text_vs_floor"] = res[tag]["text_follow_ttft_s"] / res[tag]["floor_s"]
-            res[tag]["cold_vs_follow"] = res[tag]["image_first_ttft_s"] / res[tag]["image_follow_ttft_s"]
-            # min over every run: noise only ever adds, so the minimums compare the intrinsic costs
-            res[tag]["image_follow_min_s"] = min(min(r["image_follow_replays_s"]) for r in rows)
-            res[tag]["text_follow_min_s"] = min(min(r["text_follow_replays_s"]) for r in rows)
-            res[tag]["floor_min_s"] = min(r["floor_min_s"] for r in rows)
-            for k in ("image", "text"):
-                res[tag][f"{k}_vs_floor_min"] = res[tag][f"{k}_follow_min_s"] / res[tag]["floor_min_s"]
+            res[tag] = summary(rows, ("image", "text"))
+            res[tag]["rows"] = [{k: v for k, v in row.items() if k != "follow_messages"} for row in rows]
+            res[tag]["image_first_ttft_s"] = med(rows, "image_first_ttft_s")
+            res[tag]["cold_vs_follow"] = res[tag]["image_first_ttft_s"] / res[tag]["image_warm_s"]
+            res[tag]["image_vs_text"] = res[tag]["image_warm_s"] / res[tag]["text_warm_s"]
             res[tag]["_last"] = (rows[-1]["follow_messages"], images[2 + 2 * (args.rounds - 1) + (tag != "300")])
             save(res)
             log(f"{tag}: " + json.dumps({k: v for k, v in res[tag].items() if k not in ("rows", "_last")}))
         if args.long:
             rows = [b.long_chat(r, args.long) for r in range(args.rounds)]
-            res["messages-16k"] = {"rows": rows, "follow_ttft_s": med(rows, "follow_ttft_s"),
-                                   "floor_s": med(rows, "floor_s"), "cold_ttft_s": med(rows, "cold_ttft_s")}
-            m = res["messages-16k"]
-            m["follow_vs_floor"] = m["follow_ttft_s"] / m["floor_s"]
-            m["follow_min_s"] = min(min(r["replays_s"]) for r in rows)
-            m["floor_min_s"] = min(r["floor_min_s"] for r in rows)
-            m["follow_vs_floor_min"] = m["follow_min_s"] / m["floor_min_s"]
+            res["messages-16k"] = summary(rows, ("messages",))
+            res["messages-16k"].update(rows=rows, cold_ttft_s=med(rows, "cold_ttft_s"))
             save(res)
             log("messages-16k: " + json.dumps({k: v for k, v in res["messages-16k"].items() if k != "rows"}))
         del b
