@@ -228,6 +228,9 @@ def main(argv=None):
     ap.add_argument("--long", type=int, default=16000, help="tokens of the long conversation (0: skip)")
     ap.add_argument("--doc", type=int, default=2300, help="document tokens of the 2.5k image scenario")
     ap.add_argument("--no-mlx-vlm", dest="mlx_vlm", action="store_false", help="skip mlx-vlm's follow-up")
+    ap.add_argument("--only", default="300,2.5k", help="image scenarios to run (comma-separated)")
+    ap.add_argument("--worker-env", action="append", default=[], metavar="K=V",
+                    help="an environment variable for the worker process only (diagnostics)")
     args = ap.parse_args(argv)
     from PIL import Image
 
@@ -246,7 +249,9 @@ def main(argv=None):
             Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(p)
         images.append(str(p))
     gpu = args.shape != "smoke"
-    w = TimedWorker(env={"MLX_WORKER_DEVICE": "gpu", "MLX_WORKER_BLAS": "off"} if gpu else {})
+    env = {"MLX_WORKER_DEVICE": "gpu", "MLX_WORKER_BLAS": "off"} if gpu else {}
+    env.update(kv.split("=", 1) for kv in args.worker_env)
+    w = TimedWorker(env=env)
     try:
         info = w.load_model(path)
         log(f"worker loaded {info['parameters'] / 1e9:.2f}B params in {info['load_s']:.1f}s")
@@ -264,7 +269,7 @@ def main(argv=None):
             clean = {k: ({kk: vv for kk, vv in v.items() if kk != "_last"} if isinstance(v, dict) else v)
                      for k, v in res.items()}
             (out / f"gpu-cache-{args.shape}.json").write_text(json.dumps(clean, indent=2))
-        for tag, doc in (("300", 0), ("2.5k", args.doc)):
+        for tag, doc in [(t, d) for t, d in (("300", 0), ("2.5k", args.doc)) if t in args.only.split(",")]:
             rows = [b.image_pair(tag, images[2 + 2 * r + (tag != "300")], doc, 10 + r) for r in range(args.rounds)]
             res[tag] = summary(rows, ("image", "text"))
             res[tag]["rows"] = [{k: v for k, v in row.items() if k != "follow_messages"} for row in rows]
@@ -283,7 +288,7 @@ def main(argv=None):
         del b
     finally:
         w.close()
-    for tag in ("300", "2.5k"):
+    for tag in [t for t in ("300", "2.5k") if t in res]:
         msgs, image = res[tag].pop("_last")
         if args.mlx_vlm:
             res[tag]["mlx_vlm_follow_ttft_s"] = mlx_vlm_follow(path, msgs, image)

@@ -1,0 +1,2 @@
+import sys
+sys.setswitchinterval(0.1)
