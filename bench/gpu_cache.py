@@ -35,7 +35,10 @@ GEMMA3_12B = {
                  sliding_window_pattern=6, mm_tokens_per_image=256, max_position_embeddings=32768),
     "vision": GEMMA3_4B["vision"], "processor": GEMMA3_4B["processor"], "preprocessor": GEMMA3_4B["preprocessor"],
 }
-SHAPES = {"4b": GEMMA3_4B, "12b": GEMMA3_12B, "smoke": SMOKE}
+# "deep": the 4B's 34 layers (window 1024, pattern 6) at the smoke width: on a CPU its time is per-op
+# overhead, as a follow-up's is on a GPU, so the worker's overhead over raw mlx-lm shows without a GPU
+DEEP = dict(SMOKE, text=dict(SMOKE["text"], num_hidden_layers=34, sliding_window=1024, sliding_window_pattern=6))
+SHAPES = {"4b": GEMMA3_4B, "12b": GEMMA3_12B, "smoke": SMOKE, "deep": DEEP}
 QUESTION = "Describe what you see, briefly."
 FOLLOW = "And which colour dominates in the upper half? Answer in one short sentence."
 # the same follow-up with its first word changed, replayed: past the window each costs the same work (the
@@ -59,7 +62,7 @@ def build(shape: str, root: Path) -> Path:
         text.setdefault("max_position_embeddings", 32768)
         build_vlm_fixture("gemma3", path, 0, text_overrides=text,
                           overrides={k: spec[k] for k in ("config", "vision", "processor", "preprocessor")},
-                          dtype="float32" if shape == "smoke" else "bfloat16")
+                          dtype="float32" if shape in ("smoke", "deep") else "bfloat16")
     return path
 
 
@@ -248,7 +251,7 @@ def main(argv=None):
         if not p.exists():
             Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(p)
         images.append(str(p))
-    gpu = args.shape != "smoke"
+    gpu = args.shape not in ("smoke", "deep")
     env = {"MLX_WORKER_DEVICE": "gpu", "MLX_WORKER_BLAS": "off"} if gpu else {}
     env.update(kv.split("=", 1) for kv in args.worker_env)
     w = TimedWorker(env=env)

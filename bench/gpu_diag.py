@@ -22,6 +22,8 @@ def main(argv=None):
     ap.add_argument("--models-dir", default="/root/models")
     ap.add_argument("--doc", type=int, default=2300)
     ap.add_argument("--n", type=int, default=10)
+    ap.add_argument("--keep", action="store_true",
+                    help="keep each replay's entry in the store (as the process does), with the first word varied")
     a = ap.parse_args(argv)
     import mlx.core as mx
     import msgspec
@@ -92,10 +94,15 @@ def main(argv=None):
     for i in range(a.n):
         phases.clear()
         saved = list(kit.cache.entries)
-        _, s2 = run(follow, 1)
-        kit.cache.entries = list(saved)
-        _, s3 = run(follow, 1, on_thread=True)
-        kit.cache.entries = list(saved)
+        if a.keep:
+            v = f"{2 * i % 10} {FOLLOW}", f"{(2 * i + 1) % 10} {FOLLOW}"  # a new first token each time
+            _, s2 = run(follow[:-1] + [{"role": "user", "content": v[0]}], 1)
+            _, s3 = run(follow[:-1] + [{"role": "user", "content": v[1]}], 1, on_thread=True)
+        else:
+            _, s2 = run(follow, 1)
+            kit.cache.entries = list(saved)
+            _, s3 = run(follow, 1, on_thread=True)
+            kit.cache.entries = list(saved)
         new = s2.prompt_tokens - s2.cached_tokens
         cache = make_prompt_cache(kit.model)
         for _ in generate_step(mx.array(ids[:s2.cached_tokens]), kit.model, max_tokens=1, prompt_cache=cache):
@@ -111,7 +118,8 @@ def main(argv=None):
         raw = time.perf_counter() - t0
         rows.append((s2.ttft_s, raw, s3.ttft_s))
         print(f"on a thread {s3.ttft_s * 1000:.1f} ms; worker {s2.ttft_s * 1000:.1f} ms (cached {s2.cached_tokens}, new {new}; "
-              + ", ".join(f"{k} {v * 1000:.1f}" for k, v in phases.items()) + f") raw {raw * 1000:.1f} ms",
+              + ", ".join(f"{k} {v * 1000:.1f}" for k, v in phases.items()) + f") raw {raw * 1000:.1f} ms; entries {len(kit.cache.entries)}, active "
+              f"{mx.get_active_memory() / 2**30:.2f} GiB, cache {mx.get_cache_memory() / 2**30:.2f} GiB",
               flush=True)
     w = statistics.median(r[0] for r in rows)
     r = statistics.median(r[1] for r in rows)
