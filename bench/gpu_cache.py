@@ -76,6 +76,7 @@ class Bench:
         self.model, _ = mlx_lm.load(str(path))  # the floor: mlx-lm's own text model
         self.vocab = 512
         self.n = 0
+        self.debug = False
 
     def length(self, msgs) -> int:
         text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -108,7 +109,21 @@ class Bench:
             raise RuntimeError(evs[-1])
         st = dict(next(e for e in evs if e["type"] == "stats"))
         st["host_ttft_s"] = next(e["_t"] for e in evs if e["type"] == "token") - t0
+        st["phases"] = self.phases(req["id"])
         return evs[-1]["text"], st
+
+    def phases(self, rid, wait=0.5) -> dict:
+        """The worker's debug line for ``rid`` (with MLX_WORKER_LOG=debug): ms from the request's start."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            for line in reversed(self.w.stderr_lines[-50:]):
+                if f"generate {rid}: " in line:
+                    body = line.split(f"generate {rid}: ", 1)[1].split(" ms", 1)[0]
+                    return {k: float(v) for k, v in (part.rsplit(" ", 1) for part in body.split(", "))}
+            if not self.debug:
+                return {}
+            time.sleep(0.01)
+        return {}
 
     def floor(self, held: int, new: int, repeats: int = 3) -> tuple:
         """Raw mlx-lm: a cache holding ``held`` tokens (prefilled, untimed), then ``new`` tokens to the
@@ -141,7 +156,7 @@ class Bench:
         once per variant; right after each replay, raw mlx-lm does the same work (the replay's cached and
         new token counts): pairs measured moments apart, so the machine's drift hits both alike. The
         first replay of a shape pays kernel compilation on both sides (``cold``), later ones do not."""
-        out = {name: {"worker": [], "host": [], "floor": [], "cached": [], "prompt": []} for name in convs}
+        out = {name: {"worker": [], "host": [], "floor": [], "cached": [], "prompt": [], "phases": []} for name in convs}
         for j, v in enumerate(VARIANTS):
             for name, (msgs, key) in convs.items():
                 _, st = self.ask(msgs + [{"role": "user", "content": v}], max_tokens=1, key=f"{key}-{j}")
@@ -150,7 +165,10 @@ class Bench:
                 o["host"].append(st["host_ttft_s"])
                 o["cached"].append(st["cached_tokens"])
                 o["prompt"].append(st["prompt_tokens"])
+                o["phases"].append(st["phases"])
                 o["floor"].append(self._floor(st["cached_tokens"], st["prompt_tokens"] - st["cached_tokens"]))
+                if st["phases"]:
+                    log(f"{name} {key}-{j}: worker {st['phases']} floor {o['floor'][-1] * 1000:.1f}")
         for o in out.values():
             ratios = [w / f for w, f in zip(o["worker"], o["floor"])]
             host = [h / f for h, f in zip(o["host"], o["floor"])]
@@ -259,6 +277,7 @@ def main(argv=None):
         info = w.load_model(path)
         log(f"worker loaded {info['parameters'] / 1e9:.2f}B params in {info['load_s']:.1f}s")
         b = Bench(path, w, args.rounds)
+        b.debug = "MLX_WORKER_LOG=debug" in args.worker_env
         log("warm-up")
         b.image_pair("warm", images[0], 0, 0)
         b.image_pair("warm", images[1], args.doc, 1)

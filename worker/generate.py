@@ -5,6 +5,7 @@ Runs on the engine thread only. Emits events through ``emit``; never formats JSO
 
 import collections
 import functools
+import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from .prompt import build_prompt
 from .protocol import Done, Generate, Progress, Stats, Token, WorkerError
 from .sampling import JsonConstraint, logprob_report, processors_for, sampler_for
 from .textstream import TextStream
+
+log = logging.getLogger("worker")
 
 PROGRESS_INTERVAL_S = 0.1
 DECODE_SNAPSHOT_EVERY = 4  # tokens between snapshots of the bounded layers while decoding
@@ -74,6 +77,7 @@ class Outcome:
     reason: Optional[str] = None
     stop_token: Optional[int] = None
     t_first: Optional[float] = None
+    marks: dict = field(default_factory=dict)  # phase name -> perf_counter, for the debug log
     from_draft: int = 0
 
 
@@ -90,16 +94,18 @@ def _prefill(model, cache, tokens: List[int], step: int, quantize, on_chunk) -> 
         mx.clear_cache()
 
 
-def _plain_source(kit, plan, lease, params, budget, sampler, quant, on_prefill, constraint):
+def _plain_source(kit, plan, lease, params, budget, sampler, quant, on_prefill, constraint, marks):
     """mlx-lm's generate_step over the uncached suffix, as (token, logprobs, from_draft)."""
     ids, cached, opts = plan.ids, lease.reused, kit.options
     # generate_step hands the processors only the tokens it is given: add back the cached prefix
     processors = processors_for(kit, params, ids[:cached]) + ([constraint] if constraint else [])
+    embeddings = plan.embed(cached) if plan.embed is not None else None
+    marks["embedded"] = time.perf_counter()
     gen = generate_step(
         mx.array(ids[cached:]), kit.model, max_tokens=budget, sampler=sampler,
         logits_processors=processors or None, prompt_cache=lease.cache,
         prefill_step_size=opts.prefill_step_size, prompt_progress_callback=on_prefill,
-        input_embeddings=plan.embed(cached) if plan.embed is not None else None, **quant)
+        input_embeddings=embeddings, **quant)
     try:
         for token, logprobs in gen:
             yield token, logprobs, False
@@ -210,6 +216,8 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     params, opts = req.params, kit.options
     check_params(kit, req)
     plan = build_prompt(kit, req)
+    out = Outcome()
+    out.marks["prompt"] = time.perf_counter()
     ids, n_prompt = plan.ids, len(plan.ids)
     ctx = kit.info.context_length if opts.max_kv_size is None else None
     if ctx is not None and n_prompt >= ctx:
@@ -224,6 +232,7 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
                  quantized_kv_start=opts.quantized_kv_start)
 
     lease = kit.cache.take(plan.key, req.cache_key)
+    out.marks["take"] = time.perf_counter()
     cached = lease.reused
     last_progress = [0.0]
     snapshots = list(lease.snapshots)
@@ -252,13 +261,12 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
                                   cancelled, proposed)
         on_first = functools.partial(on_prefill, n_prompt - cached, n_prompt - cached)
     else:
-        gen = _plain_source(kit, plan, lease, params, budget, sampler, quant, on_prefill, constraint)
+        gen = _plain_source(kit, plan, lease, params, budget, sampler, quant, on_prefill, constraint, out.marks)
         on_first = lambda: None  # noqa: E731 (generate_step reported the end of prefill itself)
     decode_snaps = []
     if not spec.on and any(bounded(c) for c in lease.cache):
         gen = _with_snapshots(gen, lease.cache, decode_snaps)
     stream = TextStream(kit.tokenizer.detokenizer, params.stop)
-    out = Outcome()
     try:
         with plan.state if plan.state is not None else nullcontext():
             _decode(kit, req, gen, stream, emit, cancelled, spec, on_first, out)
@@ -266,6 +274,7 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
         if cache_len(lease.cache) == cached:  # failed before touching the cache: what was taken goes back
             kit.cache.put(plan.key, lease.cache, req.cache_key, snapshots)
         raise
+    out.marks["decoded"] = time.perf_counter()
     kit.cache.put(plan.key + out.generated, lease.cache, req.cache_key, snapshots + decode_snaps)
     if d_lease is not None:
         kit.draft.cache.put(plan.key + out.generated, d_lease.cache, req.cache_key)
@@ -273,6 +282,10 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
         out.reason = "cancelled" if cancelled() else (
             "max_tokens" if budget == params.max_tokens else "context_full")
     emit(_stats(req, n_prompt, cached, lease.miss_reason, out, tic, spec, proposed[0]))
+    if log.isEnabledFor(logging.DEBUG):  # MLX_WORKER_LOG=debug: where the time to the first token went
+        marks = dict(out.marks, first=out.t_first, stored=time.perf_counter())
+        log.debug("generate %s: %s ms (cached %d of %d)", req.id, ", ".join(
+            f"{k} {(v - tic) * 1000:.1f}" for k, v in marks.items() if v is not None), cached, n_prompt)
     return Done(id=req.id, request="generate", stop_reason=out.reason, stop_string=stream.stop_string,
                 stop_token=out.stop_token, text=stream.text, cached_tokens=cached,
                 cache_miss_reason=lease.miss_reason)
