@@ -307,10 +307,8 @@ class VisionAddOn(abc.ABC):
         start = min([b for b, e in spans if b < reused < e] + [reused])
         sel = [it for it, (b, _) in zip(items, spans) if b >= start]
         ids_arr = mx.array(ids[start:])[None]
-        if not sel:  # what every family's get_input_embeddings does without pixels
-            emb = self.parts.language_model.model.embed_tokens(ids_arr)[0]
-            mx.eval(emb)
-            return emb
+        if not sel:  # what every family's get_input_embeddings does without pixels (left lazy: the
+            return self.parts.language_model.model.embed_tokens(ids_arr)[0]  # first forward evaluates it)
         extra = self.embed_kwargs([it.extras for it in sel]) if sel else {}
         embedded = self.mod.Model.get_input_embeddings(
             self.parts, ids_arr, _PIXELS_CACHED if sel else None, mask=mx.ones(ids_arr.shape, mx.int32),

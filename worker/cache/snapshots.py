@@ -16,7 +16,8 @@ import copy
 from dataclasses import dataclass
 from typing import List, Optional
 
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, _BaseCache
 
 MAX_SNAPSHOTS = 8  # per entry: the newest ones (this turn's and the previous turn's last ones)
 
@@ -31,6 +32,29 @@ class Snapshot:
         return sum(c.nbytes for c in self.layers if c is not None)
 
 
+def clone(value):
+    """An independent copy of a cache layer (or a list of them) that shares the arrays' buffers.
+
+    MLX arrays are values: a cache updates its own array objects (slice assignment), and a buffer that
+    another array still holds is copied, not written, on that update. So a copy needs new array objects,
+    not new buffers: ``copy.deepcopy`` would add a copy kernel per array, and its Python overhead per
+    layer, to every follow-up's first forward, for data the update copies anyway.
+    """
+    if isinstance(value, mx.array):
+        return value[...]
+    if isinstance(value, (list, tuple)):
+        return type(value)(clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: clone(v) for k, v in value.items()}
+    if isinstance(value, _BaseCache):
+        new = object.__new__(type(value))
+        new.__dict__.update({k: clone(v) for k, v in vars(value).items()})
+        return new
+    if value is None or isinstance(value, (int, float, str, bytes)):
+        return value
+    return copy.deepcopy(value)  # a cache type that is not mlx-lm's: no assumption about its state
+
+
 def bounded(layer) -> bool:
     """A layer whose trim can fail (a rotating window, SSM state): the ones worth a snapshot."""
     return not isinstance(layer, (KVCache, QuantizedKVCache))
@@ -40,7 +64,7 @@ def take_snapshot(cache: list, n: Optional[int]) -> Optional[Snapshot]:
     """A snapshot of ``cache`` holding ``n`` tokens, or None when every layer is trimmable."""
     if not n or not any(bounded(c) for c in cache):
         return None
-    return Snapshot(n, tuple(copy.deepcopy(c) if bounded(c) else None for c in cache))
+    return Snapshot(n, tuple(clone(c) if bounded(c) else None for c in cache))
 
 
 def best_snapshot(snapshots: List[Snapshot], reuse: int) -> Optional[Snapshot]:
@@ -52,9 +76,9 @@ def resume(cache: list, snap: Snapshot) -> list:
     out = []
     for layer, saved in zip(cache, snap.layers):
         if saved is not None:
-            out.append(copy.deepcopy(saved))
+            out.append(clone(saved))
         else:
-            c = copy.deepcopy(layer)
+            c = clone(layer)
             c.trim(c.offset - snap.n)
             out.append(c)
     return out

@@ -5,7 +5,6 @@ extends it, then puts it back), a request can pin a conversation with a key, and
 why fewer tokens than possible were reused.
 """
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from ..prefix_tokens import common_prefix
 from .layout import adapt, make_cache
-from .snapshots import best_snapshot, keep, resume
+from .snapshots import best_snapshot, clone, keep, resume
 
 log = logging.getLogger("worker")
 
@@ -105,7 +104,7 @@ class PromptCacheStore:
         if best.key == key and common == len(best.tokens):
             self._hand_over(best)
         else:
-            cache = copy.deepcopy(cache)
+            cache = clone(cache)
             best.used = time.monotonic()
         if excess > 0:
             trim_prompt_cache(cache, excess)
