@@ -9,9 +9,15 @@ In each round, per scenario, the same turns as a chat app sends them (``messages
 - ``text-300`` / ``text-2.5k``: the same conversation with text of the same length in place of the image
   (the same answer and the same follow-up question: the same new tokens);
 - ``messages-16k``: a ~16k-token conversation, then a follow-up.
-The floor of a follow-up is raw mlx-lm (``generate_step``, this process) with a hand-kept cache holding
-the first turn (prompt + generated tokens) and feeding only the follow-up's new tokens. Also mlx-vlm's
-own ``stream_generate`` (no prompt cache) on the image follow-ups. Speed does not depend on weights.
+Each follow-up is replayed once per first word in VARIANTS; right after each replay, raw mlx-lm
+(``generate_step``, this process) does the same work with a hand-kept cache: as many cached tokens as the
+worker reused, the same number of new ones. The paired ratios (``*_warm_ratio``: replays after the first,
+whose shapes are compiled on both sides) are what the machine's drift affects least. ``floor_turn`` is the
+issue's floor: a hand-kept cache holding the first turn (prompt + generated tokens), fed only the
+follow-up's new tokens. Also mlx-vlm's own ``stream_generate`` (no prompt cache) on the image follow-ups.
+Speed does not depend on weights. ``--worker-env MLX_WORKER_LOG=debug`` logs each replay's phases
+(prompt built, cache taken, embedded, first token: ms from the request's start) next to its floor.
+On the device: ``bench/probe/final.sh 4b 3`` (installs the carried wheels when needed).
 """
 
 import argparse
@@ -35,10 +41,7 @@ GEMMA3_12B = {
                  sliding_window_pattern=6, mm_tokens_per_image=256, max_position_embeddings=32768),
     "vision": GEMMA3_4B["vision"], "processor": GEMMA3_4B["processor"], "preprocessor": GEMMA3_4B["preprocessor"],
 }
-# "deep": the 4B's 34 layers (window 1024, pattern 6) at the smoke width: on a CPU its time is per-op
-# overhead, as a follow-up's is on a GPU, so the worker's overhead over raw mlx-lm shows without a GPU
-DEEP = dict(SMOKE, text=dict(SMOKE["text"], num_hidden_layers=34, sliding_window=1024, sliding_window_pattern=6))
-SHAPES = {"4b": GEMMA3_4B, "12b": GEMMA3_12B, "smoke": SMOKE, "deep": DEEP}
+SHAPES = {"4b": GEMMA3_4B, "12b": GEMMA3_12B, "smoke": SMOKE}
 QUESTION = "Describe what you see, briefly."
 FOLLOW = "And which colour dominates in the upper half? Answer in one short sentence."
 # the same follow-up with its first word changed, replayed: past the window each costs the same work (the
@@ -62,7 +65,7 @@ def build(shape: str, root: Path) -> Path:
         text.setdefault("max_position_embeddings", 32768)
         build_vlm_fixture("gemma3", path, 0, text_overrides=text,
                           overrides={k: spec[k] for k in ("config", "vision", "processor", "preprocessor")},
-                          dtype="float32" if shape in ("smoke", "deep") else "bfloat16")
+                          dtype="float32" if shape == "smoke" else "bfloat16")
     return path
 
 
@@ -269,7 +272,7 @@ def main(argv=None):
         if not p.exists():
             Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(p)
         images.append(str(p))
-    gpu = args.shape not in ("smoke", "deep")
+    gpu = args.shape != "smoke"
     env = {"MLX_WORKER_DEVICE": "gpu", "MLX_WORKER_BLAS": "off"} if gpu else {}
     env.update(kv.split("=", 1) for kv in args.worker_env)
     w = TimedWorker(env=env)

@@ -1,2 +1,0 @@
-import sys
-sys.setswitchinterval(0.1)
