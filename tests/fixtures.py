@@ -317,7 +317,7 @@ def _build_weights(family: str, cfg: dict, seed: int, suppressed: list[int]) -> 
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    module = importlib.import_module(f"mlx_lm.models.{family}")
+    module = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(cfg))
     weights = dict(tree_flatten(model.parameters()))
