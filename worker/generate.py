@@ -5,6 +5,7 @@ Runs on the engine thread only. Emits events through ``emit``; never formats JSO
 
 import collections
 import functools
+import json
 import logging
 import time
 from contextlib import nullcontext
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import mlx.core as mx
+import msgspec
 from mlx_lm.generate import generate_step, maybe_quantize_kv_cache, speculative_generate_step
 
 from .cache import cache_len
@@ -19,9 +21,10 @@ from .cache.layout import trimmable_span
 from .cache.snapshots import bounded, take_snapshot
 from .model import ModelKit
 from .prompt import build_prompt
-from .protocol import Done, Generate, Progress, Stats, Token, WorkerError
-from .sampling import JsonConstraint, logprob_report, processors_for, sampler_for
-from .textstream import TextStream
+from .channels import Channels, Markers, initial_channel
+from .protocol import Done, FunctionCall, Generate, Progress, Stats, Token, ToolCall, ToolCallEvent, WorkerError
+from .sampling import AnswerOnly, JsonConstraint, ToolCallConstraint, logprob_report, processors_for, sampler_for
+from .tools import call_grammar, tools_on
 
 log = logging.getLogger("worker")
 
@@ -50,10 +53,37 @@ def speculation_for(kit: ModelKit, req: Generate, plan, budget: int) -> Speculat
     wraps = bool(spans) and len(plan.ids) + budget + req.params.num_draft_tokens >= min(spans)
     for cond, why in ((not req.params.speculative, "request"), (plan.embed is not None, "images"),
                       (req.params.json_schema is not None, "json_schema"),
+                      (req.prompt.tools and req.prompt.tool_choice not in ("auto", "none"), "tool_choice"),
                       (kit.options.max_kv_size is not None, "max_kv_size"), (wraps, "sliding window")):
         if cond:
             return Speculation(False, f"off: {why}")
     return Speculation(True, "on")
+
+
+def _markers(kit: ModelKit, req: Generate) -> Markers:
+    tok, fmt = kit.tokenizer, kit.tool_format if tools_on(kit, req.prompt) else None
+    think = (tok.think_start, tok.think_end) if getattr(tok, "has_thinking", False) else None
+    if fmt is None:
+        return Markers(think=think)
+    tools = [msgspec.to_builtins(t) for t in req.prompt.tools]
+    return Markers(think=think, tool=(fmt.start, fmt.end), parser=fmt.parse, tools=tools)
+
+
+def _constraint(kit: ModelKit, req: Generate, ids: List[int]):
+    """The request's grammar (json_schema, or a constrained tool call), for the answer only on a model
+    with single-token thinking markers."""
+    grammar = call_grammar(kit, req.prompt, kit.tool_format) if tools_on(kit, req.prompt) else None
+    schema = req.params.json_schema
+    if grammar is not None and schema is not None:
+        raise WorkerError("invalid_params", "params.json_schema and a constrained prompt.tool_choice cannot be "
+                          "combined")
+    if schema is None and grammar is None:
+        return None
+    c = JsonConstraint(kit, schema) if schema is not None else ToolCallConstraint(kit, grammar)
+    tok = kit.tokenizer
+    if getattr(tok, "has_thinking", False) and len(tok.think_start_tokens) == 1 == len(tok.think_end_tokens):
+        return AnswerOnly(c, tok.think_start_tokens[0], tok.think_end_tokens[0], initial_channel(tok, ids))
+    return c
 
 
 def check_params(kit: ModelKit, req: Generate) -> None:
@@ -79,6 +109,7 @@ class Outcome:
     t_first: Optional[float] = None
     marks: dict = field(default_factory=dict)  # phase name -> perf_counter, for the debug log
     from_draft: int = 0
+    calls: int = 0  # tool_call events emitted
 
 
 def _prefill(model, cache, tokens: List[int], step: int, quantize, on_chunk) -> None:
@@ -172,15 +203,25 @@ def _decode(kit, req, gen, stream, emit, cancelled, spec: Speculation, on_first,
     eos, stop_ids = set(kit.info.eos_token_ids), set(params.stop_token_ids)
     want_lp, extras = params.top_logprobs > 0, collections.deque()  # (logprob report, from_draft)
 
-    def release(text, tok_ids):
-        if not (text or tok_ids):
-            return
-        ev = Token(id=req.id, text=text, tokens=tok_ids)
-        if want_lp or spec.on:
-            got = [extras.popleft() for _ in tok_ids]
-            ev.logprobs = [g[0] for g in got] if want_lp else None
-            ev.from_draft = [g[1] for g in got] if spec.on else None
-        emit(ev)
+    thinking = stream.markers.think is not None
+
+    def release(pieces):
+        for piece in pieces:
+            ids = piece.ids
+            got = [extras.popleft() for _ in ids] if want_lp or spec.on else []
+            if piece.kind == "tool_call":  # the call's ids go with its first event (no logprobs)
+                for call in piece.calls:
+                    emit(ToolCallEvent(id=req.id, index=out.calls, call=_tool_call(call), tokens=ids))
+                    out.calls, ids = out.calls + 1, []
+                continue
+            if not (piece.text or ids):
+                continue
+            ev = Token(id=req.id, text=piece.text, tokens=ids,
+                       channel=("reasoning" if piece.kind == "reasoning" else "answer") if thinking else None)
+            if got:
+                ev.logprobs = [g[0] for g in got] if want_lp else None
+                ev.from_draft = [g[1] for g in got] if spec.on else None
+            emit(ev)
 
     try:
         for token, logprobs, from_draft in gen:
@@ -196,7 +237,7 @@ def _decode(kit, req, gen, stream, emit, cancelled, spec: Speculation, on_first,
             if want_lp or spec.on:
                 report = logprob_report(kit, token, logprobs, params.top_logprobs) if want_lp else None
                 extras.append((report, bool(from_draft)))
-            release(*stream.add(token))
+            release(stream.add(token))
             if stream.stop_string is not None:
                 out.reason = "stop_string"
                 break
@@ -208,7 +249,12 @@ def _decode(kit, req, gen, stream, emit, cancelled, spec: Speculation, on_first,
     finally:
         gen.close()
     if out.reason != "stop_string":
-        release(*stream.finish())
+        release(stream.finish())
+
+
+def _tool_call(call: dict) -> ToolCall:
+    return ToolCall(id=call["id"], function=FunctionCall(
+        name=call["name"], arguments=json.dumps(call["arguments"], ensure_ascii=False)))
 
 
 def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bool]) -> Done:
@@ -223,7 +269,7 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     if ctx is not None and n_prompt >= ctx:
         raise WorkerError("context_overflow", f"the prompt has {n_prompt} tokens; the context holds {ctx}")
     budget = params.max_tokens if ctx is None else min(params.max_tokens, ctx - n_prompt)
-    constraint = JsonConstraint(kit, params.json_schema) if params.json_schema is not None else None
+    constraint = _constraint(kit, req, ids)
     spec = speculation_for(kit, req, plan, budget)
     if params.seed is not None:
         mx.random.seed(params.seed)
@@ -266,7 +312,7 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     decode_snaps = []
     if not spec.on and any(bounded(c) for c in lease.cache):
         gen = _with_snapshots(gen, lease.cache, decode_snaps)
-    stream = TextStream(kit.tokenizer.detokenizer, params.stop)
+    stream = Channels(kit.tokenizer.detokenizer, params.stop, _markers(kit, req), initial_channel(kit.tokenizer, ids))
     try:
         with plan.state if plan.state is not None else nullcontext():
             _decode(kit, req, gen, stream, emit, cancelled, spec, on_first, out)
@@ -281,17 +327,23 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     if out.reason is None:
         out.reason = "cancelled" if cancelled() else (
             "max_tokens" if budget == params.max_tokens else "context_full")
-    emit(_stats(req, n_prompt, cached, lease.miss_reason, out, tic, spec, proposed[0]))
+    emit(_stats(req, n_prompt, cached, lease.miss_reason, out, tic, spec, proposed[0],
+                stream.reasoning_tokens if stream.markers.think else None))
     if log.isEnabledFor(logging.DEBUG):  # MLX_WORKER_LOG=debug: where the time to the first token went
         marks = dict(out.marks, first=out.t_first, stored=time.perf_counter())
         log.debug("generate %s: %s ms (cached %d of %d)", req.id, ", ".join(
             f"{k} {(v - tic) * 1000:.1f}" for k, v in marks.items() if v is not None), cached, n_prompt)
+    if stream.calls and out.reason == "eos":
+        out.reason = "tool_calls"
     return Done(id=req.id, request="generate", stop_reason=out.reason, stop_string=stream.stop_string,
                 stop_token=out.stop_token, text=stream.text, cached_tokens=cached,
-                cache_miss_reason=lease.miss_reason)
+                cache_miss_reason=lease.miss_reason,
+                reasoning="".join(stream.reasoning) if stream.markers.think else None,
+                tool_calls=[_tool_call(c) for c in stream.calls] or None)
 
 
-def _stats(req, n_prompt, cached, miss_reason, out: Outcome, tic, spec: Speculation, proposed) -> Stats:
+def _stats(req, n_prompt, cached, miss_reason, out: Outcome, tic, spec: Speculation, proposed,
+           reasoning_tokens) -> Stats:
     toc = time.perf_counter()
     n_gen, t_first = len(out.generated), out.t_first
     prompt_s = (t_first or toc) - tic
@@ -304,5 +356,5 @@ def _stats(req, n_prompt, cached, miss_reason, out: Outcome, tic, spec: Speculat
         generation_tps=round((n_gen - 1) / decode_s, 3) if n_gen > 1 and decode_s > 0 else 0.0,
         peak_memory_bytes=int(mx.get_peak_memory()), total_s=round(toc - tic, 6),
         speculative=spec.label, draft_tokens_accepted=out.from_draft if spec.on else None,
-        draft_tokens_proposed=proposed if spec.on else None,
+        draft_tokens_proposed=proposed if spec.on else None, reasoning_tokens=reasoning_tokens,
     )

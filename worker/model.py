@@ -17,6 +17,7 @@ from .cache import DiskCache, PromptCacheStore, layout_identity, model_identity
 from .cache.layout import make_cache, quantizable
 from .prefix_tokens import PrefixTokenizer, probe_texts
 from .protocol import LoadOptions, ModelInfo, WorkerError, failing_as
+from .tools import tool_format
 from .weights import nbytes, stored_dtype
 
 log = logging.getLogger("worker")
@@ -43,6 +44,7 @@ class ModelKit:
     draft: object = None  # a DraftKit for speculative decoding
     weights_bytes: int = 0  # the text model and the vision tower (max_memory counts the draft too)
     encoder: object = None  # a PrefixTokenizer: prompts tokenized reusing the previous prompt's ids
+    tool_format: object = None  # a tools.ToolFormat: how this model's tool calls look and parse
 
 
 def read_config(path: Path) -> dict:
@@ -201,9 +203,13 @@ def load(path_str: str, options: LoadOptions, progress: Callable[[float], None])
                                   f"{options.max_memory / 2**30:.2f} GiB")
     progress(0.96)
     info.vision = addon is not None
+    fmt = tool_format(tokenizer) if info.chat_template else None
+    info.tool_parser, info.tool_prompt = (fmt.parser, fmt.source) if fmt else (None, None)
+    if getattr(tokenizer, "has_thinking", False):
+        info.reasoning_markers = [tokenizer.think_start, tokenizer.think_end]
     kit = ModelKit(path, model, tokenizer, config, options, info, make_store(path, model, options, info),
                    warnings, addon, weights_bytes=weights,
-                   encoder=PrefixTokenizer(tokenizer._tokenizer, probe_texts(tokenizer)))
+                   encoder=PrefixTokenizer(tokenizer._tokenizer, probe_texts(tokenizer)), tool_format=fmt)
     if options.draft_model_path:  # its own load stages report 0.96-0.97 (and check cancel)
         kit.draft = load_draft(kit, options.draft_model_path, lambda f: progress(round(0.96 + f / 100, 4)))
     warm = options.warmup if options.warmup is not None else mx.default_device().type == mx.DeviceType.gpu

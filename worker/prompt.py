@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 from .protocol import Generate, TextPart, WorkerError
+from .tools import check_tools, tool_fields, tools_on, worker_rendering
 
 
 @dataclass
@@ -44,6 +45,11 @@ def normalise(kit, req: Generate) -> PromptInput:
     p = req.prompt
     if sum(x is not None for x in (p.text, p.tokens, p.messages)) != 1:
         raise WorkerError("invalid_params", "prompt needs exactly one of `text`, `tokens`, `messages`")
+    for name in ("tools", "template_kwargs"):
+        if getattr(p, name) is not None and p.messages is None:
+            raise WorkerError("invalid_params", f"prompt.{name} needs prompt.messages (the chat template uses it)")
+    if p.tool_choice != "auto" and not p.tools:
+        raise WorkerError("invalid_params", "prompt.tool_choice needs prompt.tools")
     images = list(p.images or [])
     if p.messages is not None:
         if images:
@@ -67,14 +73,31 @@ def normalise(kit, req: Generate) -> PromptInput:
         return PromptInput(text=p.text, images=images, add_special_tokens=p.add_special_tokens)
     if not kit.info.chat_template:
         raise WorkerError("invalid_params", "this model has no chat template; send prompt.text or prompt.tokens")
-    messages = [{"role": m.role, "content": _content(m.content, bool(images))} for m in p.messages]
+    messages, kwargs = chat_input(kit, p, bool(images))
     try:
         text = kit.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=p.add_generation_prompt)
+                                                 add_generation_prompt=p.add_generation_prompt, **kwargs)
     except Exception as exc:  # jinja errors: the template refused these messages
         raise WorkerError("invalid_params", f"the chat template failed on these messages: {exc}")
     special = kit.addon.add_special_tokens_for_chat if images else False
     return PromptInput(text=text, images=images, add_special_tokens=special)
+
+
+def chat_input(kit, p, with_images: bool):
+    """The messages and extra template arguments (tools, template_kwargs) the chat template gets."""
+    called: set = set()
+    messages = [{"role": m.role, "content": _content(m.content if m.content is not None else "", with_images),
+                 **tool_fields(i, m, called)} for i, m in enumerate(p.messages)]
+    kwargs = dict(p.template_kwargs or {})
+    tools = check_tools(p)
+    tools = tools if tools_on(kit, p) else []
+    fmt = kit.tool_format
+    if fmt is not None and fmt.source == "worker":  # the template ignores tools: the worker renders them
+        if tools or called:
+            messages = worker_rendering(messages, tools)
+    elif tools:
+        kwargs["tools"] = tools
+    return messages, kwargs
 
 
 def _content(content, with_images: bool):

@@ -8,7 +8,7 @@ import mlx.core as mx
 from . import __version__, blas
 from .protocol import (
     PROTOCOL_VERSION, REQUEST_TYPES, DeviceInfo, Generate, GenerateParams, Limits, LoadOptions, Progress, Prompt,
-    Ready,
+    Ready, Token,
 )
 from .server import MAX_QUEUE
 
@@ -31,6 +31,9 @@ FEATURES = {
     "max_memory": (LoadOptions, "max_memory"),
     "warmup": (LoadOptions, "warmup"),
     "prompt_progress": (Progress, "processed"),
+    "tools": (Prompt, "tools"),
+    "reasoning": (Token, "channel"),
+    "template_kwargs": (Prompt, "template_kwargs"),
 }
 
 

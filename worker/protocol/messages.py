@@ -4,7 +4,7 @@ Requests are a tagged union on ``type``; events carry ``type``, ``id`` and ``seq
 thread assigns ``seq`` just before encoding, so events are built with ``seq=0``.
 """
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import msgspec
 from msgspec import Meta, Struct
@@ -12,7 +12,7 @@ from typing_extensions import Annotated
 
 from .errors import CODES
 
-PROTOCOL_VERSION = "1.2"
+PROTOCOL_VERSION = "1.3"
 
 
 def doc(t, text: str):
@@ -85,9 +85,51 @@ class ImageUrlPart(Struct, tag="image_url", tag_field="type", forbid_unknown_fie
 ContentPart = Union[TextPart, ImagePart, ImageUrlPart]
 
 
+FunctionName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+
+
+class FunctionCall(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: doc(FunctionName, "the function called")
+    arguments: doc(Union[str, dict], "its arguments: JSON text (OpenAI's form; events always send this) "
+                   "or, in a request, an object") = "{}"
+
+
+class ToolCall(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A call the model made, in OpenAI's form: append it to the assistant message as it is."""
+
+    id: doc(Annotated[str, Meta(min_length=1, max_length=256)], "the call's id; a tool message answers it")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Struct, forbid_unknown_fields=True, kw_only=True):
     role: Annotated[str, Meta(min_length=1)]
-    content: Union[str, list[ContentPart]] = ""
+    content: Union[str, list[ContentPart], None] = ""
+    tool_calls: doc(Optional[list[ToolCall]], "assistant: the calls it made (from done.tool_calls)") = None
+    tool_call_id: doc(Optional[Annotated[str, Meta(min_length=1, max_length=256)]],
+                      "tool: the id of the call this message answers (required for role tool)") = None
+    name: doc(Optional[str], "tool: the function's name (for templates that show it)") = None
+
+
+class FunctionDef(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: doc(FunctionName, "letters, digits, _ . -; at most 64")
+    description: doc(Optional[str], "what it does, for the model") = None
+    parameters: doc(dict, "a JSON Schema (type object) for its arguments; {}: no arguments") = {}
+    strict: doc(Optional[bool], "accepted for OpenAI compatibility; the schema is used as it is") = None
+
+
+class Tool(Struct, forbid_unknown_fields=True, kw_only=True):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class ToolChoiceFunction(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: FunctionName
+
+
+class NamedToolChoice(Struct, forbid_unknown_fields=True, kw_only=True):
+    type: Literal["function"] = "function"
+    function: ToolChoiceFunction
 
 
 class Prompt(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -99,6 +141,13 @@ class Prompt(Struct, forbid_unknown_fields=True, kw_only=True):
     images: doc(Optional[list[ImagePart]], "images for a text or tokens prompt, one per placeholder") = None
     add_generation_prompt: doc(bool, "messages: end with the assistant's turn header") = True
     add_special_tokens: doc(bool, "text: let the tokenizer add BOS etc.") = True
+    tools: doc(Optional[Annotated[list[Tool], Meta(max_length=128)]],
+               "messages: functions the model may call, rendered by the chat template") = None
+    tool_choice: doc(Union[Literal["auto", "none", "required"], NamedToolChoice],
+                     "auto: the model decides; none: tools are not offered; required / a named function: the "
+                     "output is constrained to one valid call") = "auto"
+    template_kwargs: doc(Optional[dict], "messages: extra chat-template variables, e.g. {\"enable_thinking\": "
+                         "false}") = None
 
 
 class GenerateParams(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -229,6 +278,16 @@ class Token(Event, tag="token", kw_only=True):
     tokens: doc(list[int], "the token ids this event releases (possibly more than one, or none)")
     logprobs: doc(Optional[list[TokenLogprob]], "with params.top_logprobs > 0: one per id in `tokens`") = None
     from_draft: doc(Optional[list[bool]], "when the draft model decodes: one per id in `tokens`") = None
+    channel: doc(Optional[Literal["reasoning", "answer"]], "for models with thinking markers: which part of the "
+                 "output `text` belongs to (markers are not in it)") = None
+
+
+class ToolCallEvent(Event, tag="tool_call", kw_only=True):
+    """A complete tool call, parsed by mlx-lm's parser for the model's format (ModelInfo.tool_parser)."""
+
+    index: doc(int, "0, 1, ... within the request")
+    call: ToolCall
+    tokens: doc(list[int], "the ids of the call's tokens, markers included")
 
 
 class Stats(Event, tag="stats", kw_only=True):
@@ -244,6 +303,7 @@ class Stats(Event, tag="stats", kw_only=True):
     speculative: doc(Optional[str], "with a draft model loaded: \"on\", or \"off: <why>\"") = None
     draft_tokens_accepted: doc(Optional[int], "speculative: generated tokens that came from the draft") = None
     draft_tokens_proposed: doc(Optional[int], "speculative: tokens the draft proposed") = None
+    reasoning_tokens: doc(Optional[int], "models with thinking markers: generated tokens of the reasoning") = None
 
 
 class CacheStats(Struct, kw_only=True):
@@ -269,9 +329,14 @@ class ModelInfo(Struct, omit_defaults=True, kw_only=True):
     parameters: doc(int, "parameters of the text model")
     load_s: doc(float, "seconds the load took")
     warmup_s: doc(Optional[float], "seconds the warm-up took (with warmup)") = None
+    tool_parser: doc(Optional[str], "mlx-lm's tool-call parser for this model's format (json_tools, mistral, "
+                     "...); omitted when tools are not parsed") = None
+    tool_prompt: doc(Optional[Literal["template", "worker"]], "who renders tools: the chat template, or the "
+                     "worker's own system prompt (templates that ignore tools)") = None
+    reasoning_markers: doc(Optional[list[str]], "the thinking markers [start, end], for reasoning models") = None
 
 
-StopReason = Literal["eos", "stop_string", "stop_token", "max_tokens", "context_full", "cancelled"]
+StopReason = Literal["eos", "stop_string", "stop_token", "max_tokens", "context_full", "cancelled", "tool_calls"]
 
 
 class Done(Event, tag="done", kw_only=True):
@@ -282,7 +347,10 @@ class Done(Event, tag="done", kw_only=True):
     stop_reason: doc(Optional[StopReason], "generate: why it ended; any request: cancelled") = None
     stop_string: doc(Optional[str], "generate: the stop string that ended it") = None
     stop_token: doc(Optional[int], "generate: the EOS or stop token that ended it") = None
-    text: doc(Optional[str], "generate: the whole generated text (\"\" when none)") = None
+    text: doc(Optional[str], "generate: the whole generated answer text (\"\" when none; without the "
+              "reasoning and the tool calls)") = None
+    reasoning: doc(Optional[str], "generate, models with thinking markers: the reasoning text") = None
+    tool_calls: doc(Optional[list[ToolCall]], "generate: the calls the model made, in order") = None
     cached_tokens: doc(Optional[int], "generate: as in stats (absent when it never ran)") = None
     cache_miss_reason: doc(Optional[str], "generate: as in stats") = None
     # load, status
@@ -316,4 +384,4 @@ class Fatal(Event, tag="fatal", kw_only=True):
     reason: doc(str, "what failed")
 
 
-AnyEvent = Union[Ready, Progress, Token, Stats, Done, Error, Fatal]
+AnyEvent = Union[Ready, Progress, Token, ToolCallEvent, Stats, Done, Error, Fatal]
