@@ -137,3 +137,18 @@ def test_transcript_lines_match_the_schema():
         errors = list(validator.iter_errors(ev))
         assert not errors, (ev, errors[0].message)
     assert events[0]["protocol_version"] == messages.PROTOCOL_VERSION
+
+
+def test_tool_round_trip_lines_match_the_schema():
+    """The tool round trip in PROTOCOL.md (*Tools and reasoning*): every event line is a valid event."""
+    import jsonschema
+
+    text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
+    block = text.split("## Tools and reasoning", 1)[1].split("```", 2)[1]
+    schema = json.loads(schema_text())
+    validator = jsonschema.Draft202012Validator({**schema, "oneOf": [{"$ref": "#/$defs/Event"}]})
+    events = [json.loads(line[2:]) for line in block.splitlines() if line.startswith("← {")]
+    assert {e["type"] for e in events} >= {"tool_call", "done"}
+    for ev in events:
+        errors = list(validator.iter_errors(ev))
+        assert not errors, (ev, errors[0].message)
