@@ -82,3 +82,26 @@ def test_async_client(llama_dir):
             assert done["stop_reason"] == "max_tokens"
 
     asyncio.run(main())
+
+
+@pytest.mark.real_model
+def test_the_agent_example_runs_two_tools_on_the_default_model(smollm2_dir, capsys):
+    """host_examples/python/agent_tools.py on SmolLM2: a forced first call, the host runs it, the result goes
+    back, and the follow-up reuses the whole first turn (the call included) from the prompt cache."""
+    import json
+
+    from agent_tools import TOOLS, agent, run_tool
+
+    out = asyncio.run(agent(str(smollm2_dir), "What is the weather in Paris, in Fahrenheit?", 3, 96))
+    msgs = out["messages"]
+    assert out["steps"] >= 2 and msgs[1]["role"] == "assistant" and msgs[1]["tool_calls"]
+    call = msgs[1]["tool_calls"][0]["function"]
+    assert call["name"] in {t["function"]["name"] for t in TOOLS}
+    assert msgs[2] == {"role": "tool", "tool_call_id": msgs[1]["tool_calls"][0]["id"],
+                       "content": run_tool(call["name"], json.loads(call["arguments"]))}
+    lines = capsys.readouterr().out.splitlines()
+    first = next(x for x in lines if x.startswith("step 0: tool_calls"))
+    second = next(x for x in lines if x.startswith("step 1: ") and x.endswith("from the cache"))
+    prompt0 = int(first.split(" of ")[1].split()[0])
+    cached1 = int(second.split(", ")[1].split(" of ")[0])
+    assert cached1 > prompt0  # the first prompt and the call's tokens

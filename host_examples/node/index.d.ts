@@ -61,6 +61,8 @@ export interface Done {
   model?: ModelInfo | null;
   /** status: queued request ids, in order */
   queue?: Array<string> | null;
+  /** generate, models with thinking markers: the reasoning text */
+  reasoning?: string | null;
   /** the type of the request this ends */
   request: "cache_clear" | "cancel" | "generate" | "load" | "load_draft" | "shutdown" | "status" | "tokenize" | "unload";
   /** 1 for ready, then +1 per line: a gap means a lost line */
@@ -68,14 +70,16 @@ export interface Done {
   /** status: what the engine does now */
   state?: "busy" | "empty" | "generating" | "idle" | "loading" | null;
   /** generate: why it ended; any request: cancelled */
-  stop_reason?: "cancelled" | "context_full" | "eos" | "max_tokens" | "stop_string" | "stop_token" | null;
+  stop_reason?: "cancelled" | "context_full" | "eos" | "max_tokens" | "stop_string" | "stop_token" | "tool_calls" | null;
   /** generate: the stop string that ended it */
   stop_string?: string | null;
   /** generate: the EOS or stop token that ended it */
   stop_token?: number | null;
-  /** generate: the whole generated text ("" when none) */
+  /** generate: the whole generated answer text ("" when none; without the reasoning and the tool calls) */
   text?: string | null;
   tokens?: Array<number> | null;
+  /** generate: the calls the model made, in order */
+  tool_calls?: Array<ToolCall> | null;
   type: "done";
   warnings?: Array<string> | null;
 }
@@ -94,7 +98,7 @@ export interface Error {
   type: "error";
 }
 
-export type Event = Ready | Progress | Token | Stats | Done | Error | Fatal;
+export type Event = Ready | Progress | Token | ToolCallEvent | Stats | Done | Error | Fatal;
 
 /** The last line before the worker exits on a failure it cannot survive (exit status 70). */
 export interface Fatal {
@@ -105,6 +109,24 @@ export interface Fatal {
   /** 1 for ready, then +1 per line: a gap means a lost line */
   seq: number;
   type: "fatal";
+}
+
+export interface FunctionCall {
+  /** its arguments: JSON text (OpenAI's form; events always send this) or, in a request, an object */
+  arguments?: string | Record<string, unknown>;
+  /** the function called */
+  name: string;
+}
+
+export interface FunctionDef {
+  /** what it does, for the model */
+  description?: string | null;
+  /** letters, digits, _ . -; at most 64 */
+  name: string;
+  /** a JSON Schema (type object) for its arguments; {}: no arguments */
+  parameters?: Record<string, unknown>;
+  /** accepted for OpenAI compatibility; the schema is used as it is */
+  strict?: boolean | null;
 }
 
 export interface Generate {
@@ -230,8 +252,14 @@ export interface LoadOptions {
 }
 
 export interface Message {
-  content?: string | Array<TextPart | ImagePart | ImageUrlPart>;
+  content?: string | Array<TextPart | ImagePart | ImageUrlPart> | null;
+  /** tool: the function's name (for templates that show it) */
+  name?: string | null;
   role: string;
+  /** tool: the id of the call this message answers (required for role tool) */
+  tool_call_id?: string | null;
+  /** assistant: the calls it made (from done.tool_calls) */
+  tool_calls?: Array<ToolCall> | null;
 }
 
 export interface ModelInfo {
@@ -253,14 +281,25 @@ export interface ModelInfo {
   path: string;
   /** prompt tokens per prefill chunk (the option, or the device default) */
   prefill_step_size: number;
+  /** the thinking markers [start, end], for reasoning models */
+  reasoning_markers?: Array<string> | null;
   /** the dtype of the checkpoint's weights */
   stored_dtype: string;
+  /** mlx-lm's tool-call parser for this model's format (json_tools, mistral, ...); omitted when tools are not parsed */
+  tool_parser?: string | null;
+  /** who renders tools: the chat template, or the worker's own system prompt (templates that ignore tools) */
+  tool_prompt?: "template" | "worker" | null;
   /** accepts images (a vision add-on is loaded); omitted when false */
   vision?: boolean;
   /** token ids are below this */
   vocab_size: number;
   /** seconds the warm-up took (with warmup) */
   warmup_s?: number | null;
+}
+
+export interface NamedToolChoice {
+  function: ToolChoiceFunction;
+  type?: "function";
 }
 
 export interface Progress {
@@ -291,10 +330,16 @@ export interface Prompt {
   images?: Array<ImagePart> | null;
   /** a chat, rendered through the model's chat template */
   messages?: Array<Message> | null;
+  /** messages: extra chat-template variables, e.g. {"enable_thinking": false} */
+  template_kwargs?: Record<string, unknown> | null;
   /** raw text, tokenized as it is */
   text?: string | null;
   /** token ids, used as they are */
   tokens?: Array<number> | null;
+  /** auto: the model decides; none: tools are not offered; required / a named function: the output is constrained to one valid call */
+  tool_choice?: "auto" | "none" | "required" | NamedToolChoice;
+  /** messages: functions the model may call, rendered by the chat template */
+  tools?: Array<Tool> | null;
 }
 
 export interface Ready {
@@ -344,6 +389,8 @@ export interface Stats {
   prompt_tokens: number;
   /** uncached prompt tokens per second */
   prompt_tps: number;
+  /** models with thinking markers: generated tokens of the reasoning */
+  reasoning_tokens?: number | null;
   /** 1 for ready, then +1 per line: a gap means a lost line */
   seq: number;
   /** with a draft model loaded: "on", or "off: <why>" */
@@ -367,6 +414,8 @@ export interface TextPart {
 }
 
 export interface Token {
+  /** for models with thinking markers: which part of the output `text` belongs to (markers are not in it) */
+  channel?: "answer" | "reasoning" | null;
   /** when the draft model decodes: one per id in `tokens` */
   from_draft?: Array<boolean> | null;
   /** the request this event belongs to; null for ready, fatal and unattributable errors */
@@ -399,6 +448,37 @@ export interface TokenLogprob {
   logprob: number;
   /** the most likely alternatives, best first; tokens with probability 0 (masked by json_schema) are left out, so it may be shorter than top_logprobs */
   top?: Array<TopLogprob>;
+}
+
+export interface Tool {
+  function: FunctionDef;
+  type?: "function";
+}
+
+/** A call the model made, in OpenAI's form: append it to the assistant message as it is. */
+export interface ToolCall {
+  function: FunctionCall;
+  /** the call's id; a tool message answers it */
+  id: string;
+  type?: "function";
+}
+
+/** A complete tool call, parsed by mlx-lm's parser for the model's format (ModelInfo.tool_parser). */
+export interface ToolCallEvent {
+  call: ToolCall;
+  /** the request this event belongs to; null for ready, fatal and unattributable errors */
+  id: string | null;
+  /** 0, 1, ... within the request */
+  index: number;
+  /** 1 for ready, then +1 per line: a gap means a lost line */
+  seq: number;
+  /** the ids of the call's tokens, markers included */
+  tokens: Array<number>;
+  type: "tool_call";
+}
+
+export interface ToolChoiceFunction {
+  name: string;
 }
 
 export interface TopLogprob {

@@ -100,6 +100,15 @@ class AsyncWorker:
     def generate(self, prompt, params=None, **extra):
         return self.request({"type": "generate", "prompt": prompt, "params": params or {}, **extra})
 
+    def chat(self, messages, tools=None, tool_choice="auto", template_kwargs=None, params=None, **extra):
+        """A chat turn's events (``token`` with ``channel`` for reasoning models, ``tool_call``, ...)."""
+        prompt = {"messages": messages}
+        if tools:
+            prompt.update(tools=tools, tool_choice=tool_choice)
+        if template_kwargs:
+            prompt["template_kwargs"] = template_kwargs
+        return self.generate(prompt, params, **extra)
+
     async def load(self, path, **options):
         return await self.result({"type": "load", "model_path": str(path), "options": options})
 
