@@ -276,3 +276,22 @@ def test_smollm2_gets_tools_through_the_workers_own_prompt(smollm2_dir):
         assert answer[-1]["cached_tokens"] > auto[-2]["prompt_tokens"]  # the first turn and the call
     finally:
         w.close()
+
+
+def test_tool_choice_none_renders_no_tools_and_parses_nothing(workers, dirs):
+    w = workers["hermes"]
+    evs = _gen(w, "n1", [{"role": "user", "content": None}] + ASK, max_tokens=8, tools=TOOLS, tool_choice="none")
+    _, tok = reference.load_model(dirs["hermes"])
+    plain = tok.apply_chat_template([{"role": "user", "content": ""}] + ASK, add_generation_prompt=True)
+    assert evs[-2]["prompt_tokens"] == len(plain) and "tool_calls" not in evs[-1]
+    assert _ids(evs) == reference.generate(dirs["hermes"], plain, 8)
+
+
+def test_a_constrained_call_turns_speculation_off(dirs):
+    w = Worker()
+    try:
+        w.load(dirs["mistral"], draft_model_path=str(dirs["mistral"]))  # its own draft: the same tokenizer
+        evs = _gen(w, "sp", ASK, tools=TOOLS, tool_choice="required")
+        assert evs[-2]["speculative"] == "off: tool_choice" and evs[-1]["stop_reason"] == "tool_calls"
+    finally:
+        w.close()

@@ -38,8 +38,9 @@ class Markers:
         if self.think:
             transitions["normal"] = [(self.think[0], "reasoning")]
             transitions["reasoning"] = [(self.think[1], "normal")]
-        if self.tool:
-            transitions.setdefault("normal", []).append((self.tool[0], "tool"))
+        if self.tool:  # as mlx-lm's make_text_state_machine: a call may also start inside the reasoning
+            for state in ("normal", "reasoning") if self.think else ("normal",):
+                transitions.setdefault(state, []).append((self.tool[0], "tool"))
             transitions["tool"] = [(self.tool[1], "normal")] if self.tool[1] else []
         return TextStateMachine(transitions or None)
 

@@ -54,7 +54,7 @@ def normalise(kit, req: Generate) -> PromptInput:
     if p.messages is not None:
         if images:
             raise WorkerError("invalid_params", "put images in the messages' content, not in prompt.images")
-        images = [part for m in p.messages if not isinstance(m.content, str) for part in m.content
+        images = [part for m in p.messages if isinstance(m.content, list) for part in m.content
                   if not isinstance(part, TextPart)]
     if images and kit.addon is None:
         unsupported = " (its vision family is not supported yet)" if kit.config.get("vision_config") else ""
