@@ -7,10 +7,10 @@ import pytest
 from worker.addons.base import FeatureMemo, image_key
 from worker.addons.qwen2_vl import MRopeState, _Active
 from worker.cache.store import PromptCacheStore
-from worker.textstream import TextStream
+from worker.channels import Channels
 
 
-# ---- TextStream, with a detokenizer that maps ids to fixed strings
+# ---- the answer stream (Channels without markers), with a detokenizer that maps ids to fixed strings
 
 class FakeDetok:
     """mlx-lm's streaming detokenizer interface: add_token, finalize, last_segment, reset."""
@@ -29,14 +29,14 @@ class FakeDetok:
 
 
 def _run(pieces, ids, stop=()):
-    ts = TextStream(FakeDetok(pieces), stop)
+    ts = Channels(FakeDetok(pieces), stop)
     out = []
     for t in ids:
-        out.append(ts.add(t))
+        out += [(p.text, p.ids) for p in ts.add(t)]
         if ts.stop_string is not None:
             break
     else:
-        out.append(ts.finish())
+        out += [(p.text, p.ids) for p in ts.finish()]
     return ts, out
 
 

@@ -6,8 +6,9 @@ them on decoded text with its ``TextStateMachine`` (robust to how the marker is 
 feeds the streaming detokenizer's text through that machine and releases:
 
 - reasoning text as it comes (markers stripped),
-- answer text held back like ``TextStream`` does (stop strings, incomplete UTF-8); stop strings apply to
-  the answer only, so a stop string inside the reasoning does not end the generation,
+- answer text only when it is final: never half of a UTF-8 character, never the start of something
+  that may still become a stop string; stop strings apply to the answer only, so a stop string inside
+  the reasoning does not end the generation,
 - each tool call once its end marker (or the end of the generation) is reached, parsed by mlx-lm's
   parser; a call that does not parse is released as answer text, markers included, so nothing is lost.
 
@@ -21,7 +22,6 @@ from typing import Callable, List, Optional, Sequence
 
 from mlx_lm.generate import TextStateMachine
 
-from .textstream import _first_stop, _partial_stop_len
 
 
 @dataclass(frozen=True)
@@ -187,3 +187,23 @@ def initial_channel(tokenizer, ids: List[int]) -> str:
         return "normal"
     start, end = tokenizer.rfind_think_start(ids), tokenizer.rfind_think_end(ids)
     return "reasoning" if start > end else "normal"
+
+
+def _first_stop(text: str, stops: Sequence[str]):
+    best, match = len(text) + 1, None
+    for s in stops:
+        i = text.find(s)
+        if i != -1 and i < best:
+            best, match = i, s
+    return best, match
+
+
+def _partial_stop_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), n, -1):
+            if text.endswith(s[:k]):
+                n = k
+                break
+    return n

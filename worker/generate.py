@@ -280,25 +280,10 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     lease = kit.cache.take(plan.key, req.cache_key)
     out.marks["take"] = time.perf_counter()
     cached = lease.reused
-    last_progress = [0.0]
     snapshots = list(lease.snapshots)
     if cached and not spec.on:  # where the previous turn ended: an edit of this turn's message resumes here
         _snapshot_into(snapshots, lease.cache, cached)
-
-    def on_prefill(processed: int, total: int):
-        if processed >= total - 1 and not spec.on:  # the prompt but its last token; then + the first token
-            _snapshot_into(snapshots, lease.cache, cache_len(lease.cache))
-        # the end of prefill is no cancel point: the first token is already being computed, and the decode
-        # loop's check right after it keeps the cache consistent with the tokens (it is stored)
-        if processed < total and cancelled():
-            raise Cancelled()
-        now = time.perf_counter()
-        if processed in (0, total) or now - last_progress[0] >= PROGRESS_INTERVAL_S:
-            last_progress[0] = now
-            done = cached + processed
-            emit(Progress(id=req.id, stage="prompt", fraction=round(done / n_prompt, 4),
-                          total=n_prompt, cached=cached, processed=done))
-
+    on_prefill = _prefill_reporter(req, lease, snapshots, spec, n_prompt, emit, cancelled)
     mx.reset_peak_memory()
     d_lease, proposed = None, [0]
     if spec.on:
@@ -312,7 +297,8 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     decode_snaps = []
     if not spec.on and any(bounded(c) for c in lease.cache):
         gen = _with_snapshots(gen, lease.cache, decode_snaps)
-    stream = Channels(kit.tokenizer.detokenizer, params.stop, _markers(kit, req), initial_channel(kit.tokenizer, ids))
+    stream = Channels(kit.tokenizer.detokenizer, params.stop, _markers(kit, req),
+                      initial_channel(kit.tokenizer, ids))
     try:
         with plan.state if plan.state is not None else nullcontext():
             _decode(kit, req, gen, stream, emit, cancelled, spec, on_first, out)
@@ -333,10 +319,35 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
         marks = dict(out.marks, first=out.t_first, stored=time.perf_counter())
         log.debug("generate %s: %s ms (cached %d of %d)", req.id, ", ".join(
             f"{k} {(v - tic) * 1000:.1f}" for k, v in marks.items() if v is not None), cached, n_prompt)
+    return _done(req, stream, out, lease)
+
+
+def _prefill_reporter(req, lease, snapshots: list, spec: Speculation, n_prompt: int, emit, cancelled):
+    """generate_step's prompt_progress_callback: a snapshot at the prompt's end, cancel, progress events."""
+    cached, last = lease.reused, [0.0]
+
+    def on_prefill(processed: int, total: int):
+        if processed >= total - 1 and not spec.on:  # the prompt but its last token; then + the first token
+            _snapshot_into(snapshots, lease.cache, cache_len(lease.cache))
+        # the end of prefill is no cancel point: the first token is already being computed, and the decode
+        # loop's check right after it keeps the cache consistent with the tokens (it is stored)
+        if processed < total and cancelled():
+            raise Cancelled()
+        now = time.perf_counter()
+        if processed in (0, total) or now - last[0] >= PROGRESS_INTERVAL_S:
+            last[0] = now
+            done = cached + processed
+            emit(Progress(id=req.id, stage="prompt", fraction=round(done / n_prompt, 4),
+                          total=n_prompt, cached=cached, processed=done))
+
+    return on_prefill
+
+
+def _done(req, stream: Channels, out: Outcome, lease) -> Done:
     if stream.calls and out.reason == "eos":
         out.reason = "tool_calls"
     return Done(id=req.id, request="generate", stop_reason=out.reason, stop_string=stream.stop_string,
-                stop_token=out.stop_token, text=stream.text, cached_tokens=cached,
+                stop_token=out.stop_token, text=stream.text, cached_tokens=lease.reused,
                 cache_miss_reason=lease.miss_reason,
                 reasoning="".join(stream.reasoning) if stream.markers.think else None,
                 tool_calls=[_tool_call(c) for c in stream.calls] or None)
