@@ -69,7 +69,7 @@ def test_a_constrained_call_is_what_mlx_lm_parses_from_the_same_text(workers, di
     assert stats["prompt_tokens"] == len(prompt)
     # the text the model generated, parsed by mlx-lm's parser for the format the worker reported at load
     ids = _ids(evs)  # the EOS that ended it is done.stop_token, in no event
-    assert done["stop_token"] in tok.eos_token_ids
+    assert done["stop_token"] == tok.eos_token_id  # the turn end the template writes (<|im_end|>, </s>)
     raw = tok.decode(ids, skip_special_tokens=False)
     start, end = tok.tool_call_start, tok.tool_call_end
     assert raw.startswith(start) and raw.endswith(end)
@@ -295,3 +295,17 @@ def test_a_constrained_call_turns_speculation_off(dirs):
         assert evs[-2]["speculative"] == "off: tool_choice" and evs[-1]["stop_reason"] == "tool_calls"
     finally:
         w.close()
+
+
+def test_the_workers_rendering_adds_the_tool_prompt_only_when_tools_are_offered():
+    from worker.tools import WORKER_PROMPT, worker_rendering
+
+    history = ASK + [{"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "add", "arguments": {"a": 1, "b": 2}}}]}, {"role": "tool", "tool_call_id": "c1", "content": "3"}]
+    plain = worker_rendering(history, [])
+    assert [m["role"] for m in plain] == ["user", "assistant", "user"]
+    assert plain[1]["content"] == '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    assert plain[2]["content"] == "<tool_response>\n3\n</tool_response>"
+    offered = worker_rendering([{"role": "system", "content": "Be brief."}] + history, [ADD])
+    assert offered[0]["content"].startswith("Be brief.\n\n" + WORKER_PROMPT.split("{tools}")[0])
+    assert json.dumps(ADD) in offered[0]["content"] and len(offered) == 4

@@ -138,9 +138,12 @@ def llg_tokenizer(kit, field: str = "params.json_schema"):
     if lltok is None:
         import llguidance.hf
 
+        # the end a grammar forces: the tokenizer's own EOS (the turn end the chat template writes, e.g.
+        # <|im_end|>) when it is one of the model's EOS ids, else the lowest of them
+        own, ids = getattr(kit.tokenizer, "eos_token_id", None), sorted(kit.info.eos_token_ids)
         try:
             lltok = llguidance.hf.from_tokenizer(kit.tokenizer._tokenizer, n_vocab=kit.info.vocab_size,
-                                                 eos_token=sorted(kit.info.eos_token_ids)[0])
+                                                 eos_token=own if own in ids else ids[0])
         except Exception as exc:
             raise WorkerError("invalid_params", f"{field} needs a fast tokenizer: {exc}")
         kit._llg_tokenizer = lltok

@@ -10,6 +10,7 @@ whose ``name`` is the function's and whose ``arguments`` follow its schema, writ
 separators, so the template re-renders the call as it was generated.
 """
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -64,19 +65,16 @@ def tools_on(kit, prompt) -> bool:
 
 def check_tools(prompt) -> list:
     """The request's tools as the template gets them (plain dicts), after checking them."""
-    from llguidance import LLMatcher
-
     seen, out = set(), []
     for i, tool in enumerate(prompt.tools or []):
         f = tool.function
         if f.name in seen:
             raise WorkerError("invalid_params", f"prompt.tools[{i}].function.name: {f.name!r} is defined twice")
         seen.add(f.name)
-        if f.parameters:
-            err = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(json.dumps(f.parameters)))
-            if err and not err.startswith("WARNING"):
-                raise WorkerError("invalid_params", f"prompt.tools[{i}].function.parameters is not a usable "
-                                  f"JSON Schema: {err}")
+        err = _schema_error(json.dumps(f.parameters, sort_keys=True)) if f.parameters else None
+        if err:
+            raise WorkerError("invalid_params", f"prompt.tools[{i}].function.parameters is not a usable "
+                              f"JSON Schema: {err}")
         d = {"name": f.name}  # OpenAI's order: templates render the dicts as JSON
         if f.description is not None:
             d["description"] = f.description
@@ -95,6 +93,15 @@ def check_tools(prompt) -> list:
     if bad:
         raise WorkerError("invalid_params", f"prompt.template_kwargs cannot set {', '.join(bad)}")
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_error(schema_json: str) -> Optional[str]:
+    """llguidance's verdict on a tool's schema (memoized: a chat re-sends the same tools every turn)."""
+    from llguidance import LLMatcher
+
+    err = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema_json))
+    return err if err and not err.startswith("WARNING") else None
 
 
 def tool_fields(i: int, m, called: set) -> dict:
@@ -148,6 +155,8 @@ def worker_rendering(messages: list, tools: list) -> list:
         if d["role"] == "tool":
             d = {"role": "user", "content": f"<tool_response>\n{d['content']}\n</tool_response>"}
         out.append(d)
+    if not tools:  # calls and results in the history, no tools offered now
+        return out
     if out and out[0]["role"] == "system" and isinstance(out[0]["content"], str):
         out[0] = dict(out[0], content=out[0]["content"] + "\n\n" + system)
     else:
