@@ -1,7 +1,7 @@
 """Where a follow-up's time goes, in process: worker.generate.run on the kit vs raw generate_step on the same
 model, the same follow-up replayed N times (the store is put back between replays), alternating.
 
-    python -m bench.gpu_diag [--shape 4b] [--doc 2300] [--n 10]
+    python -m bench.gpu_diag [--shape 4b] [--doc 2300] [--n 10] [--keep]
 """
 
 import argparse
