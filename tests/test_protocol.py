@@ -123,32 +123,30 @@ def test_protocol_md_links_resolve():
     assert links and not links - headings, sorted(links - headings)
 
 
-def test_transcript_lines_match_the_schema():
-    """Every event line of PROTOCOL.md's transcript is a valid event of this version."""
+def _doc_events(section: str) -> list:
+    """The event lines (``← {...}``) of the first code block after ``section`` in PROTOCOL.md, each
+    checked against the JSON Schema."""
     import jsonschema
 
     text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
-    transcript = text.split("## Transcript", 1)[1].split("```", 2)[1]
+    block = text.split(section, 1)[1].split("```", 2)[1]
     schema = json.loads(schema_text())
     validator = jsonschema.Draft202012Validator({**schema, "oneOf": [{"$ref": "#/$defs/Event"}]})
-    events = [json.loads(line[2:]) for line in transcript.splitlines() if line.startswith("← ")]
-    assert events
+    events = [json.loads(line[2:]) for line in block.splitlines() if line.startswith("← {")]
     for ev in events:
         errors = list(validator.iter_errors(ev))
         assert not errors, (ev, errors[0].message)
+    return events
+
+
+def test_transcript_lines_match_the_schema():
+    """Every event line of PROTOCOL.md's transcript is a valid event of this version."""
+    events = _doc_events("## Transcript")
+    assert events
     assert events[0]["protocol_version"] == messages.PROTOCOL_VERSION
 
 
 def test_tool_round_trip_lines_match_the_schema():
     """The tool round trip in PROTOCOL.md (*Tools and reasoning*): every event line is a valid event."""
-    import jsonschema
-
-    text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
-    block = text.split("## Tools and reasoning", 1)[1].split("```", 2)[1]
-    schema = json.loads(schema_text())
-    validator = jsonschema.Draft202012Validator({**schema, "oneOf": [{"$ref": "#/$defs/Event"}]})
-    events = [json.loads(line[2:]) for line in block.splitlines() if line.startswith("← {")]
+    events = _doc_events("## Tools and reasoning")
     assert {e["type"] for e in events} >= {"tool_call", "done"}
-    for ev in events:
-        errors = list(validator.iter_errors(ev))
-        assert not errors, (ev, errors[0].message)
