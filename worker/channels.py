@@ -182,11 +182,21 @@ def _call(parsed) -> dict:
 
 def initial_channel(tokenizer, ids: List[int]) -> str:
     """"reasoning" when the prompt ends inside an open thinking block (a template that opens it), as
-    mlx-lm's server decides it."""
+    mlx-lm's server decides it (single-token markers are searched at C speed: prompts get long)."""
     if not getattr(tokenizer, "has_thinking", False):
         return "normal"
+    starts, ends = tokenizer.think_start_tokens, tokenizer.think_end_tokens
+    if len(starts) == 1 == len(ends):
+        return "reasoning" if _rindex(ids, starts[0]) > _rindex(ids, ends[0]) else "normal"
     start, end = tokenizer.rfind_think_start(ids), tokenizer.rfind_think_end(ids)
     return "reasoning" if start > end else "normal"
+
+
+def _rindex(ids: List[int], token: int) -> int:
+    try:
+        return len(ids) - 1 - ids[::-1].index(token)
+    except ValueError:
+        return -1
 
 
 def _first_stop(text: str, stops: Sequence[str]):

@@ -69,7 +69,7 @@ def _markers(kit: ModelKit, req: Generate) -> Markers:
     return Markers(think=think, tool=(fmt.start, fmt.end), parser=fmt.parse, tools=tools)
 
 
-def _constraint(kit: ModelKit, req: Generate, ids: List[int]):
+def _constraint(kit: ModelKit, req: Generate, initial: str):
     """The request's grammar (json_schema, or a constrained tool call), for the answer only on a model
     with single-token thinking markers."""
     grammar = call_grammar(kit, req.prompt, kit.tool_format) if tools_on(kit, req.prompt) else None
@@ -82,7 +82,7 @@ def _constraint(kit: ModelKit, req: Generate, ids: List[int]):
     c = JsonConstraint(kit, schema) if schema is not None else ToolCallConstraint(kit, grammar)
     tok = kit.tokenizer
     if getattr(tok, "has_thinking", False) and len(tok.think_start_tokens) == 1 == len(tok.think_end_tokens):
-        return AnswerOnly(c, tok.think_start_tokens[0], tok.think_end_tokens[0], initial_channel(tok, ids))
+        return AnswerOnly(c, tok.think_start_tokens[0], tok.think_end_tokens[0], initial)
     return c
 
 
@@ -269,7 +269,8 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     if ctx is not None and n_prompt >= ctx:
         raise WorkerError("context_overflow", f"the prompt has {n_prompt} tokens; the context holds {ctx}")
     budget = params.max_tokens if ctx is None else min(params.max_tokens, ctx - n_prompt)
-    constraint = _constraint(kit, req, ids)
+    initial = initial_channel(kit.tokenizer, ids)
+    constraint = _constraint(kit, req, initial)
     spec = speculation_for(kit, req, plan, budget)
     if params.seed is not None:
         mx.random.seed(params.seed)
@@ -297,8 +298,7 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     decode_snaps = []
     if not spec.on and any(bounded(c) for c in lease.cache):
         gen = _with_snapshots(gen, lease.cache, decode_snaps)
-    stream = Channels(kit.tokenizer.detokenizer, params.stop, _markers(kit, req),
-                      initial_channel(kit.tokenizer, ids))
+    stream = Channels(kit.tokenizer.detokenizer, params.stop, _markers(kit, req), initial)
     try:
         with plan.state if plan.state is not None else nullcontext():
             _decode(kit, req, gen, stream, emit, cancelled, spec, on_first, out)
