@@ -15,8 +15,10 @@ from typing import Callable, Optional
 import mlx.core as mx
 import msgspec
 
+from . import batch as _batch
 from . import generate as _generate
 from . import model as _model
+from .scheduler import Batcher
 from .protocol import (
     CacheClear, CacheStats, Done, Error, Generate, Load, LoadDraft, ModelInfo, Progress, Tokenize, Unload,
     WorkerError,
@@ -57,6 +59,8 @@ def _copy(info: Optional[ModelInfo]) -> Optional[ModelInfo]:
 class Engine:
     def __init__(self):
         self.kit: Optional[_model.ModelKit] = None
+        self.batcher: Optional[Batcher] = None  # with max_concurrent > 1 and a model that batches
+        self.batch_off: Optional[str] = None  # why batching is off for the loaded model (it was asked for)
         self.snapshot = Snapshot()
         self._handlers = {Load: self._load, Unload: self._unload, LoadDraft: self._load_draft,
                           Tokenize: self._tokenize, CacheClear: self._cache_clear, Generate: self._generate}
@@ -76,6 +80,51 @@ class Engine:
             return Error(id=req.id, code="internal", number=-32603, message=f"{type(exc).__name__}: {exc}")
         finally:
             self._publish()
+
+    # ---- batching (scheduler.py): the server admits generates while others decode ----------------
+
+    def route(self, req) -> str:
+        """``batch`` for a generate the batch takes, else ``solo`` (it runs alone, after the batch ends)."""
+        if self.batcher is None or not isinstance(req, Generate):
+            return "solo"
+        if self.kit.draft is not None and req.params.speculative:
+            return "solo"
+        return "batch"
+
+    @property
+    def batch_busy(self) -> bool:
+        return self.batcher is not None and self.batcher.busy
+
+    def batch_room(self) -> bool:
+        return self.batcher.room()
+
+    def admit(self, job, emit, cancelled):
+        """Start a generate in the batch; returns its terminal event when it ended at once (bad input)."""
+        try:
+            if cancelled():
+                return Done(id=job.req.id, request="generate", stop_reason="cancelled")
+            self.batcher.admit(job, emit, cancelled)
+            return None
+        except WorkerError as exc:
+            return Error(id=job.req.id, code=exc.code, number=exc.number, message=exc.message)
+        except Exception as exc:
+            traceback.print_exc()
+            return Error(id=job.req.id, code="internal", number=-32603, message=f"{type(exc).__name__}: {exc}")
+
+    def tick(self) -> list:
+        """One prefill chunk and one decode step of the batch: the (job, terminal event) pairs that ended."""
+        try:
+            done = [(f.job, f.event) for f in self.batcher.tick()]
+        except Exception as exc:  # a bug of ours, or the device failed: every request of the batch ends
+            traceback.print_exc()
+            err = WorkerError("out_of_memory" if _oom(exc) else "internal",
+                              f"the batch failed: {type(exc).__name__}: {exc}")
+            done = [(f.job, f.event) for f in self.batcher.fail_all(
+                lambda req: Error(id=req.id, code=err.code, number=err.number, message=err.message))]
+            release_memory()
+        if done:
+            self._publish()
+        return done
 
     def cancelled_late(self, req, event):
         """The request was cancelled (``cancelled: true`` was answered) but ran to its end: make it true."""
@@ -112,7 +161,7 @@ class Engine:
                                  draft_cache=CacheStats(**draft.cache.stats()) if draft else None)
 
     def _drop_model(self) -> None:
-        self.kit = None
+        self.kit, self.batcher, self.batch_off = None, None, None
         self._publish()
         release_memory()
 
@@ -134,8 +183,24 @@ class Engine:
             release_memory()  # whatever was built is unreachable now
             raise
         self.kit = kit
+        self._start_batching(kit)
         return Done(id=req.id, request="load", model=_copy(kit.info), draft=_copy(kit.draft.info if kit.draft else None),
                     warnings=kit.warnings or None)
+
+    def _start_batching(self, kit) -> None:
+        if kit.info.max_concurrent <= 1:
+            return
+        why = _batch.blocker(kit)
+        if why is not None:
+            kit.warnings.append(f"batching is off for this model ({why}): generate requests run one at a time")
+            kit.info.max_concurrent, self.batch_off = 1, why
+            return
+        self.batcher = Batcher(kit)
+        if kit.info.warmup_s is not None:  # the warm-up also compiles each batch size's kernels
+            import time
+            tic = time.perf_counter()
+            _batch.warm_up(kit.model, kit.cache.fresh, kit.info.max_concurrent)
+            kit.info.warmup_s = round(kit.info.warmup_s + time.perf_counter() - tic, 4)
 
     def _unload(self, req: Unload, emit, cancelled):
         self._drop_model()
@@ -169,7 +234,17 @@ class Engine:
         return Done(id=req.id, request="cache_clear", cache=CacheStats(**dropped))
 
     def _generate(self, req: Generate, emit, cancelled):
-        return _generate.run(self._kit(), req, emit, cancelled)
+        label = None  # what stats.batching says of a generate run alone
+        if self.batch_off is not None:
+            label = f"off: {self.batch_off}"
+        elif self.batcher is not None:
+            label = "off: speculative"  # the only generate the batch does not take
+        return _generate.run(self._kit(), req, emit, cancelled, batching=label)
+
+
+def _oom(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "out of memory" in text or "malloc" in text or "allocat" in text
 
 
 def _kind(req) -> str:

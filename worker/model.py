@@ -26,6 +26,9 @@ log = logging.getLogger("worker")
 # bound: SmolLM2 prefills 2k tokens in 9.3 s at 256 vs 15.3 s at 2048) and cancel sooner.
 CPU_PREFILL_STEP, GPU_PREFILL_STEP = 256, 2048
 
+DEFAULT_GPU_CONCURRENCY = 8  # sequences decoded together by default on a GPU (1 on a CPU: batching
+# does not pay there, bench/README.md)
+
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length")
 
@@ -212,7 +215,9 @@ def load(path_str: str, options: LoadOptions, progress: Callable[[float], None])
                    encoder=PrefixTokenizer(tokenizer._tokenizer, probe_texts(tokenizer)), tool_format=fmt)
     if options.draft_model_path:  # its own load stages report 0.96-0.97 (and check cancel)
         kit.draft = load_draft(kit, options.draft_model_path, lambda f: progress(round(0.96 + f / 100, 4)))
-    warm = options.warmup if options.warmup is not None else mx.default_device().type == mx.DeviceType.gpu
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+    info.max_concurrent = options.max_concurrent or (DEFAULT_GPU_CONCURRENCY if on_gpu else 1)
+    warm = options.warmup if options.warmup is not None else on_gpu
     if warm:
         progress(0.97)
         info.warmup_s = warm_up(kit)

@@ -6,13 +6,36 @@ from typing import List, Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
 from .protocol import GenerateParams, TokenLogprob, TopLogprob, WorkerError
 
 
 def sampler_for(params: GenerateParams):
     return make_sampler(params.temperature, params.top_p, params.min_p, top_k=params.top_k)
+
+
+def keyed_sampler(params: GenerateParams, seed: int):
+    """``sampler_for`` with its own random key sequence: the draws ``mx.random.seed(seed)`` would give a
+    request alone, whatever other requests sample in between (batched requests interleave their draws)."""
+    if params.temperature == 0:
+        return sampler_for(params)
+    methods = []
+    if 0 < params.top_p < 1.0:
+        methods.append(lambda x: apply_top_p(x, params.top_p))
+    if params.min_p != 0.0:
+        methods.append(lambda x: apply_min_p(x, params.min_p, 1))
+    if params.top_k > 0:
+        methods.append(lambda x: apply_top_k(x, params.top_k))
+    key = [mx.random.key(seed)]
+
+    def sampler(logprobs):
+        for method in methods:  # make_sampler's order
+            logprobs = method(logprobs)
+        key[0], draw = mx.random.split(key[0])  # what mx.random's global key sequence does per draw
+        return mx.random.categorical(logprobs * (1.0 / params.temperature), key=draw)
+
+    return sampler
 
 
 def processors_for(kit, params: GenerateParams, prefix: List[int]) -> list:

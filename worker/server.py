@@ -52,7 +52,7 @@ class Server:
         self.work = threading.Condition(self.lock)
         self.queue = collections.deque()
         self.live = {}  # id -> Job, for every request not yet answered
-        self.active: Optional[Job] = None
+        self.running: list = []  # jobs the engine started and did not end, oldest first
         self.engine = Engine()
         self.exiting = threading.Event()
         self.exit_code = 0
@@ -95,15 +95,16 @@ class Server:
         self._cancel_all()
         self.engine_idle.wait(SHUTDOWN_GRACE_S if self.shutdown_job else EXIT_GRACE_S)
         with self.lock:
-            late = self.active if self.active is not None and not self.active.answered else None
-        if late is not None and late.emitting.acquire(timeout=1.0):
-            try:
-                if not late.answered:
-                    late.answered = True
-                    log.warning("exiting while %s still runs: answered as cancelled", late.req.id)
-                    self.emit(_cancelled_done(late.req))
-            finally:
-                late.emitting.release()
+            late = [job for job in self.running if not job.answered]
+        for job in late:
+            if job.emitting.acquire(timeout=1.0):
+                try:
+                    if not job.answered:
+                        job.answered = True
+                        log.warning("exiting while %s still runs: answered as cancelled", job.req.id)
+                        self.emit(_cancelled_done(job.req))
+                finally:
+                    job.emitting.release()
         if self.shutdown_job is not None:
             self.emit(Done(id=self.shutdown_job.req.id, request="shutdown"))
         self.writer.flush(0.5)
@@ -113,8 +114,8 @@ class Server:
         with self.lock:
             queued = list(self.queue)
             self.queue.clear()
-            if self.active is not None:
-                self.active.cancel.set()
+            for job in self.running:
+                job.cancel.set()
         for job in queued:
             self._finish_job(job, _cancelled_done(job.req))
 
@@ -191,7 +192,7 @@ class Server:
 
     def _tokenize_now(self) -> bool:
         """Tokenize is answered at once unless a load/unload before it could change the model."""
-        pending = list(self.queue) + ([self.active] if self.active else [])
+        pending = list(self.queue) + self.running
         return not any(isinstance(j.req, (Load, Unload)) for j in pending)
 
     def _cancel(self, req: Cancel) -> Done:
@@ -212,13 +213,14 @@ class Server:
 
     def _status(self, req: Status) -> Done:
         snap = self.engine.snapshot
-        if self.active is None:
+        running = list(self.running)
+        if not running:
             state = "idle" if snap.model is not None else "empty"
         else:
-            state = {Load: "loading", Generate: "generating"}.get(type(self.active.req), "busy")
+            state = {Load: "loading", Generate: "generating"}.get(type(running[0].req), "busy")
         return Done(
             id=req.id, request="status", state=state, model=snap.model, draft=snap.draft,
-            active=self.active.req.id if self.active else None,
+            active=running[0].req.id if running else None, running=[j.req.id for j in running],
             queue=[j.req.id for j in self.queue],
             engine_alive=self.engine_thread.is_alive(),
             cache=snap.cache, draft_cache=snap.draft_cache,
@@ -246,27 +248,47 @@ class Server:
             self.engine_idle.set()
 
     def _engine_jobs(self) -> None:
+        """FIFO from the queue: a generate the batch takes is admitted while others decode; any other
+        request (or a generate that must run alone) waits for the batch to end, then runs alone."""
+        engine = self.engine
         while True:
+            job, route = None, None
             with self.work:
-                while not self.queue:
+                while not self.queue and not engine.batch_busy:
                     self.work.wait()
-                job = self.queue.popleft()
-                self.active = job
-                self.engine_idle.clear()
-            event = self.engine.run(job.req, functools.partial(job.emit_unless_answered, self.emit),
-                                    job.cancel.is_set)
-            with self.lock:  # from here no cancel can reach this job: its flag is final
-                self.live.pop(job.req.id, None)
-            if job.cancel.is_set():
-                event = self.engine.cancelled_late(job.req, event)  # `cancelled: true` never lies
-            with job.emitting:
-                if not job.answered:
-                    job.answered = True
-                    self.emit(event)
-            with self.lock:
-                self.active = None
-            self.engine.persist()
-            with self.lock:
+                if self.queue:
+                    route = engine.route(self.queue[0].req)
+                    if (engine.batch_room() if route == "batch" else not engine.batch_busy):
+                        job = self.queue.popleft()
+                        self.running.append(job)
+                        self.engine_idle.clear()
+            if job is not None:
+                emit = functools.partial(job.emit_unless_answered, self.emit)
+                if route == "batch":
+                    event = engine.admit(job, emit, job.cancel.is_set)
+                    if event is not None:
+                        self._conclude(job, event)
+                else:
+                    self._conclude(job, engine.run(job.req, emit, job.cancel.is_set))
+            if engine.batch_busy:
+                for done_job, event in engine.tick():
+                    self._conclude(done_job, event)
+
+    def _conclude(self, job: Job, event) -> None:
+        """A job's terminal event, exactly once (the exit path may have answered it already)."""
+        with self.lock:  # from here no cancel can reach this job: its flag is final
+            self.live.pop(job.req.id, None)
+        if job.cancel.is_set():
+            event = self.engine.cancelled_late(job.req, event)  # `cancelled: true` never lies
+        with job.emitting:
+            if not job.answered:
+                job.answered = True
+                self.emit(event)
+        with self.lock:
+            self.running.remove(job)
+        self.engine.persist()
+        with self.lock:
+            if not self.running:
                 self.engine_idle.set()
 
 

@@ -175,6 +175,11 @@ class VisionAddOn(abc.ABC):
     def make_state(self, ids: list, items: list):
         return None
 
+    def batch_positions(self, states: list):
+        """A context manager for one batched decode step whose rows have these ``make_state`` states
+        (None for a row without), or None when the family needs none."""
+        return None
+
     # ---- loading ------------------------------------------------------------------------------
     def _model_config(self, config: dict):
         import json

@@ -12,7 +12,7 @@ from typing_extensions import Annotated
 
 from .errors import CODES
 
-PROTOCOL_VERSION = "1.3"
+PROTOCOL_VERSION = "1.4"
 
 
 def doc(t, text: str):
@@ -53,6 +53,9 @@ class LoadOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     max_memory: doc(Optional[Pos], "refuse to load when all weights (model, vision tower, draft) exceed "
                     "this many bytes") = None
     warmup: doc(Optional[bool], "compile the decode kernels at load; null: on a GPU only") = None
+    max_concurrent: doc(Optional[Annotated[int, Meta(ge=1, le=64)]],
+                        "most generate requests decoded together in one batch; null: 8 on a GPU, 1 on a CPU "
+                        "(where batching does not pay)") = None
 
 
 class Load(Request, tag="load", kw_only=True):
@@ -304,6 +307,9 @@ class Stats(Event, tag="stats", kw_only=True):
     draft_tokens_accepted: doc(Optional[int], "speculative: generated tokens that came from the draft") = None
     draft_tokens_proposed: doc(Optional[int], "speculative: tokens the draft proposed") = None
     reasoning_tokens: doc(Optional[int], "models with thinking markers: generated tokens of the reasoning") = None
+    batching: doc(Optional[str], "with max_concurrent > 1: \"on\" (decoded in the batch), or \"off: <why>\" "
+                  "(it ran alone)") = None
+    concurrent: doc(Optional[int], "with batching: the most sequences decoded together while it decoded") = None
 
 
 class CacheStats(Struct, kw_only=True):
@@ -334,6 +340,7 @@ class ModelInfo(Struct, omit_defaults=True, kw_only=True):
     tool_prompt: doc(Optional[Literal["template", "worker"]], "who renders tools: the chat template, or the "
                      "worker's own system prompt (templates that ignore tools)") = None
     reasoning_markers: doc(Optional[list[str]], "the thinking markers [start, end], for reasoning models") = None
+    max_concurrent: doc(int, "most generate requests decoded together (load option or device default)") = 1
 
 
 StopReason = Literal["eos", "stop_string", "stop_token", "max_tokens", "context_full", "cancelled", "tool_calls"]
@@ -363,7 +370,9 @@ class Done(Event, tag="done", kw_only=True):
     cancelled: doc(Optional[bool], "cancel: the target was found and will end cancelled") = None
     # status
     state: doc(Optional[State], "status: what the engine does now") = None
-    active: doc(Optional[str], "status: the running request's id") = None
+    active: doc(Optional[str], "status: the running request's id (the oldest, when several generate)") = None
+    running: doc(Optional[list[str]], "status: every request the engine has started and not ended, oldest "
+                 "first (several with batching)") = None
     queue: doc(Optional[list[str]], "status: queued request ids, in order") = None
     engine_alive: doc(Optional[bool], "status: the MLX thread is running") = None
     # status, cache_clear (for cache_clear: what was dropped)

@@ -1,0 +1,154 @@
+"""Sequences decoded together: one forward pass per step for every running generate (continuous batching).
+
+mlx-lm's batch caches hold the sequences (``merge`` / ``extend`` / ``filter`` / ``extract``, left-padded);
+this module owns the step. Unlike mlx-lm's ``GenerationBatch`` it keeps a lone sequence in its plain
+per-sequence cache (no padding mask: one request decodes exactly as fast as ``generate_step``), samples
+each request with its own sampler, processors and random key, and computes logprobs rows only for the
+requests that report them. A sequence joins after its prefill (done alone, see scheduler.py) with its
+next input token, and leaves with its own cache, as a solo run would store it.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import generation_stream
+from mlx_lm.models import cache as mlx_cache
+
+from .cache.snapshots import Snapshot, clone
+
+
+def blocker(kit) -> Optional[str]:
+    """Why this model's requests cannot be batched (they run alone), or None."""
+    opts = kit.options
+    if opts.kv_bits is not None:
+        return "kv_bits"  # mlx-lm's batch caches do not hold quantized layers
+    for layer in kit.cache.fresh():
+        if isinstance(layer, mlx_cache.RotatingKVCache) and layer.keep:
+            return "max_kv_size"  # BatchRotatingKVCache keeps no first tokens
+        if not hasattr(type(layer), "merge"):
+            return f"cache layout ({type(layer).__name__})"
+    return None
+
+
+@dataclass
+class Seq:
+    """A sequence of the batch: its request and what its sampling needs."""
+
+    run: Any  # a request.Run
+    sampler: Callable
+    processors: list
+    context: Optional[mlx_cache.TokenBuffer]  # prompt + generated ids, for processors
+    wants_logprobs: bool
+    greedy: bool
+    rope: Any = None  # per-request position state of the vision add-on (Qwen M-RoPE), or None
+    first: bool = False  # its first token is not reported yet
+    on_prefill: Optional[Callable] = None  # its prompt-progress reporter
+
+
+def _merge(caches: List[list]) -> list:
+    return [layers[0].merge(list(layers)) for layers in zip(*caches)]
+
+
+class DecodeBatch:
+    def __init__(self, model, addon=None):
+        self.model, self.addon = model, addon
+        self.seqs: List[Seq] = []
+        self.cache: Optional[list] = None  # one sequence: its own cache; several: mlx-lm batch caches
+        self.y: Optional[mx.array] = None  # [B] the next input of each sequence (not yet reported)
+        self.lp: list = []  # per sequence: the logprobs row that y was sampled from (when wanted)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, seq: Seq, cache: list, y: mx.array, lp) -> None:
+        """A prefilled sequence joins: ``cache`` holds its prompt, ``y`` [1] is its next input."""
+        if not self.seqs:
+            self.cache = cache
+        elif len(self.seqs) == 1:
+            self.cache = _merge([self.cache, cache])
+        else:
+            for mine, theirs in zip(self.cache, _merge([cache])):
+                mine.extend(theirs)
+        self.y = y if self.y is None else mx.concatenate([self.y, y])
+        self.seqs.append(seq)
+        self.lp.append(lp if seq.wants_logprobs else None)
+
+    def remove(self, rows: List[int]) -> List[list]:
+        """Take sequences out; returns each one's own cache (holding everything it was fed)."""
+        if not rows:
+            return []
+        rows = sorted(rows)
+        keep = [i for i in range(len(self.seqs)) if i not in rows]
+        if len(self.seqs) == 1:
+            out = [self.cache]
+        else:
+            out = [[c.extract(i) for c in self.cache] for i in rows]
+        if not keep:
+            self.cache, self.y = None, None
+        elif len(keep) == 1:
+            self.cache = [c.extract(keep[0]) for c in self.cache]
+        else:
+            for c in self.cache:
+                c.filter(keep)
+        if keep:
+            self.y = self.y[mx.array(keep)] if len(keep) < len(self.seqs) else self.y
+        self.seqs = [self.seqs[i] for i in keep]
+        self.lp = [self.lp[i] for i in keep]
+        return out
+
+    def snapshot(self, row: int, n: int, bounded: List[bool]) -> Snapshot:
+        """A snapshot of one sequence's bounded layers holding ``n`` tokens (see cache/snapshots.py)."""
+        if len(self.seqs) == 1:
+            return Snapshot(n, tuple(clone(c) if b else None for c, b in zip(self.cache, bounded)))
+        return Snapshot(n, tuple(c.extract(row) if b else None for c, b in zip(self.cache, bounded)))
+
+    def step(self) -> List[tuple]:
+        """Issue the next forward pass for every sequence, then read the inputs it was fed: returns
+        (seq, token, logprobs row or None) per sequence, the tokens its previous step sampled."""
+        with mx.stream(generation_stream):
+            current, current_lp = self.y, self.lp
+            rope = self.addon.batch_positions([s.rope for s in self.seqs]) if self.addon is not None else None
+            if rope is not None:
+                with rope:
+                    logits = self.model(current[:, None], cache=self.cache)[:, -1, :]
+            else:
+                logits = self.model(current[:, None], cache=self.cache)[:, -1, :]
+            contexts = []
+            if any(s.processors for s in self.seqs):
+                rows = []
+                for i, s in enumerate(self.seqs):
+                    row = logits[i:i + 1]
+                    if s.processors:
+                        ctx = s.context.update_and_fetch(current[i:i + 1])
+                        contexts.append(ctx)
+                        for p in s.processors:
+                            row = p(ctx, row)
+                    rows.append(row)
+                logits = mx.concatenate(rows, axis=0)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            if all(s.greedy for s in self.seqs):
+                sampled = mx.argmax(logprobs, axis=-1)
+            else:
+                sampled = mx.concatenate([s.sampler(logprobs[i:i + 1]) for i, s in enumerate(self.seqs)])
+            self.y = sampled
+            self.lp = [logprobs[i] if s.wants_logprobs else None for i, s in enumerate(self.seqs)]
+            mx.async_eval(self.y, [x for x in self.lp if x is not None], contexts)
+        tokens = current.tolist()
+        return [(s, t, lp) for s, t, lp in zip(self.seqs, tokens, current_lp)]
+
+
+def warm_up(model, fresh: Callable[[], list], most: int) -> None:
+    """Compile the batched decode kernels for every batch size up to ``most`` (on a GPU the first step of
+    each size compiles for seconds; without this the first concurrent requests would pay for it)."""
+    for b in range(2, most + 1):
+        caches = []
+        for i in range(b):
+            c = fresh()
+            model(mx.array([list(range(1, 3 + i))]), cache=c)
+            caches.append(c)
+        cache, y = _merge(caches), mx.zeros((b,), dtype=mx.uint32)
+        for _ in range(3):
+            y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+            mx.eval(y)
+    mx.clear_cache()
