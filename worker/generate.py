@@ -118,6 +118,8 @@ def _decode(run: Run, gen) -> None:
 def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bool], batching=None) -> Done:
     r = start(kit, req, emit, cancelled)
     r.batching = batching
+    if req.params.seed is not None:
+        mx.random.seed(req.params.seed)
     on_prefill = r.prefill_reporter()
     mx.reset_peak_memory()
     d_lease = None

@@ -52,6 +52,25 @@ class MRopeState:
         return False
 
 
+class BatchPositions:
+    """One batched decode step (worker/batch.py): each row's position is its cache offset plus its
+    request's delta, with mlx-vlm's M-RoPE, as ``MRopeState`` decodes it alone; rows without state (text
+    requests) keep mlx-lm's own rope."""
+
+    def __init__(self, box: _Active, states: list):
+        self.box = box
+        self.rows = mx.array([s is not None for s in states])
+        self.delta = mx.array([s.delta if s is not None else 0 for s in states], dtype=mx.int32)
+
+    def positions(self, offset, length: int) -> mx.array:
+        off = offset if isinstance(offset, mx.array) else mx.array([offset])
+        pos = (off.astype(mx.int32) + self.delta)[:, None] + mx.arange(length, dtype=mx.int32)[None]
+        return mx.broadcast_to(pos[None], (3, *pos.shape))
+
+    __enter__ = MRopeState.__enter__
+    __exit__ = MRopeState.__exit__
+
+
 class MRopeHook:
     """Stands in for an attention layer's ``rope``; not an nn.Module, so it adds no parameters."""
 
@@ -62,6 +81,10 @@ class MRopeHook:
         state = self.box.state
         if state is None:
             return self.base(x, offset=offset)
+        if isinstance(state, BatchPositions):
+            cos, sin = self.rotary(x, state.positions(offset, x.shape[-2]))
+            rotated = self.apply(x, x, cos, sin, unqueeze_dim=1)[0]
+            return mx.where(state.rows[:, None, None, None], rotated, self.base(x, offset=offset))
         pos = state.positions(int(offset), x.shape[-2])
         cos, sin = self.rotary(x, pos)
         return self.apply(x, x, cos, sin, unqueeze_dim=1)[0]
@@ -125,6 +148,9 @@ class Qwen2VLAddOn(VisionAddOn):
 
     def embed_kwargs(self, extras):
         return {"image_grid_thw": mx.concatenate([e["image_grid_thw"] for e in extras], axis=0)}
+
+    def batch_positions(self, states):
+        return BatchPositions(self.box, states) if any(s is not None for s in states) else None
 
     def make_state(self, ids, items):
         """mlx-vlm's positions for the prompt up to its last image token (the embeddings may cover only a

@@ -340,7 +340,8 @@ class ModelInfo(Struct, omit_defaults=True, kw_only=True):
     tool_prompt: doc(Optional[Literal["template", "worker"]], "who renders tools: the chat template, or the "
                      "worker's own system prompt (templates that ignore tools)") = None
     reasoning_markers: doc(Optional[list[str]], "the thinking markers [start, end], for reasoning models") = None
-    max_concurrent: doc(int, "most generate requests decoded together (load option or device default)") = 1
+    max_concurrent: doc(Optional[int], "most generate requests decoded together (the load option or the "
+                        "device default; 1 when the model cannot batch)") = None
 
 
 StopReason = Literal["eos", "stop_string", "stop_token", "max_tokens", "context_full", "cancelled", "tool_calls"]
