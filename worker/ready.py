@@ -34,6 +34,7 @@ FEATURES = {
     "tools": (Prompt, "tools"),
     "reasoning": (Token, "channel"),
     "template_kwargs": (Prompt, "template_kwargs"),
+    "batching": (LoadOptions, "max_concurrent"),
 }
 
 

@@ -58,6 +58,18 @@ class Batcher:
     def __post_init__(self):
         self.batch = DecodeBatch(self.kit.model, self.kit.addon)
         self.bounded = [bounded(c) for c in self.kit.cache.fresh()]
+        self.kv_per_token = _kv_bytes_per_token(self.kit)
+        self.waits = 0  # ticks an admission waited for memory (tests and logs)
+
+    def fits(self, a: Admission) -> bool:
+        """Admission by memory: a request whose KV cache (prompt + max_tokens, at most the context) would
+        not fit beside what is allocated waits while others run; alone, it always runs."""
+        if not self.batch.seqs:
+            return True
+        run = a.run
+        tokens = run.n_prompt - run.lease.reused + run.budget
+        need = tokens * self.kv_per_token
+        return mx.get_active_memory() + need <= mx.get_memory_limit()
 
     @property
     def busy(self) -> bool:
@@ -106,6 +118,11 @@ class Batcher:
         state = run.plan.state if run.plan.state is not None else nullcontext()
         try:
             if not a.started:
+                if not self.fits(a):
+                    self.waits += 1
+                    if self.waits % 1000 == 1:
+                        log.info("batching: %s waits for memory (%d running)", run.req.id, len(self.batch))
+                    return []
                 a.started = True
                 if not self.batch.seqs:
                     mx.reset_peak_memory()
@@ -184,3 +201,15 @@ class Batcher:
     def _snapshot(self, row: int, run: Run, into: list, n: int) -> None:
         if any(self.bounded) and not (into and into[-1].n >= n):
             into.append(self.batch.snapshot(row, n, self.bounded))
+
+
+
+def _kv_bytes_per_token(kit) -> int:
+    """KV bytes one token adds to a fresh cache (a one-token forward pass; layers allocate 256 at once)."""
+    cache = kit.cache.fresh()
+    kit.model(mx.array([[0]]), cache=cache)
+    mx.eval([c.state for c in cache])
+    per = sum(c.nbytes for c in cache) // 256
+    del cache
+    mx.clear_cache()
+    return max(1, per)

@@ -1,0 +1,143 @@
+"""Continuous batching through the worker process (issue 15), one run: the worker with max_concurrent 1
+against the worker with batching, on the same model.
+
+    python -m bench.gpu_concurrency --out DIR [--shape llama-3.2-1b] [--bits 4] [--streams 1,2,4,8]
+
+- **Aggregate decode tok/s**: N greedy requests (distinct 512-token prompts, 256 new tokens each) sent
+  at once; tokens whose events arrived while all N were decoding / that window (host clock). The
+  baseline is one stream on a worker loaded with ``max_concurrent: 1`` (what every request got before
+  batching), measured the same way, in the same run.
+- **Per-stream TTFT** (host: request written -> first token event) and the worker's own stats.
+- **Admission of a long prompt**: while ``--admit-streams`` streams decode, a ``--admit-prompt``-token
+  prompt is sent; the worst gap between two token events of a running stream during its admission,
+  against their median gap.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.gpu import SHAPES, build  # noqa: E402
+from bench.host import TimedWorker  # noqa: E402
+
+
+def log(msg):
+    print(f"[conc {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def prompt(n, seed, vocab):
+    return [(seed * 7919 + i * 104729) % (vocab - 2) + 1 for i in range(n)]
+
+
+def streams(w, n, seed, plen, tokens, vocab):
+    """N requests at once; returns aggregate tok/s over the window where all decode, and per-stream rows."""
+    ids = [f"s{seed}-{i}" for i in range(n)]
+    t0 = time.perf_counter()
+    for i, rid in enumerate(ids):
+        w.send({"type": "generate", "id": rid, "prompt": {"tokens": prompt(plen, seed * 100 + i, vocab)},
+                "params": {"max_tokens": tokens}})
+    evs = {rid: w.collect(rid, timeout=900) for rid in ids}
+    rows, times = [], []
+    for rid in ids:
+        if evs[rid][-1]["type"] != "done":
+            raise RuntimeError(evs[rid][-1])
+        toks = [e for e in evs[rid] if e["type"] == "token"]
+        st = next(e for e in evs[rid] if e["type"] == "stats")
+        times.append([(e["_t"], len(e["tokens"])) for e in toks])
+        rows.append({"host_ttft_s": toks[0]["_t"] - t0, "ttft_s": st["ttft_s"],
+                     "generation_tps": st["generation_tps"], "concurrent": st.get("concurrent"),
+                     "batching": st.get("batching"), "generated": st["generated_tokens"]})
+    start = max(t[0][0] for t in times)
+    end = min(t[-1][0] for t in times)
+    inside = sum(k for t in times for (at, k) in t if start < at <= end)
+    return (inside / (end - start) if end > start else None), rows
+
+
+def admission(w, n, plen_long, vocab, seed, plen=512):
+    """While n streams decode, admit one plen_long-token prompt: the running streams' worst token gap."""
+    ids = [f"bg{seed}-{i}" for i in range(n)]
+    for i, rid in enumerate(ids):
+        w.send({"type": "generate", "id": rid, "prompt": {"tokens": prompt(plen, seed * 10 + i, vocab)},
+                "params": {"max_tokens": 100000}})
+    for rid in ids:
+        w.wait_for(rid, lambda e: e["type"] == "token", timeout=300)
+    time.sleep(0.5)
+    t_admit = time.perf_counter()
+    w.send({"type": "generate", "id": "long", "prompt": {"tokens": prompt(plen_long, seed, vocab)},
+            "params": {"max_tokens": 8}})
+    long_evs = w.collect("long", timeout=600)
+    time.sleep(0.5)
+    for rid in ids:
+        w.send({"type": "cancel", "id": f"c-{rid}", "target": rid})
+    ids = [f"{rid}" for rid in ids]
+    bg = {rid: w.collect(rid, timeout=300) for rid in ids}
+    long_first = next(e["_t"] for e in long_evs if e["type"] == "token")
+    gaps_in, gaps_out = [], []
+    for rid in ids:
+        ts = [e["_t"] for e in bg[rid] if e["type"] == "token"]
+        for a, b in zip(ts, ts[1:]):
+            (gaps_in if b > t_admit and a < long_first else gaps_out).append(b - a)
+    st = next(e for e in long_evs if e["type"] == "stats")
+    return {"streams": n, "prompt": plen_long, "worst_gap_ms": max(gaps_in) * 1000 if gaps_in else None,
+            "median_gap_ms": statistics.median(gaps_out) * 1000, "long_host_ttft_s": long_first - t_admit,
+            "long_ttft_s": st["ttft_s"], "gaps_during_admission": len(gaps_in)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--streams", default="1,2,4,8")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--admit-prompt", type=int, default=4096)
+    ap.add_argument("--admit-streams", type=int, default=4)
+    ap.add_argument("--models-dir", default="/tmp/gpu-models")
+    a = ap.parse_args(argv)
+    path = build(Path(a.models_dir), a.shape, a.bits or None)
+    vocab = SHAPES[a.shape]["vocab_size"]
+    sizes = [int(x) for x in a.streams.split(",")]
+    res = {"shape": a.shape, "bits": a.bits, "prompt": a.prompt, "tokens": a.tokens, "rows": []}
+
+    w = TimedWorker()
+    info = w.load_model(path, max_concurrent=1)
+    streams(w, 1, 1, a.prompt, 32, vocab)  # warm-up
+    solo = [streams(w, 1, 2 + r, a.prompt, a.tokens, vocab)[0] for r in range(a.rounds + 1)]
+    res["concurrency_1_tps"] = statistics.median(solo)
+    log(f"max_concurrent 1: one stream {res['concurrency_1_tps']:.1f} tok/s ({[round(x) for x in solo]})")
+    w.close()
+
+    w = TimedWorker()
+    info = w.load_model(path, max_concurrent=max(sizes + [a.admit_streams + 1]))
+    res["load_warmup_s"] = info.get("warmup_s")
+    log(f"batching worker loaded, warm-up {info.get('warmup_s')} s")
+    for n in sizes:
+        streams(w, n, 50 + n, a.prompt, 24, vocab)  # warm-up of this size
+    for n in sizes:
+        runs = [streams(w, n, 100 + 10 * n + r, a.prompt, a.tokens, vocab) for r in range(a.rounds)]
+        agg = statistics.median(x[0] for x in runs)
+        row = {"streams": n, "aggregate_tps": agg, "vs_concurrency_1": agg / res["concurrency_1_tps"],
+               "runs_tps": [x[0] for x in runs], "per_stream": runs[-1][1]}
+        res["rows"].append(row)
+        log(f"{n} streams: {agg:.1f} tok/s aggregate = {row['vs_concurrency_1']:.2f}x; host TTFT "
+            f"{[round(s['host_ttft_s'] * 1000) for s in row['per_stream']]} ms")
+    admission(w, a.admit_streams, a.admit_prompt, vocab, 7001)  # warm-up of the long prompt's shapes
+    res["admission"] = admission(w, a.admit_streams, a.admit_prompt, vocab, 7002)
+    log(f"admission: {res['admission']}")
+    w.close()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"gpu-concurrency-{a.shape}-q{a.bits}.json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
