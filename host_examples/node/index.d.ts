@@ -43,7 +43,7 @@ export interface DeviceInfo {
 
 /** The terminal success event. Which fields are present depends on the request type. */
 export interface Done {
-  /** status: the running request's id */
+  /** status: the running request's id (the oldest, when several generate) */
   active?: string | null;
   cache?: CacheStats | null;
   /** generate: as in stats */
@@ -65,6 +65,8 @@ export interface Done {
   reasoning?: string | null;
   /** the type of the request this ends */
   request: "cache_clear" | "cancel" | "generate" | "load" | "load_draft" | "shutdown" | "status" | "tokenize" | "unload";
+  /** status: every request the engine has started and not ended, oldest first (several with batching) */
+  running?: Array<string> | null;
   /** 1 for ready, then +1 per line: a gap means a lost line */
   seq: number;
   /** status: what the engine does now */
@@ -235,6 +237,8 @@ export interface LoadOptions {
   kv_bits?: 4 | 8 | null;
   /** KV quantization group size (must divide the head size) */
   kv_group_size?: 32 | 64 | 128;
+  /** most generate requests decoded together in one batch; null: 8 on a GPU, 1 on a CPU (where batching does not pay) */
+  max_concurrent?: number | null;
   /** keep at most this many tokens of KV (a rotating window); null: unbounded */
   max_kv_size?: number | null;
   /** refuse to load when all weights (model, vision tower, draft) exceed this many bytes */
@@ -273,6 +277,8 @@ export interface ModelInfo {
   eos_token_ids: Array<number>;
   /** seconds the load took */
   load_s: number;
+  /** most generate requests decoded together (the load option or the device default; 1 when the model cannot batch) */
+  max_concurrent?: number | null;
   /** config.json's model_type */
   model_type: string;
   /** parameters of the text model */
@@ -369,10 +375,14 @@ export interface Shutdown {
 }
 
 export interface Stats {
+  /** with max_concurrent > 1: "on" (decoded in the batch), or "off: <why>" (it ran alone) */
+  batching?: string | null;
   /** why fewer tokens than possible were reused */
   cache_miss_reason?: string | null;
   /** of them, served from the prompt cache */
   cached_tokens: number;
+  /** with batching: the most sequences decoded together while it decoded */
+  concurrent?: number | null;
   /** speculative: generated tokens that came from the draft */
   draft_tokens_accepted?: number | null;
   /** speculative: tokens the draft proposed */
