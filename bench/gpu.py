@@ -53,7 +53,7 @@ def log(msg):
 def build(root: Path, shape: str, bits) -> Path:
     import importlib
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     cfg = dict(SHAPES[shape])
     path = root / f"{shape}-{'q%d' % bits if bits else 'bf16'}"
@@ -75,6 +75,9 @@ def build(root: Path, shape: str, bits) -> Path:
     (path / "config.json").write_text(json.dumps(cfg))
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # a byte-level decoder, as real Llama / Qwen tokenizers have: mlx-lm then streams text with its BPE
+    # detokenizer (tens of microseconds a token), not the naive one that re-decodes the text each token
+    tok.decoder = decoders.ByteLevel()
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": f"t{vocab - 1}", "unk_token": "t0"}))

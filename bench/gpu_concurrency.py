@@ -101,12 +101,25 @@ def main(argv=None):
     ap.add_argument("--admit-prompt", type=int, default=4096)
     ap.add_argument("--admit-streams", type=int, default=4)
     ap.add_argument("--models-dir", default="/tmp/gpu-models")
+    ap.add_argument("--aba", action="store_true", help="only: one stream, max_concurrent 1 / N / 1 / N in one "
+                    "worker process (is a lone stream in the batch as fast as alone?)")
     a = ap.parse_args(argv)
     path = build(Path(a.models_dir), a.shape, a.bits or None)
     vocab = SHAPES[a.shape]["vocab_size"]
     sizes = [int(x) for x in a.streams.split(",")]
     res = {"shape": a.shape, "bits": a.bits, "prompt": a.prompt, "tokens": a.tokens, "rows": []}
 
+    if a.aba:
+        w, rows = TimedWorker(), []
+        for conc in (1, 8, 1, 8, 1, 8):
+            w.load_model(path, max_concurrent=conc)
+            streams(w, 1, 1, a.prompt, 32, vocab)
+            rows.append((conc, statistics.median(streams(w, 1, 2 + r, a.prompt, a.tokens, vocab)[0] for r in range(3))))
+            log(f"aba: max_concurrent {conc}: {rows[-1][1]:.1f} tok/s")
+        w.close()
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "gpu-concurrency-aba.json").write_text(json.dumps(rows))
+        return 0
     w = TimedWorker()
     info = w.load_model(path, max_concurrent=1)
     streams(w, 1, 1, a.prompt, 32, vocab)  # warm-up
