@@ -48,8 +48,25 @@ def tokenize(tokenizer, req: Tokenize) -> Done:
 
 
 def release_memory() -> None:
+    """Free what was dropped: Python objects, MLX's buffer cache, and (glibc) the heap pages malloc keeps."""
     gc.collect()
     mx.clear_cache()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def _copy(info: Optional[ModelInfo]) -> Optional[ModelInfo]:
