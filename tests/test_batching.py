@@ -258,3 +258,98 @@ def test_cpu_default_is_one_at_a_time(llama_dir):
         assert _stats(evs).get("batching") is None and generated_text(evs) == evs[-1]["text"]
     finally:
         w.close()
+
+
+def test_tool_calls_and_reasoning_in_the_batch(tmp_path_factory):
+    """A constrained tool call, an auto-tools request and a plain chat, decoded together, give what they
+    give alone (calls, channels, stop reasons)."""
+    from tests.test_tools import ASK, TOOLS
+    from tests.tool_fixtures import tool_fixture_dir
+
+    path = tool_fixture_dir("hermes", tmp_path_factory.mktemp("batch-tools"))
+    reqs = [
+        {"id": "call", "prompt": {"messages": ASK, "tools": TOOLS, "tool_choice": "required"},
+         "params": {"max_tokens": 150}},
+        {"id": "named", "prompt": {"messages": ASK, "tools": TOOLS,
+                                   "tool_choice": {"type": "function", "function": {"name": "add"}}},
+         "params": {"max_tokens": 150}},
+        {"id": "auto", "prompt": {"messages": ASK, "tools": TOOLS}, "params": {"max_tokens": 20}},
+        {"id": "think", "prompt": {"messages": ASK, "template_kwargs": {"think_open": True}},
+         "params": {"max_tokens": 20}},
+    ]
+    alone, _ = run_all(path, reqs, 1)
+    together, _ = run_all(path, reqs, 4)
+
+    def same(events):  # without seq and the random call ids
+        out = []
+        for e in events:
+            if e["type"] in ("token", "tool_call", "done"):
+                e = json.loads(json.dumps(e).replace(e.get("call", {}).get("id", "\0"), "ID"))
+                for k in ("seq", "cached_tokens", "cache_miss_reason"):  # alone, one reuses the other's prompt
+                    e.pop(k, None)
+                for c in e.get("tool_calls") or []:
+                    c["id"] = "ID"
+                if "call" in e:
+                    e["call"]["id"] = "ID"
+                out.append(e)
+        return out
+
+    for r in reqs:
+        assert same(together[r["id"]]) == same(alone[r["id"]]), r["id"]
+    assert together["call"][-1]["stop_reason"] == "tool_calls"
+
+
+def test_closing_stdin_ends_every_running_request_once(llama_dir):
+    w = Worker()
+    w.load(llama_dir, max_concurrent=4)
+    for i in range(6):
+        w.send({"type": "generate", "id": f"g{i}", "prompt": {"tokens": [3, 4, i + 5]},
+                "params": {"max_tokens": 100000}})
+    for i in range(4):
+        w.wait_for(f"g{i}", lambda e: e["type"] == "token")
+    w.proc.stdin.close()
+    seen = []
+    while True:
+        try:
+            ev = w.next_event(timeout=30)
+        except EOFError:
+            break
+        seen.append(ev)
+    assert w.proc.wait(30) == 0
+    ends = [e for e in seen + w.backlog if e["type"] in ("done", "error")]
+    assert sorted(e["id"] for e in ends) == [f"g{i}" for i in range(6)]
+    assert all(e["type"] == "done" and e["stop_reason"] == "cancelled" for e in ends), ends
+
+
+def test_a_request_that_does_not_fit_waits_for_the_others(llama_dir, monkeypatch):
+    """Admission by memory, in process: while another request decodes, a request whose KV estimate does
+    not fit beside the allocated memory does not start its prefill; it starts once the batch is empty."""
+    import mlx.core as mx
+
+    from worker import model as M
+    from worker.protocol import Generate, GenerateParams, LoadOptions, Prompt
+    from worker.scheduler import Batcher
+
+    kit = M.load(str(llama_dir), LoadOptions(max_concurrent=4), lambda f: None)
+    b = Batcher(kit)
+
+    class Job:
+        def __init__(self, rid, n):
+            self.req = Generate(id=rid, prompt=Prompt(tokens=[3, 4, 5]), params=GenerateParams(max_tokens=n))
+
+    events = []
+    b.admit(Job("first", 6), events.append, lambda: False)
+    while not b.batch.seqs:
+        b.tick()
+    monkeypatch.setattr(mx, "get_memory_limit", lambda: mx.get_active_memory() + 10)
+    b.admit(Job("big", 4), events.append, lambda: False)
+    done = []
+    while not done:
+        done = b.tick()
+        if not done:
+            assert not b.admitting[0].started and b.waits > 0
+    assert [f.job.req.id for f in done] == ["first"]
+    while b.busy:
+        done += b.tick()
+    assert [f.job.req.id for f in done] == ["first", "big"]
+    assert done[1].event.stop_reason == "max_tokens"
