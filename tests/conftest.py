@@ -25,6 +25,21 @@ def gemma3_dir(fixtures_root):
 
 
 @pytest.fixture(scope="session")
+def gemma3_w64_dir(gemma3_dir, tmp_path_factory):
+    """The Gemma 3 text fixture with a 64-token sliding window: prompts of a few hundred tokens wrap its
+    rotating layers."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("gemma3-w64") / "model"
+    shutil.copytree(gemma3_dir, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["sliding_window"] = 64
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
 def family_dirs(llama_dir, qwen2_dir, gemma3_dir):
     return {"llama": llama_dir, "qwen2": qwen2_dir, "gemma3_text": gemma3_dir}
 

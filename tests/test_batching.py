@@ -9,7 +9,6 @@ logprobs with a repetition penalty, a JSON schema, an image, and one cancelled m
 import json
 import os
 import random
-import shutil
 
 import pytest
 
@@ -18,8 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tests import reference as ref  # noqa: E402
 from tests.client import Worker, generated_text, generated_tokens  # noqa: E402
 from tests.vlm_fixtures import vlm_fixture_dir  # noqa: E402
-
-WINDOW = 64
 
 
 def _ids(n, seed):
@@ -104,20 +101,10 @@ def _compare(alone, together, cancelled="cancelled"):
             assert [t["id"] for t in a["top"]] == [t["id"] for t in b["top"]]
 
 
-@pytest.fixture(scope="module")
-def gemma_w64(gemma3_dir, tmp_path_factory):
-    """Gemma 3 text with a 64-token sliding window: the prompts above wrap its rotating layers."""
-    path = tmp_path_factory.mktemp("gemma3-w64-batch") / "model"
-    shutil.copytree(gemma3_dir, path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["sliding_window"] = WINDOW
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_w64"])
-def test_concurrent_requests_give_their_tokens_alone(family, family_dirs, gemma_w64):
-    path = gemma_w64 if family == "gemma3_w64" else family_dirs[family]
+def test_concurrent_requests_give_their_tokens_alone(family, family_dirs, gemma3_w64_dir):
+    """Gemma 3 with a 64-token window: the prompts here wrap its rotating layers."""
+    path = gemma3_w64_dir if family == "gemma3_w64" else family_dirs[family]
     reqs = _mixed(path)
     alone, _ = run_all(path, reqs, 1)
     together, late = run_all(path, reqs, 8, cancel="cancelled")

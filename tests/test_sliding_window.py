@@ -3,10 +3,8 @@ the real worker: every follow-up reuses >= 95% of the previous turn, a regenerat
 an edited last message reuses at least the previous turn's prompt, an answer re-rendered without its last
 tokens resumes from a snapshot taken while decoding, and the greedy tokens equal a cold run."""
 
-import json
 import os
 import random
-import shutil
 
 import pytest
 
@@ -29,13 +27,8 @@ def _done(events):
 
 
 @pytest.fixture(scope="module")
-def text_dir(gemma3_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("gemma3-w64") / "model"
-    shutil.copytree(gemma3_dir, path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["sliding_window"] = WINDOW
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path
+def text_dir(gemma3_w64_dir):
+    return gemma3_w64_dir  # (conftest.py: the window is WINDOW)
 
 
 @pytest.fixture(scope="module")
