@@ -150,7 +150,8 @@ def test_json_schema_and_follow_ups_in_the_batch(llama_dir):
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen2_vl"])
 def test_an_image_request_in_the_batch(family, tmp_path_factory):
-    """An image question (Qwen: with its M-RoPE positions) decoded beside text requests."""
+    """An image question (Qwen: with its M-RoPE positions) decoded beside text requests, one with a stop
+    string, one cancelled midway."""
     import numpy as np
     from PIL import Image
 
@@ -160,15 +161,21 @@ def test_an_image_request_in_the_batch(family, tmp_path_factory):
     Image.fromarray(np.random.default_rng(5).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(img)
     image_msg = [{"role": "user", "content": [{"type": "image", "path": str(img)},
                                               {"type": "text", "text": "What is this?"}]}]
+    story = [{"role": "user", "content": "Tell me a story."}]
     reqs = [
         {"id": "image", "prompt": {"messages": image_msg}, "params": {"max_tokens": 12}},
-        {"id": "text", "prompt": {"messages": [{"role": "user", "content": "Tell me a story."}]},
-         "params": {"max_tokens": 16}},
+        {"id": "text", "prompt": {"messages": story}, "params": {"max_tokens": 16}},
         {"id": "tokens", "prompt": {"tokens": _ids(30, 6)}, "params": {"max_tokens": 20}},
+        {"id": "cancelled", "prompt": {"tokens": _ids(25, 7)}, "params": {"max_tokens": 400}},
     ]
+    first, _ = run_all(path, reqs[1:2], 1)
+    text = first["text"][-1]["text"]
+    reqs.append({"id": "stop", "prompt": {"messages": story},
+                 "params": {"max_tokens": 16, "stop": [text[len(text) // 2:len(text) // 2 + 2]]}})
     alone, _ = run_all(path, reqs, 1)
-    together, _ = run_all(path, reqs, 4)
-    _compare(alone, together, cancelled=None)
+    together, late = run_all(path, reqs, 8, cancel="cancelled")
+    _compare(alone, together)
+    assert together["stop"][-1]["stop_reason"] == "stop_string" and late <= 2
     assert _stats(together["image"])["concurrent"] >= 2
 
 
