@@ -1,6 +1,6 @@
 """Where a batched decode step's time goes in the worker's own code (issue 15), in process.
 
-    python -m bench.probe.batch_inproc --models-dir DIR [--sizes 1,2,4,8] [--tokens 256]
+    python -m bench.probe.batch_inproc --models-dir DIR [--sizes 1,2,4,8] [--tokens 256] [--model DIR]
 
 Per batch size: the worker's Batcher with N requests; per tick, ms building the step's graph (up to
 async_eval), waiting for the previous step (tolist), and the rest (tokens through each request's Run,
@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import mlx.core as mx  # noqa: E402
 
-from bench.gpu import SHAPES, build  # noqa: E402
+from bench.gpu import build  # noqa: E402
 
 
 class Job:
@@ -34,14 +34,15 @@ def main():
     ap.add_argument("--sizes", default="1,2,4,8")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--model", help="a model directory instead of the random --shape (e.g. SmolLM2 on a CPU)")
     a = ap.parse_args()
     from worker import batch, generate, model
     from worker.protocol import Generate, GenerateParams, LoadOptions, Prompt
     from worker.scheduler import Batcher
 
-    path = build(Path(a.models_dir), a.shape, a.bits or None)
+    path = a.model or build(Path(a.models_dir), a.shape, a.bits or None)
     kit = model.load(str(path), LoadOptions(max_concurrent=8, warmup=True), lambda f: None)
-    vocab = SHAPES[a.shape]["vocab_size"]
+    vocab = kit.info.vocab_size
     n_req = [0]
 
     def req(n):
