@@ -8,6 +8,7 @@ requests that report them. A sequence joins after its prefill (done alone, see s
 next input token, and leaves with its own cache, as a solo run would store it.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
@@ -36,6 +37,7 @@ class Seq:
     """A sequence of the batch: its request and what its sampling needs."""
 
     run: Any  # a request.Run
+    job: Any  # the server's job it answers
     sampler: Callable
     processors: list
     context: Optional[mlx_cache.TokenBuffer]  # prompt + generated ids, for processors
@@ -109,10 +111,7 @@ class DecodeBatch:
         with mx.stream(generation_stream):
             current, current_lp = self.y, self.lp
             rope = self.addon.batch_positions([s.rope for s in self.seqs]) if self.addon is not None else None
-            if rope is not None:
-                with rope:
-                    logits = self.model(current[:, None], cache=self.cache)[:, -1, :]
-            else:
+            with rope or nullcontext():
                 logits = self.model(current[:, None], cache=self.cache)[:, -1, :]
             contexts = []
             if any(s.processors for s in self.seqs):

@@ -8,6 +8,7 @@ the reader thread answers ``status`` and early ``tokenize`` from it and never se
 
 import gc
 import logging
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -214,7 +215,6 @@ class Engine:
             return
         self.batcher = Batcher(kit)
         if kit.info.warmup_s is not None:  # the warm-up also compiles each batch size's kernels
-            import time
             tic = time.perf_counter()
             _batch.warm_up(kit.model, kit.cache.fresh, kit.info.max_concurrent)
             kit.info.warmup_s = round(kit.info.warmup_s + time.perf_counter() - tic, 4)

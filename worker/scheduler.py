@@ -53,7 +53,6 @@ class Batcher:
     kit: Any
     batch: DecodeBatch = None
     admitting: List[Admission] = field(default_factory=list)
-    jobs: dict = field(default_factory=dict)  # id(Seq) -> job, for the sequences in the batch
 
     def __post_init__(self):
         self.batch = DecodeBatch(self.kit.model, self.kit.addon)
@@ -85,7 +84,7 @@ class Batcher:
         params, plan = job.req.params, run.plan
         procs = processors_for(self.kit, params, []) + ([run.constraint] if run.constraint else [])
         sampler = keyed_sampler(params, params.seed) if params.seed is not None else run.sampler
-        seq = Seq(run=run, sampler=sampler, processors=procs,
+        seq = Seq(run=run, job=job, sampler=sampler, processors=procs,
                   context=TokenBuffer(plan.ids) if procs else None, wants_logprobs=run.want_lp,
                   greedy=params.temperature == 0, rope=plan.state)
         emb = plan.embed(run.lease.reused) if plan.embed is not None else None
@@ -102,11 +101,10 @@ class Batcher:
 
     def fail_all(self, make_event) -> List[Finished]:
         """The batch failed as a whole (an exception in a decode step): every request ends with it."""
-        out = [Finished(self.jobs[id(s)], make_event(s.run.req)) for s in self.batch.seqs]
+        out = [Finished(s.job, make_event(s.run.req)) for s in self.batch.seqs]
         out += [Finished(a.job, make_event(a.run.req)) for a in self.admitting]
         self.batch = DecodeBatch(self.kit.model, self.kit.addon)
         self.admitting.clear()
-        self.jobs.clear()
         return out
 
     # ------------------------------------------------------------------
@@ -171,7 +169,6 @@ class Batcher:
             mx.async_eval(y, logprobs)
         seq.first, seq.on_prefill = True, a.on_prefill
         self.batch.add(seq, cache, y, logprobs[0])
-        self.jobs[id(seq)] = a.job
 
     def _decode_step(self) -> List[Finished]:
         rows = self.batch.step()
@@ -195,7 +192,7 @@ class Batcher:
         for i, cache in zip(ended, self.batch.remove(ended)):
             seq = rows[i][0]
             seq.run.end_stream()
-            out.append(Finished(self.jobs.pop(id(seq)), finish(seq.run, cache)))
+            out.append(Finished(seq.job, finish(seq.run, cache)))
         return out
 
     def _snapshot(self, row: int, run: Run, into: list, n: int) -> None:
