@@ -1,19 +1,34 @@
 """VisionAddOns: mlx-vlm's vision tower + projector, loaded alone, feeding the mlx-lm text model.
 
 One file per family; ``base.py`` holds the contract (``VisionAddOn``) and what every family shares.
+A family file defines ``VisionAddOn`` subclasses whose ``family`` is the config's model_type; they are
+found by scanning this package (imported on first use: mlx-vlm loads only for vision models).
 """
 
+import functools
+import importlib
+import pkgutil
 from pathlib import Path
 
 from ..protocol import failing_as
 
+_SHARED = {"base", "images"}  # modules of this package that are not families
 
+
+@functools.lru_cache(maxsize=1)
 def family_map() -> dict:
-    """model_type -> VisionAddOn class (imported on first use: mlx-vlm loads only for vision models)."""
-    from . import gemma3, mistral3, pixtral, qwen2_5_vl, qwen2_vl
+    """model_type -> VisionAddOn class, over every family module of this package."""
+    from .base import VisionAddOn
 
-    return {c.family: c for c in (gemma3.Gemma3AddOn, pixtral.PixtralAddOn, mistral3.Mistral3AddOn,
-                                  qwen2_vl.Qwen2VLAddOn, qwen2_5_vl.Qwen25VLAddOn)}
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name in _SHARED or info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(mod).values():
+            if isinstance(obj, type) and issubclass(obj, VisionAddOn) and obj.family and obj.__module__ == mod.__name__:
+                found[obj.family] = obj
+    return found
 
 
 def load_addon(path, config, text_model, options):
