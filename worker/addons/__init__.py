@@ -26,7 +26,8 @@ def family_map() -> dict:
             continue
         mod = importlib.import_module(f"{__name__}.{info.name}")
         for obj in vars(mod).values():
-            if isinstance(obj, type) and issubclass(obj, VisionAddOn) and obj.family and obj.__module__ == mod.__name__:
+            ours = isinstance(obj, type) and obj.__module__ == mod.__name__
+            if ours and issubclass(obj, VisionAddOn) and obj.family:
                 found[obj.family] = obj
     return found
 
