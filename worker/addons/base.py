@@ -134,6 +134,7 @@ class VisionAddOn(abc.ABC):
     placeholder = ""
     token_attr = "image_token_index"
     add_special_tokens_for_chat = False  # the chat template already wrote BOS etc.
+    weight_keys = VISION_KEYS  # checkpoint tensors loaded into ``parts`` (names containing one of these)
 
     def __init__(self, path: Path, config: dict, text_model, options):
         self.path = Path(path)
@@ -207,7 +208,7 @@ class VisionAddOn(abc.ABC):
             if wf.endswith("consolidated.safetensors"):
                 continue
             for k, v in mx.load(wf).items():
-                if any(s in k for s in VISION_KEYS):
+                if any(s in k for s in self.weight_keys):
                     weights[k] = v
         if not weights:
             raise WorkerError("model_load_failed", "the checkpoint has no vision tower weights")
