@@ -57,6 +57,23 @@ def _plain_source(run: Run, on_prefill):
         gen.close()
 
 
+class _NoCache:
+    """The cache entry of a layer that keeps none (Gemma 4's KV-shared layers: mlx-lm's cache list is
+    shorter than the model's layers). speculative_generate_step splits main and draft caches at
+    ``len(model.layers)``: the main cache is padded with these, or the draft's layers land in the main's."""
+
+    state = ()
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        return n
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+
 def _speculative_source(run: Run, d_lease, on_prefill):
     """Prefill main and draft caches ourselves (with progress and cancel), then mlx-lm speculates."""
     kit, ids, lease, params = run.kit, run.plan.ids, run.lease, run.req.params
@@ -85,7 +102,8 @@ def _speculative_source(run: Run, d_lease, on_prefill):
     yield from speculative_generate_step(
         mx.array(ids[-1:]), kit.model, draft_model, num_draft_tokens=params.num_draft_tokens,
         max_tokens=run.budget, sampler=run.sampler, logits_processors=processors or None,
-        prompt_cache=lease.cache + d_lease.cache, **run.quant)
+        prompt_cache=lease.cache + [_NoCache() for _ in range(len(kit.model.layers) - len(lease.cache))]
+        + d_lease.cache, **run.quant)
 
 
 def _with_snapshots(gen, cache, out: list):

@@ -1,0 +1,115 @@
+"""A tiny offline Gemma 4 checkpoint (model_type "gemma4", ~330k params) for the vision add-on tests.
+
+Shaped like the small Gemma 4 models (E2B / E4B): per-layer input embeddings, sliding and full
+attention layers (the full ones with a larger head and proportional RoPE), and KV-shared layers at the
+top (layers 2 and 3 reuse the K/V of layers 0 and 1), embeddings tied. The vision tower is Gemma 4's
+own (2-D RoPE patch encoder + pooler) and ``embed_vision`` its projector, all from mlx-vlm's classes
+(seeded), saved with mlx-vlm's parameter names, which mlx-lm's ``gemma4`` text module also loads. The
+image processor budget makes a 48x64 test image 12 soft tokens.
+
+``sliding_window`` is small (a few image prompts exceed it): the follow-up tests then run through
+wrapped rotating caches.
+
+CLI: python -m tests.vlm_fixtures_gemma4 PATH [--seed N] [--window N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from . import fixtures as F  # noqa: E402
+from . import vlm_fixtures as V  # noqa: E402
+
+FAMILY = "gemma4"
+WINDOW = 512
+EMBED_SCALE = 0.3
+_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>",
+             "<|audio>", "<audio|>", "<|audio|>", "<|video|>"]
+_TEMPLATE = F._CONTENT_MACRO + (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<|turn>' + role + '\\n' -}}"
+    "{{- render(message['content'], '<|image|>') -}}"
+    "{{- '<turn|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|turn>model\\n' -}}{%- endif -%}"
+)
+V.TOKENIZERS.setdefault(FAMILY, dict(
+    base="gemma3_text", template=_TEMPLATE, cls="GemmaTokenizer", specials=_SPECIALS,
+    bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", eos_tokens=["<eos>", "<turn|>"],
+    extra={"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+           "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>",
+           "video_token": "<|video|>"}))
+
+IMAGE = dict(patch_size=8, max_soft_tokens=16, pooling_kernel_size=2, do_resize=True, do_rescale=True,
+             rescale_factor=1 / 255, do_normalize=False)
+
+
+def _config(ids: dict, window: int) -> tuple[dict, dict, dict]:
+    rope = {"full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0,
+                               "rope_type": "proportional"},
+            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}}
+    text = dict(model_type="gemma4_text", hidden_size=V.HIDDEN, intermediate_size=96, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=1, head_dim=32, global_head_dim=64,
+                num_kv_shared_layers=2, hidden_size_per_layer_input=16, vocab_size=V.VOCAB,
+                vocab_size_per_layer_input=V.VOCAB, rms_norm_eps=1e-6, sliding_window=window,
+                sliding_window_pattern=2, layer_types=["sliding_attention", "full_attention"] * 2,
+                rope_parameters=rope, max_position_embeddings=F.MAX_POSITIONS, final_logit_softcapping=30.0,
+                use_double_wide_mlp=True, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                pad_token_id=ids["<pad>"])
+    vision = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=16, global_head_dim=16,
+                  patch_size=8, pooling_kernel_size=2, position_embedding_size=64, default_output_length=16,
+                  rms_norm_eps=1e-6, rope_parameters={"rope_theta": 100.0, "rope_type": "default"})
+    cfg = dict(model_type="gemma4", architectures=["Gemma4ForConditionalGeneration"], vocab_size=V.VOCAB,
+               hidden_size=V.HIDDEN, image_token_id=ids["<|image|>"], audio_token_id=ids["<|audio|>"],
+               video_token_id=ids["<|video|>"], boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"],
+               boa_token_id=ids["<|audio>"], eoa_token_id=ids["<audio|>"], pad_token_id=ids["<pad>"],
+               bos_token_id=ids["<bos>"], eos_token_id=[ids["<eos>"], ids["<turn|>"]],
+               vision_soft_tokens_per_image=IMAGE["max_soft_tokens"], tie_word_embeddings=True,
+               text_config=text, vision_config=vision, audio_config=None)
+    proc = {"processor_class": "Gemma4Processor", "image_processor": dict(IMAGE),
+            "image_seq_length": IMAGE["max_soft_tokens"]}
+    pre = {"image_processor_type": "Gemma4ImageProcessor", "processor_class": "Gemma4Processor", **IMAGE}
+    return cfg, proc, pre
+
+
+def build_gemma4_fixture(path, seed: int = 0, window: int = WINDOW) -> Path:
+    import mlx.core as mx
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    ids, suppressed = V._write_tokenizer(FAMILY, path)
+    cfg, proc, pre = _config(ids, window)
+    F._write_json(path / "config.json", cfg)
+    F._write_json(path / "processor_config.json", proc)
+    F._write_json(path / "preprocessor_config.json", pre)
+    F._write_json(path / "generation_config.json", {"eos_token_id": cfg["eos_token_id"], "do_sample": False})
+    weights = V._weights(FAMILY, cfg, seed, suppressed)
+    emb = "language_model.model.embed_tokens.weight"
+    weights[emb] = weights[emb] * EMBED_SCALE  # tied: full-size embeddings collapse into one token
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return path
+
+
+def gemma4_fixture_dir(root, seed: int = 0, window: int = WINDOW) -> Path:
+    return F.build_once(Path(root) / f"vlm-gemma4-seed{seed}-w{window}",
+                        lambda tmp: build_gemma4_fixture(tmp, seed, window))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Build a tiny offline Gemma 4 checkpoint.")
+    p.add_argument("path")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, default=WINDOW)
+    a = p.parse_args(argv)
+    print(build_gemma4_fixture(a.path, a.seed, a.window))
+
+
+if __name__ == "__main__":
+    main()
