@@ -90,22 +90,18 @@ class MRopeHook:
         return self.apply(x, x, cos, sin, unqueeze_dim=1)[0]
 
 
-def install_mrope(text_model, language_module, text_config) -> _Active:
-    """Wrap every attention ``rope`` of the mlx-lm text model (once per model)."""
+def install_mrope(text_model, rotary, apply) -> _Active:
+    """Wrap every attention ``rope`` of the mlx-lm text model (once per model); ``rotary(x, positions)``
+    gives mlx-vlm's (cos, sin), ``apply(q, k, cos, sin, unqueeze_dim=1)`` rotates. Layers without
+    ``self_attn`` (Qwen3.5's gated-delta layers) have no positions."""
     box = getattr(text_model, "_worker_mrope_box", None)
     if box is not None:
         return box
     box = _Active()
-    layers = text_model.layers
-    head_dim = text_config.hidden_size // text_config.num_attention_heads
-    rotary = language_module.Qwen2RotaryEmbedding(
-        head_dim, max_position_embeddings=text_config.max_position_embeddings,
-        base=text_config.rope_theta, rope_scaling=text_config.rope_scaling)
-    for layer in layers:
-        attn = layer.self_attn
-        if not isinstance(attn.rope, MRopeHook):
-            object.__setattr__(attn, "rope", MRopeHook(attn.rope, rotary, box,
-                                                      language_module.apply_multimodal_rotary_pos_emb))
+    for layer in text_model.layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and not isinstance(attn.rope, MRopeHook):
+            object.__setattr__(attn, "rope", MRopeHook(attn.rope, rotary, box, apply))
     object.__setattr__(text_model, "_worker_mrope_box", box)
     return box
 
@@ -120,8 +116,15 @@ class Qwen2VLAddOn(VisionAddOn):
     def __init__(self, path, config, text_model, options):
         super().__init__(path, config, text_model, options)
         self.language = __import__(f"mlx_vlm.models.{self.module}.language", fromlist=["x"])
-        self.box = install_mrope(text_model, self.language, self.mc.text_config)
+        self.box = install_mrope(text_model, self.rotary(self.mc.text_config),
+                                 self.language.apply_multimodal_rotary_pos_emb)
         self._rope_memo = None  # (prompt prefix, image digests) -> positions, delta
+
+    def rotary(self, tc):
+        """mlx-vlm's rotary embedding of this family's text model."""
+        head_dim = tc.hidden_size // tc.num_attention_heads
+        return self.language.Qwen2RotaryEmbedding(head_dim, max_position_embeddings=tc.max_position_embeddings,
+                                                  base=tc.rope_theta, rope_scaling=tc.rope_scaling)
 
     def _language_stub(self, embed):
         stub = super()._language_stub(embed)
@@ -153,9 +156,12 @@ class Qwen2VLAddOn(VisionAddOn):
         return BatchPositions(self.box, states) if any(s is not None for s in states) else None
 
     def make_state(self, ids, items):
+        return MRopeState(self.box, *self.prompt_positions(ids, items))
+
+    def prompt_positions(self, ids, items):
         """mlx-vlm's positions for the prompt up to its last image token (the embeddings may cover only a
-        suffix); the text after it continues linearly, which ``MRopeState`` computes itself. The last
-        prompt's are kept: a follow-up on the same images has the same ones."""
+        suffix) and the delta; the text after it continues linearly, which ``MRopeState`` computes
+        itself. The last prompt's are kept: a follow-up on the same images has the same ones."""
         end = len(ids) - ids[::-1].index(self.image_token_id)
         memo_key = (tuple(ids[:end]), tuple(it.digest for it in items))
         if self._rope_memo is None or self._rope_memo[0] != memo_key:
@@ -164,4 +170,4 @@ class Qwen2VLAddOn(VisionAddOn):
                 ids_arr, **self.embed_kwargs([it.extras for it in items]),
                 attention_mask=mx.ones(ids_arr.shape))
             self._rope_memo = (memo_key, pos, int(delta.reshape(-1)[0].item()))
-        return MRopeState(self.box, self._rope_memo[1], self._rope_memo[2])
+        return self._rope_memo[1], self._rope_memo[2]
