@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models import llama
 from mlx_lm.utils import get_total_parameters, load_model, load_tokenizer
 
 from .addons import load_addon
@@ -138,6 +139,59 @@ def _dtype_name(d: mx.Dtype) -> str:
     return str(d).split(".")[-1]
 
 
+# idefics3 / smolvlm: mlx-lm has no text module of that name, but their text model is a llama.
+LLAMA_TEXT_FAMILIES = ("idefics3", "smolvlm")
+
+
+def llama_text_args(config: dict) -> dict:
+    """mlx-lm llama's config for the text model of an idefics3 / smolvlm checkpoint, as mlx-vlm runs it
+    (its idefics3 language model, with its defaults): head_dim = hidden / heads, plain RoPE (no
+    rope_scaling), an lm_head of its own."""
+    text = config.get("text_config") or {}
+    hidden = text["hidden_size"]
+    heads = text.get("num_attention_heads") or hidden // text["head_dim"]  # smolvlm may give head_dim only
+    return dict(model_type="llama", hidden_size=hidden, num_hidden_layers=text.get("num_hidden_layers", 32),
+                intermediate_size=text["intermediate_size"], num_attention_heads=heads,
+                num_key_value_heads=text.get("num_key_value_heads") or heads, head_dim=hidden // heads,
+                rms_norm_eps=text.get("rms_norm_eps", 1e-5), vocab_size=text["vocab_size"],
+                rope_theta=text.get("rope_theta", 1000000.0), rope_traditional=text.get("rope_traditional", False),
+                max_position_embeddings=text.get("max_position_embeddings", 4096), tie_word_embeddings=False)
+
+
+def llama_weight_name(name: str) -> Optional[str]:
+    """mlx-lm llama's name of an idefics3 text weight (mlx-vlm's layout or the HF one); None for the
+    vision tower and connector."""
+    for old, new in (("language_model.lm_head.", "lm_head."), ("language_model.", "model."),
+                     ("model.text_model.", "model."), ("lm_head.", "lm_head.")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return None
+
+
+class LlamaTextArgs:
+    """``load_model``'s args class for LLAMA_TEXT_FAMILIES: llama's args from the text_config."""
+
+    @staticmethod
+    def from_dict(config: dict) -> llama.ModelArgs:
+        return llama.ModelArgs.from_dict(llama_text_args(config))
+
+
+class LlamaText(llama.Model):
+    """mlx-lm's llama over an idefics3 / smolvlm checkpoint's text weights."""
+
+    def sanitize(self, weights):
+        named = ((llama_weight_name(k), v) for k, v in weights.items())
+        return super().sanitize({k: v for k, v in named if k is not None})
+
+
+def text_model_classes(config: dict) -> dict:
+    """``load_model`` keyword arguments that pick the text model classes where mlx-lm's own lookup
+    (by model_type) has none."""
+    if config.get("model_type") in LLAMA_TEXT_FAMILIES:
+        return {"get_model_classes": lambda config: (LlamaText, LlamaTextArgs)}
+    return {}
+
+
 def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[float], None],
                      used: int = 0, what_else: str = ""):
     """mlx-lm model + tokenizer + config + ModelInfo (vision left False) for a checkpoint directory."""
@@ -152,7 +206,8 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
         raise WorkerError("model_load_failed", f"no *.safetensors weights in {path}")
     progress(0.05)
     with failing_as("model_load_failed", "could not build the model"):
-        model, config = load_model(path, lazy=True, trust_remote_code=options.trust_remote_code)
+        model, config = load_model(path, lazy=True, trust_remote_code=options.trust_remote_code,
+                                   **text_model_classes(config))
     progress(0.3)
     stored = stored_dtype(model)
     target = compute_dtype(options, stored)

@@ -135,6 +135,8 @@ class VisionAddOn(abc.ABC):
     token_attr = "image_token_index"
     add_special_tokens_for_chat = False  # the chat template already wrote BOS etc.
     weight_keys = VISION_KEYS  # checkpoint tensors loaded into ``parts`` (names containing one of these)
+    tower_attr = "vision_tower"  # the ``parts`` module whose ``sanitize`` the weights go through
+    cached_pixels = None  # pixel_values beside cached features (None: _PIXELS_CACHED; idefics3 needs 5-D)
 
     def __init__(self, path: Path, config: dict, text_model, options):
         self.path = Path(path)
@@ -214,7 +216,7 @@ class VisionAddOn(abc.ABC):
             raise WorkerError("model_load_failed", "the checkpoint has no vision tower weights")
         if hasattr(self.mod.Model, "sanitize"):
             weights = self.mod.Model.sanitize(parts, weights)
-        weights = parts.vision_tower.sanitize(weights)
+        weights = getattr(parts, self.tower_attr).sanitize(weights)
         weights = {k: v for k, v in weights.items() if not k.startswith("language_model")}
         quant = config.get("quantization") or config.get("quantization_config")
         if quant and any(k.endswith(".scales") for k in weights):
@@ -316,8 +318,9 @@ class VisionAddOn(abc.ABC):
         if not sel:  # what every family's get_input_embeddings does without pixels (left lazy: the
             return self.parts.language_model.model.embed_tokens(ids_arr)[0]  # first forward evaluates it)
         extra = self.embed_kwargs([it.extras for it in sel]) if sel else {}
+        pixels = _PIXELS_CACHED if self.cached_pixels is None else self.cached_pixels
         embedded = self.mod.Model.get_input_embeddings(
-            self.parts, ids_arr, _PIXELS_CACHED if sel else None, mask=mx.ones(ids_arr.shape, mx.int32),
+            self.parts, ids_arr, pixels if sel else None, mask=mx.ones(ids_arr.shape, mx.int32),
             cached_image_features=self.join([it.feats for it in sel]) if sel else None, **extra)
         emb = embedded.inputs_embeds[0][reused - start:]
         mx.eval(emb)
