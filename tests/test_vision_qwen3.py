@@ -1,4 +1,4 @@
-"""Qwen3-VL, Qwen3-VL-MoE and Qwen3.5 vision add-ons through the real worker, against mlx-vlm's own
+"""Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE vision add-ons through the real worker, against mlx-vlm's own
 generate (interleaved M-RoPE positions; deepstack features for the Qwen3-VL families)."""
 
 import os
@@ -83,7 +83,7 @@ def _kit_and_plan(root, images, family, paths):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_equal_mlx_vlm(root, images, family):
     """In-process, two images: the last-token logits equal mlx-vlm's own forward (exactly for the
-    Qwen3-VL families; Qwen3.5's gated-delta kernels differ in rounding); without the deepstack rows
+    Qwen3-VL families; Qwen3.5's gated-delta layers differ in rounding); without the deepstack rows
     they do not."""
     import mlx.core as mx
     from mlx_vlm.utils import load_image, prepare_inputs
@@ -105,8 +105,9 @@ def test_logits_equal_mlx_vlm(root, images, family):
     model.language_model._position_ids = model.language_model._rope_deltas = None
     ref = model(inp["input_ids"], inp["pixel_values"], mask=inp["attention_mask"],
                 image_grid_thw=inp["image_grid_thw"]).logits[0, -1]
-    assert mx.abs(ours - ref).max().item() <= (1e-4 if family == "qwen3_5" else 0.0)
-    if family != "qwen3_5":
+    hybrid = family.startswith("qwen3_5")  # mlx-lm's and mlx-vlm's gated-delta layers round differently
+    assert mx.abs(ours - ref).max().item() <= (2e-3 if hybrid else 0.0)  # (text-only they differ by ~3e-3)
+    if not hybrid:
         feats, plan.state.feats = plan.state.feats, []
         with plan.state:
             positions_only = kit.model(x, input_embeddings=e)[0, -1]
@@ -165,7 +166,8 @@ def test_speculative_text_turn(root, images, family):
         msgs = [{"role": "user", "content": "Tell me a story."}]
         evs = chat(w, "s", msgs)
         # mlx-lm cannot rewind Qwen3.5's gated-delta state: its drafts are refused (run without the draft)
-        assert stats(evs)["speculative"] == ("off: sliding window" if family == "qwen3_5" else "on"), stats(evs)
+        want = "off: sliding window" if family.startswith("qwen3_5") else "on"
+        assert stats(evs)["speculative"] == want, stats(evs)
         assert generated_tokens(evs) == reference.generate(path, reference.chat_ids(path, msgs), MAX)
         img = chat(w, "si", [user([images["a"]])])
         assert stats(img)["speculative"] == "off: images"

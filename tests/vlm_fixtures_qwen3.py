@@ -1,10 +1,11 @@
-"""Tiny offline Qwen3-VL / Qwen3-VL-MoE / Qwen3.5 checkpoints (~300k params) for the vision tests.
+"""Tiny offline Qwen3-VL / Qwen3-VL-MoE / Qwen3.5 / Qwen3.5-MoE checkpoints (~300k params) for the vision tests.
 Heads are 32 wide so that KV quantization (group size 32) applies.
 
 Built like tests/vlm_fixtures.py (same tokenizer, same seeded re-randomized mlx-vlm weights): the
 Qwen3 families add a vision tower with deepstack mergers (qwen3_vl, qwen3_vl_moe: features added to
 the first decoder layers' hidden states), interleaved M-RoPE in the text model, and for qwen3_5 a
-hybrid text model (gated-delta layers with a full-attention layer every ``full_attention_interval``).
+hybrid text model (gated-delta layers with a full-attention layer every ``full_attention_interval``);
+the MoE variants have 4 experts, 2 per token.
 
 CLI: python -m tests.vlm_fixtures_qwen3 FAMILY PATH [--seed N]
 """
@@ -20,23 +21,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from . import fixtures as F  # noqa: E402
 from .vlm_fixtures import HIDDEN, MEAN, STD, _text_cfg, _weights, _write_tokenizer  # noqa: E402
 
-FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5")
+FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
 
 def _vision(family: str) -> dict:
     return dict(model_type=family, depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=HIDDEN,
                 num_heads=2, patch_size=8, spatial_patch_size=8, spatial_merge_size=2, temporal_patch_size=2,
                 in_channels=3, num_position_embeddings=64,
-                deepstack_visual_indexes=[] if family == "qwen3_5" else [0, 1])
+                deepstack_visual_indexes=[] if family.startswith("qwen3_5") else [0, 1])
 
 
 def _text(family: str) -> dict:
-    if family == "qwen3_5":
-        return _text_cfg(model_type="qwen3_5_text", num_hidden_layers=4, head_dim=32, full_attention_interval=2,
+    if family.startswith("qwen3_5"):
+        text = _text_cfg(model_type=family + "_text", num_hidden_layers=4, head_dim=32, full_attention_interval=2,
                          linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
                          linear_value_head_dim=16, linear_conv_kernel_dim=4,
                          rope_parameters={"type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
                                           "partial_rotary_factor": 0.25, "mrope_interleaved": True})
+        if family == "qwen3_5_moe":
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                        shared_expert_intermediate_size=64, norm_topk_prob=True)
+        return text
     text = _text_cfg(model_type=family + "_text", num_hidden_layers=3, head_dim=32, rope_theta=5000000.0,
                      rope_scaling={"rope_type": "default", "mrope_section": [4, 6, 6], "mrope_interleaved": True})
     if family == "qwen3_vl_moe":

@@ -112,10 +112,12 @@ class Qwen2VLAddOn(VisionAddOn):
     processor_path = "qwen2_vl.processing_qwen2_vl:Qwen2VLProcessor"
     placeholder = "<|image_pad|>"
     token_attr = "image_token_id"
+    language_module = ""  # the mlx-vlm module whose language.py has the rotary (default: ``module``)
 
     def __init__(self, path, config, text_model, options):
         super().__init__(path, config, text_model, options)
-        self.language = __import__(f"mlx_vlm.models.{self.module}.language", fromlist=["x"])
+        self.language = __import__(f"mlx_vlm.models.{self.language_module or self.module}.language",
+                                   fromlist=["x"])
         self.box = install_mrope(text_model, self.rotary(self.mc.text_config),
                                  self.language.apply_multimodal_rotary_pos_emb)
         self._rope_memo = None  # (prompt prefix, image digests) -> positions, delta

@@ -80,6 +80,12 @@ class Qwen3VLAddOn(Qwen2VLAddOn):
         if self.n_deepstack:
             install_deepstack(text_model, self.box, self.n_deepstack)
 
+    def build_modules(self, parts):
+        super().build_modules(parts)
+        # the merge helper may be inherited (qwen3_5_moe's Model): base copies only the class's own
+        merge = self.mod.Model.merge_input_ids_with_image_features
+        object.__setattr__(parts, "merge_input_ids_with_image_features", merge)
+
     def rotary(self, tc):
         return getattr(self.language, self.rotary_class)(
             tc.head_dim, max_position_embeddings=tc.max_position_embeddings, base=tc.rope_theta,
