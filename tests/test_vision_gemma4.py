@@ -1,9 +1,10 @@
 """The Gemma 4 vision add-on through the real worker process, against mlx-vlm's own generate.
 
-The fixture (tests/vlm_fixtures_gemma4.py) has per-layer inputs, sliding + full layers and KV-shared
-layers; it is run with a 512-token window and with a 32-token one (image prompts then wrap the
-rotating layers). Also: kv_bits on a follow-up, speculative decoding on a text turn, and a batch of
-concurrent image and text requests giving the tokens they give alone.
+Two fixture layouts (tests/vlm_fixtures_gemma4.py): "e2b" (per-layer inputs, KV-shared layers) and "moe"
+(26B-A4B-like: experts, K=V full layers, image tokens attending both ways), each with a 512-token window
+and with a 32-token one (image prompts then wrap the rotating layers). Also: kv_bits on a follow-up,
+speculative decoding on a text turn, and a batch of concurrent image and text requests giving the
+tokens they give alone.
 """
 
 import os
@@ -15,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tests import reference  # noqa: E402
 from tests.client import Worker, generated_tokens  # noqa: E402
 from tests.test_batching import _compare, _ids, _stats, run_all  # noqa: E402
-from tests.test_vision import (QUESTION, _first_image_token, _last_image_token, chat, images, root,  # noqa: E402,F401
-                               stats, user, vlm_generate, worker)
+from tests.test_vision import (QUESTION, _first_image_token, _last_image_token, chat,  # noqa: E402
+                               images, root, stats, user, vlm_generate, worker)  # noqa: F401 (fixtures)
 from tests.vlm_fixtures_gemma4 import gemma4_fixture_dir  # noqa: E402
 
 MAX = 12
@@ -41,12 +42,15 @@ def _cold(worker, tag, messages, max_tokens=MAX):
     return generated_tokens(cold)
 
 
-@pytest.mark.parametrize("window", [512, 32])
-def test_parity_and_cache(worker, root, images, window):
-    path = gemma4_fixture_dir(root, window=window)
+LAYOUTS = [("e2b", 512), ("e2b", 32), ("moe", 512), ("moe", 32)]
+
+
+@pytest.mark.parametrize("variant,window", LAYOUTS)
+def test_parity_and_cache(worker, root, images, variant, window):
+    path = gemma4_fixture_dir(root, window=window, variant=variant)
     info = worker.load(path)
     assert info["vision"] is True
-    tag = f"g4w{window}"
+    tag = f"g4{variant}w{window}"
 
     one = _nontrivial(generated_tokens(chat(worker, f"{tag}-1", [user([images["a"]])], MAX)))
     assert one == vlm_generate(path, [images["a"]], max_tokens=MAX)
@@ -72,10 +76,11 @@ def test_parity_and_cache(worker, root, images, window):
     assert _cold(worker, f"{tag}-f5", changed) == generated_tokens(ch)
 
 
-def test_kv_bits_follow_up(root, images):
-    """kv_bits quantizes the full-attention layers (the sliding ones stay exact): a follow-up on the same
-    image reuses the quantized cache and equals a cold run."""
-    path = gemma4_fixture_dir(root)
+@pytest.mark.parametrize("variant", ["e2b", "moe"])
+def test_kv_bits_follow_up(root, images, variant):
+    """kv_bits quantizes the full-attention layers (the sliding ones stay exact; the KV-shared ones read
+    them quantized): a follow-up on the same image reuses the quantized cache and equals a cold run."""
+    path = gemma4_fixture_dir(root, variant=variant)
     w = Worker()
     try:
         w.load(path, kv_bits=8, kv_group_size=32)
@@ -110,10 +115,10 @@ def test_speculative_text_turn(root, images):
         w.close()
 
 
-@pytest.mark.parametrize("window", [512, 32])
-def test_batch_of_images_and_text(root, images, window):
+@pytest.mark.parametrize("variant,window", LAYOUTS[1:])
+def test_batch_of_images_and_text(root, images, variant, window):
     """Two image questions decoded beside text requests (one cancelled midway) give their solo tokens."""
-    path = gemma4_fixture_dir(root, window=window)
+    path = gemma4_fixture_dir(root, window=window, variant=variant)
     reqs = [
         {"id": "img-a", "prompt": {"messages": [user([images["a"]])]}, "params": {"max_tokens": MAX}},
         {"id": "img-bc", "prompt": {"messages": [user([images["b"], images["c"]])]},
@@ -128,3 +133,56 @@ def test_batch_of_images_and_text(root, images, window):
     _compare(alone, together)
     assert _stats(together["img-a"])["concurrent"] >= 2
     assert generated_tokens(alone["img-a"]) == vlm_generate(path, [images["a"]], max_tokens=MAX)
+
+
+def test_bidirectional_state(root, images):
+    """In-process: on the "moe" layout a prompt with images gets the bidirectional state, and inside it
+    the logits equal mlx-vlm's (given its token types), whole or prefilled in chunks cut between images;
+    outside it they are causal (and differ). The "e2b" layout and text prompts get no state."""
+    import mlx.core as mx
+    import msgspec
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_vlm.utils import load_image, prepare_inputs
+
+    from tests.test_vision import _vlm
+    from worker.model import load
+    from worker.prompt import build_prompt
+    from worker.protocol import Generate, LoadOptions
+
+    def plan_for(kit, msgs):
+        return build_prompt(kit, msgspec.convert({"type": "generate", "id": "g", "prompt": {"messages": msgs}},
+                                                 Generate))
+
+    pair = [images["a"], images["b"]]
+    e2b = load(str(gemma4_fixture_dir(root)), LoadOptions(), lambda f: None)
+    assert plan_for(e2b, [user(pair)]).state is None
+    path = gemma4_fixture_dir(root, variant="moe")
+    kit = load(str(path), LoadOptions(), lambda f: None)
+    assert plan_for(kit, [{"role": "user", "content": QUESTION}]).state is None
+    plan = plan_for(kit, [user(pair)])
+    assert plan.state is not None
+    x, e = mx.array(plan.ids)[None], plan.embed(0)[None]
+
+    model, proc = _vlm(str(path))
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
+    text = proc.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                              add_generation_prompt=True)
+    inp = prepare_inputs(proc, images=[load_image(p) for p in pair], prompts=text,
+                         image_token_index=model.config.image_token_id, add_special_tokens=False)
+    assert inp["input_ids"].reshape(-1).tolist() == plan.ids
+    emb = model.get_input_embeddings(inp["input_ids"], inp["pixel_values"])
+    ref = model.language_model(inp["input_ids"], inputs_embeds=emb.inputs_embeds,
+                               mm_token_type_ids=inp["mm_token_type_ids"]).logits
+    with plan.state:
+        both = kit.model(x, input_embeddings=e)
+    causal = kit.model(x, input_embeddings=e)
+    assert mx.abs(both - ref).max().item() == 0.0
+    assert mx.abs(causal - ref).max().item() > 1e-3
+    pos = [i for i, t in enumerate(plan.ids) if t == kit.addon.image_token_id]
+    gap = next(i for i in range(pos[0], pos[-1]) if plan.ids[i] != kit.addon.image_token_id)
+    for cut in (pos[0] - 1, gap, pos[-1] + 1):  # before, between and after the images
+        cache = make_prompt_cache(kit.model)
+        with plan.state:
+            kit.model(x[:, :cut], cache=cache, input_embeddings=e[:, :cut])
+            rest = kit.model(x[:, cut:], cache=cache, input_embeddings=e[:, cut:])
+        assert mx.abs(rest - ref[:, cut:]).max().item() == 0.0, cut

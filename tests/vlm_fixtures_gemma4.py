@@ -10,7 +10,7 @@ image processor budget makes a 48x64 test image 12 soft tokens.
 ``sliding_window`` is small (a few image prompts exceed it): the follow-up tests then run through
 wrapped rotating caches.
 
-CLI: python -m tests.vlm_fixtures_gemma4 PATH [--seed N] [--window N]
+CLI: python -m tests.vlm_fixtures_gemma4 PATH [--seed N] [--window N] [--variant e2b|moe]
 """
 
 from __future__ import annotations
@@ -46,11 +46,21 @@ V.TOKENIZERS.setdefault(FAMILY, dict(
            "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>",
            "video_token": "<|video|>"}))
 
+# text_config changes of the other layouts: the larger models (26B-A4B) have no per-layer inputs and no
+# KV-shared layers, share K and V in their full-attention layers, route a mixture of experts, and let the
+# tokens of an image attend to each other both ways
+VARIANTS = {
+    "e2b": {},
+    "moe": dict(use_bidirectional_attention="vision", hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+                attention_k_eq_v=True, num_global_key_value_heads=1, use_double_wide_mlp=False,
+                enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),
+}
+
 IMAGE = dict(patch_size=8, max_soft_tokens=16, pooling_kernel_size=2, do_resize=True, do_rescale=True,
              rescale_factor=1 / 255, do_normalize=False)
 
 
-def _config(ids: dict, window: int) -> tuple[dict, dict, dict]:
+def _config(ids: dict, window: int, variant: str) -> tuple[dict, dict, dict]:
     rope = {"full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0,
                                "rope_type": "proportional"},
             "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}}
@@ -62,6 +72,7 @@ def _config(ids: dict, window: int) -> tuple[dict, dict, dict]:
                 rope_parameters=rope, max_position_embeddings=F.MAX_POSITIONS, final_logit_softcapping=30.0,
                 use_double_wide_mlp=True, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
                 pad_token_id=ids["<pad>"])
+    text.update(VARIANTS[variant])
     vision = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=2, head_dim=16, global_head_dim=16,
                   patch_size=8, pooling_kernel_size=2, position_embedding_size=64, default_output_length=16,
@@ -79,13 +90,13 @@ def _config(ids: dict, window: int) -> tuple[dict, dict, dict]:
     return cfg, proc, pre
 
 
-def build_gemma4_fixture(path, seed: int = 0, window: int = WINDOW) -> Path:
+def build_gemma4_fixture(path, seed: int = 0, window: int = WINDOW, variant: str = "e2b") -> Path:
     import mlx.core as mx
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     ids, suppressed = V._write_tokenizer(FAMILY, path)
-    cfg, proc, pre = _config(ids, window)
+    cfg, proc, pre = _config(ids, window, variant)
     F._write_json(path / "config.json", cfg)
     F._write_json(path / "processor_config.json", proc)
     F._write_json(path / "preprocessor_config.json", pre)
@@ -97,9 +108,9 @@ def build_gemma4_fixture(path, seed: int = 0, window: int = WINDOW) -> Path:
     return path
 
 
-def gemma4_fixture_dir(root, seed: int = 0, window: int = WINDOW) -> Path:
-    return F.build_once(Path(root) / f"vlm-gemma4-seed{seed}-w{window}",
-                        lambda tmp: build_gemma4_fixture(tmp, seed, window))
+def gemma4_fixture_dir(root, seed: int = 0, window: int = WINDOW, variant: str = "e2b") -> Path:
+    return F.build_once(Path(root) / f"vlm-gemma4-{variant}-seed{seed}-w{window}",
+                        lambda tmp: build_gemma4_fixture(tmp, seed, window, variant))
 
 
 def main(argv=None) -> None:
@@ -107,8 +118,9 @@ def main(argv=None) -> None:
     p.add_argument("path")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=WINDOW)
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="e2b")
     a = p.parse_args(argv)
-    print(build_gemma4_fixture(a.path, a.seed, a.window))
+    print(build_gemma4_fixture(a.path, a.seed, a.window, a.variant))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,21 @@ and both are made exact by ``MultimodalInputs``, which stands in for mlx-lm's ``
   embeddings are mlx-vlm's (scaled); with them mlx-lm's scale is 1.0 for that call.
 - the small models' per-layer inputs are looked up by token id, and mlx-vlm looks up id 0 at image (and
   audio, video) positions; mlx-lm would look up the image token itself.
-Calls without embeddings (text prompts, every decode step, batched or not) reach mlx-lm unchanged.
+Calls without embeddings (text prompts, every decode step, batched or not) reach mlx-lm unchanged, but
+for ``kv_bits`` on the KV-shared layers (``SharedQuantized``).
+
+The larger models (``use_bidirectional_attention: "vision"``, e.g. 26B-A4B) let the tokens of one
+image attend to each other both ways. mlx-vlm does so when the whole prompt is one forward pass (a
+prompt with images and no audio: it does not chunk those); inside ``with plan.state:`` the masks of a
+prompt chunk get the same overlay. An image cut by a prefill chunk boundary (prompts longer than
+``prefill_step_size``) is not bidirectional across the cut: there the result is not mlx-vlm's.
 """
 
+import functools
 import types
 
 import mlx.core as mx
+from mlx_lm.models.base import create_attention_mask
 
 from .base import VISION_KEYS, VisionAddOn
 
@@ -25,33 +34,101 @@ def text_ids(ids: mx.array, mm_ids: tuple) -> mx.array:
     return mx.where(mm, mx.zeros_like(ids), ids)
 
 
+def vision_blocks(ids: mx.array, vision_ids: tuple) -> mx.array:
+    """[L, L]: query and key are tokens of the same run of image (or video) tokens (mlx-vlm's blocks)."""
+    vis = mx.zeros(ids.shape[-1:], dtype=mx.bool_)
+    for t in vision_ids:
+        vis = vis | (ids[0] == t)
+    starts = vis & ~mx.concatenate([mx.zeros((1,), dtype=mx.bool_), vis[:-1]])
+    group = mx.where(vis, mx.cumsum(starts.astype(mx.int32)) - 1, -1)
+    return (group[:, None] == group[None, :]) & (group[:, None] >= 0)
+
+
+def bidirectional_masks(inner, blocks, h, cache):
+    """mlx-lm's masks for this chunk as arrays, its own image blocks attending both ways (the chunk's
+    keys are the last L columns, for rotating layers too)."""
+    by_type, masks = {}, []
+    for layer, c in zip(inner.layers, cache):
+        kind = layer.layer_type
+        if kind not in by_type:
+            window = inner.window_size if kind == "sliding_attention" else None
+            m = create_attention_mask(h, c, window_size=window, return_array=True)
+            n = blocks.shape[0]
+            by_type[kind] = mx.concatenate([m[..., :-n], m[..., -n:] | blocks], axis=-1)
+        masks.append(by_type[kind])
+    return masks
+
+
+class Bidirectional:
+    """A request's state (prompts with images, no audio, on a bidirectional model): while entered, the
+    prompt chunks' image blocks attend both ways."""
+
+    def __init__(self, inputs: "MultimodalInputs"):
+        self.inputs = inputs
+
+    def __enter__(self):
+        self.inputs.bidirectional = True
+        return self
+
+    def __exit__(self, *exc):
+        self.inputs.bidirectional = False
+        return False
+
+
+class SharedQuantized:
+    """The cache argument of a KV-shared layer whose source layer's cache is quantized (``kv_bits``).
+    mlx-lm gives such a layer no cache, so it runs the float attention kernel on the packed K/V; with
+    this stand-in (it stores nothing) it runs the quantized one."""
+
+    def __init__(self, source):
+        self.bits, self.group_size = source.bits, source.group_size
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+
+def shared_layer_caches(inner, cache):
+    """``cache`` extended over the KV-shared layers when some layer is quantized, else as it is."""
+    if not cache or len(cache) >= len(inner.layers) or not any(hasattr(c, "bits") for c in cache):
+        return cache
+    src = [cache[inner.previous_kvs[j]] for j in range(len(cache), len(inner.layers))]
+    return list(cache) + [SharedQuantized(c) if hasattr(c, "bits") else None for c in src]
+
+
 class MultimodalInputs:
     """Stands in for mlx-lm's ``Gemma4TextModel`` (not an nn.Module: its weights stay where they are)."""
 
-    def __init__(self, inner, mm_ids: tuple):
-        self.inner, self.mm_ids = inner, mm_ids
+    def __init__(self, inner, mm_ids: tuple, vision_ids: tuple):
+        self.inner, self.mm_ids, self.vision_ids = inner, mm_ids, vision_ids
+        self.bidirectional = False
 
     def __call__(self, inputs=None, cache=None, input_embeddings=None, per_layer_inputs=None):
         inner = self.inner
+        cache = shared_layer_caches(inner, cache)
         if input_embeddings is None or inputs is None:
             return inner(inputs, cache=cache, input_embeddings=input_embeddings, per_layer_inputs=per_layer_inputs)
         if per_layer_inputs is None and inner.hidden_size_per_layer_input:
             per_layer_inputs = inner._get_per_layer_inputs(text_ids(inputs, self.mm_ids))
+        if self.bidirectional and inputs.shape[-1] > 1:
+            blocks = vision_blocks(inputs, self.vision_ids)
+            object.__setattr__(inner, "_make_masks", functools.partial(bidirectional_masks, inner, blocks))
         scale, inner.embed_scale = inner.embed_scale, 1.0  # the embeddings are already scaled
         try:
             return inner(inputs, cache=cache, input_embeddings=input_embeddings, per_layer_inputs=per_layer_inputs)
         finally:
             inner.embed_scale = scale
+            inner.__dict__.pop("_make_masks", None)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["inner"], name)
 
 
-def install_inputs(text_model, mm_ids: tuple) -> None:
+def install_inputs(text_model, mm_ids: tuple, vision_ids: tuple) -> MultimodalInputs:
     """Wrap the mlx-lm Gemma 4 text model's ``language_model.model`` (once per model)."""
     lm = text_model.language_model
     if not isinstance(lm.model, MultimodalInputs):
-        object.__setattr__(lm, "model", MultimodalInputs(lm.model, mm_ids))
+        object.__setattr__(lm, "model", MultimodalInputs(lm.model, mm_ids, vision_ids))
+    return lm.model
 
 
 class Gemma4AddOn(VisionAddOn):
@@ -66,8 +143,11 @@ class Gemma4AddOn(VisionAddOn):
         super().__init__(path, config, text_model, options)
         self.placeholder = getattr(self.processor, "image_token", "") or self.placeholder
         mc = self.mc
-        install_inputs(text_model, tuple(t for t in (mc.image_token_id, mc.audio_token_id, mc.video_token_id)
-                                         if t is not None))
+        self.vision_ids = tuple(t for t in (mc.image_token_id, mc.video_token_id) if t is not None)
+        self.audio_id = mc.audio_token_id
+        mm_ids = tuple(t for t in self.vision_ids + (self.audio_id,) if t is not None)
+        self.inputs = install_inputs(text_model, mm_ids, self.vision_ids)
+        self.bidirectional = getattr(mc.text_config, "use_bidirectional_attention", None) == "vision"
 
     def _language_stub(self, embed):
         """mlx-vlm's merge multiplies ``embed_tokens`` by ``embed_scale``: scaled here (the same
@@ -90,3 +170,9 @@ class Gemma4AddOn(VisionAddOn):
     def encode(self, pv, extras):
         parts = self.parts
         return parts.embed_vision(parts.vision_tower(pv))  # [1, soft tokens, hidden]
+
+    def make_state(self, ids, items):
+        """mlx-vlm's vision overlay applies to a prompt with images and no audio (it chunks the others)."""
+        if self.bidirectional and self.audio_id not in ids and any(t in self.vision_ids for t in ids):
+            return Bidirectional(self.inputs)
+        return None
