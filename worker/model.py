@@ -261,6 +261,7 @@ def load(path_str: str, options: LoadOptions, progress: Callable[[float], None])
                                   f"{options.max_memory / 2**30:.2f} GiB")
     progress(0.96)
     info.vision = addon is not None
+    info.audio = bool(getattr(addon, "accepts_audio", False))
     fmt = tool_format(tokenizer) if info.chat_template else None
     info.tool_parser, info.tool_prompt = (fmt.parser, fmt.source) if fmt else (None, None)
     if getattr(tokenizer, "has_thinking", False):

@@ -8,7 +8,7 @@ which returns the ``PromptPlan``. This module knows the kit only by duck typing 
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
-from .protocol import Generate, TextPart, WorkerError
+from .protocol import AudioPart, Generate, TextPart, WorkerError
 from .tools import check_tools, tool_fields, tools_on, worker_rendering
 
 
@@ -19,6 +19,7 @@ class PromptInput:
     text: Optional[str] = None
     ids: Optional[List[int]] = None
     images: list = field(default_factory=list)  # ImagePart / ImageUrlPart, in prompt order
+    audio: list = field(default_factory=list)  # AudioPart, in prompt order
     add_special_tokens: bool = True
 
 
@@ -32,7 +33,7 @@ class PromptPlan:
 
 def build_prompt(kit, req: Generate) -> PromptPlan:
     inp = normalise(kit, req)
-    if inp.images:
+    if inp.images or inp.audio:
         return kit.addon.build_prompt(kit, inp)
     ids = inp.ids if inp.ids is not None else kit.encoder.encode(inp.text, inp.add_special_tokens)
     if not ids:
@@ -50,37 +51,42 @@ def normalise(kit, req: Generate) -> PromptInput:
             raise WorkerError("invalid_params", f"prompt.{name} needs prompt.messages (the chat template uses it)")
     if p.tool_choice != "auto" and not p.tools:
         raise WorkerError("invalid_params", "prompt.tool_choice needs prompt.tools")
-    images = list(p.images or [])
+    images, audio = list(p.images or []), list(p.audio or [])
     if p.messages is not None:
-        if images:
-            raise WorkerError("invalid_params", "put images in the messages' content, not in prompt.images")
-        images = [part for m in p.messages if isinstance(m.content, list) for part in m.content
-                  if not isinstance(part, TextPart)]
+        if images or audio:
+            raise WorkerError("invalid_params", "put images and audio in the messages' content, not in "
+                              "prompt.images / prompt.audio")
+        parts = [part for m in p.messages if isinstance(m.content, list) for part in m.content]
+        images = [part for part in parts if not isinstance(part, (TextPart, AudioPart))]
+        audio = [part for part in parts if isinstance(part, AudioPart)]
     if images and kit.addon is None:
         unsupported = " (its vision family is not supported yet)" if kit.config.get("vision_config") else ""
         raise WorkerError("invalid_params", "this model has no vision add-on: send text only" + unsupported)
+    if audio and not getattr(kit.addon, "accepts_audio", False):
+        raise WorkerError("invalid_params", "this model takes no audio (it has no audio tower, or its audio "
+                          "family is not supported yet): send text" + (" or images" if kit.addon else ""))
     if p.tokens is not None:
         bad = [t for t in p.tokens if t >= kit.info.vocab_size]
         if bad:
             raise WorkerError("invalid_params", f"prompt.tokens has ids outside the vocabulary "
                               f"(size {kit.info.vocab_size}): {bad[:5]}")
-        if not images:
+        if not images and not audio:
             return PromptInput(ids=list(p.tokens))
-        # re-tokenized by the image processor (which expands the placeholders): specials are kept
+        # re-tokenized by the processor (which expands the placeholders): specials are kept
         return PromptInput(text=kit.tokenizer.decode(list(p.tokens), skip_special_tokens=False),
-                           images=images, add_special_tokens=False)
+                           images=images, audio=audio, add_special_tokens=False)
     if p.text is not None:
-        return PromptInput(text=p.text, images=images, add_special_tokens=p.add_special_tokens)
+        return PromptInput(text=p.text, images=images, audio=audio, add_special_tokens=p.add_special_tokens)
     if not kit.info.chat_template:
         raise WorkerError("invalid_params", "this model has no chat template; send prompt.text or prompt.tokens")
-    messages, kwargs = chat_input(kit, p, bool(images))
+    messages, kwargs = chat_input(kit, p, bool(images or audio))
     try:
         text = kit.tokenizer.apply_chat_template(messages, tokenize=False,
                                                  add_generation_prompt=p.add_generation_prompt, **kwargs)
     except Exception as exc:  # jinja errors: the template refused these messages
         raise WorkerError("invalid_params", f"the chat template failed on these messages: {exc}")
-    special = kit.addon.add_special_tokens_for_chat if images else False
-    return PromptInput(text=text, images=images, add_special_tokens=special)
+    special = kit.addon.add_special_tokens_for_chat if images or audio else False
+    return PromptInput(text=text, images=images, audio=audio, add_special_tokens=special)
 
 
 def chat_input(kit, p, with_images: bool):
@@ -101,11 +107,11 @@ def chat_input(kit, p, with_images: bool):
 
 
 def _content(content, with_images: bool):
-    """Text-only part lists become one string (many chat templates only accept strings); with images,
-    the template gets typed parts, an image as ``{"type": "image"}``."""
+    """Text-only part lists become one string (many chat templates only accept strings); with images or
+    audio, the template gets typed parts, an image as ``{"type": "image"}``, a clip as ``{"type": "audio"}``."""
     if isinstance(content, str):
         return content
     if not with_images:
         return "".join(part.text for part in content if isinstance(part, TextPart))
-    return [{"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image"}
-            for part in content]
+    return [{"type": "text", "text": part.text} if isinstance(part, TextPart)
+            else {"type": "audio"} if isinstance(part, AudioPart) else {"type": "image"} for part in content]

@@ -17,6 +17,7 @@ from .server import MAX_QUEUE
 FEATURES = {
     "chat_template": (Prompt, "messages"),
     "images": (Prompt, "images"),
+    "audio": (Prompt, "audio"),
     "stop_strings": (GenerateParams, "stop"),
     "stop_token_ids": (GenerateParams, "stop_token_ids"),
     "logprobs": (GenerateParams, "top_logprobs"),

@@ -12,7 +12,7 @@ import msgspec.inspect as mi
 
 from .errors import CODES
 from .messages import AnyEvent, AnyRequest, GenerateParams, LoadOptions, Message, ModelInfo, Prompt
-from .messages import CacheStats, DeviceInfo, ImagePart, ImageUrl, ImageUrlPart, Limits, TextPart
+from .messages import AudioPart, CacheStats, DeviceInfo, ImagePart, ImageUrl, ImageUrlPart, Limits, TextPart
 from .messages import FunctionCall, FunctionDef, NamedToolChoice, TokenLogprob, Tool, ToolCall, ToolChoiceFunction
 from .messages import TopLogprob
 from .schema import schema_text
@@ -80,8 +80,8 @@ def generated_markdown() -> str:
     for cls in AnyRequest.__args__:
         parts += [f"#### {cls.__name__}", "", _table(cls), ""]
     parts += ["### Request parts", ""]
-    for cls in (LoadOptions, Prompt, Message, TextPart, ImagePart, ImageUrlPart, ImageUrl, Tool, FunctionDef,
-                NamedToolChoice, ToolChoiceFunction, ToolCall, FunctionCall, GenerateParams):
+    for cls in (LoadOptions, Prompt, Message, TextPart, ImagePart, ImageUrlPart, ImageUrl, AudioPart, Tool,
+                FunctionDef, NamedToolChoice, ToolChoiceFunction, ToolCall, FunctionCall, GenerateParams):
         parts += [f"#### {cls.__name__}", "", _table(cls), ""]
     parts += ["### Events", "", "Every event also carries `seq` (integer, increasing by one per line).", ""]
     for cls in AnyEvent.__args__:

@@ -12,7 +12,7 @@ from typing_extensions import Annotated
 
 from .errors import CODES
 
-PROTOCOL_VERSION = "1.4"
+PROTOCOL_VERSION = "1.5"
 
 
 def doc(t, text: str):
@@ -85,7 +85,15 @@ class ImageUrlPart(Struct, tag="image_url", tag_field="type", forbid_unknown_fie
     image_url: Union[str, ImageUrl]
 
 
-ContentPart = Union[TextPart, ImagePart, ImageUrlPart]
+class AudioPart(Struct, tag="audio", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """An audio clip (WAV, FLAC or MP3): exactly one of an absolute file ``path`` or base64 ``data``
+    (a data: URL is fine)."""
+
+    path: Optional[str] = None
+    data: Optional[str] = None
+
+
+ContentPart = Union[TextPart, ImagePart, ImageUrlPart, AudioPart]
 
 
 FunctionName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
@@ -142,6 +150,7 @@ class Prompt(Struct, forbid_unknown_fields=True, kw_only=True):
     tokens: doc(Optional[list[NonNeg]], "token ids, used as they are") = None
     messages: doc(Optional[list[Message]], "a chat, rendered through the model's chat template") = None
     images: doc(Optional[list[ImagePart]], "images for a text or tokens prompt, one per placeholder") = None
+    audio: doc(Optional[list[AudioPart]], "audio clips for a text or tokens prompt, one per audio placeholder") = None
     add_generation_prompt: doc(bool, "messages: end with the assistant's turn header") = True
     add_special_tokens: doc(bool, "text: let the tokenizer add BOS etc.") = True
     tools: doc(Optional[Annotated[list[Tool], Meta(max_length=128)]],
@@ -327,6 +336,7 @@ class ModelInfo(Struct, omit_defaults=True, kw_only=True):
     context_length: doc(Optional[int], "the context window the config declares") = None
     vocab_size: doc(int, "token ids are below this")
     vision: doc(bool, "accepts images (a vision add-on is loaded); omitted when false") = False
+    audio: doc(bool, "accepts audio (the add-on has an audio tower); omitted when false") = False
     eos_token_ids: doc(list[int], "ids that end generation as eos")
     chat_template: doc(bool, "prompt.messages can be used")
     compute_dtype: doc(str, "the dtype the model computes in")

@@ -1,0 +1,154 @@
+"""Audio parts through the real worker (Gemma 3n, tiny towers), against mlx-vlm's generate; bad clips."""
+
+import base64
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tests.client import Worker, generated_tokens  # noqa: E402
+from tests.test_vision import chat, stats  # noqa: E402
+from tests.vlm_fixtures import vlm_fixture_dir  # noqa: E402
+from tests.vlm_fixtures_gemma3n import gemma3n_fixture_dir, vlm_generate, wav_bytes, worker_cmd  # noqa: E402
+
+MAX = 8
+QUESTION = "What is this?"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("audio")
+
+
+@pytest.fixture(scope="module")
+def clips(root):
+    out = {}
+    for name, (seconds, freq, rate, channels, seed) in {
+        "a": (1.5, 440.0, 16000, 1, 0), "b": (1.5, 880.0, 16000, 1, 1),
+        "stereo44k": (1.2, 300.0, 44100, 2, 2), "long": (31.0, 440.0, 16000, 1, 3),
+    }.items():
+        path = root / f"{name}.wav"
+        path.write_bytes(wav_bytes(seconds, freq, rate, channels, seed))
+        out[name] = str(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = Worker(cmd=worker_cmd())
+    yield w
+    w.close()
+
+
+def user(part, question=QUESTION):
+    return {"role": "user", "content": [part, {"type": "text", "text": question}]}
+
+
+def ref_user(question=QUESTION):
+    return {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": question}]}
+
+
+def audio_positions(path, clip):
+    from mlx_vlm.utils import prepare_inputs
+
+    from tests.vlm_fixtures_gemma3n import _LOADED
+
+    vlm_generate(path, [ref_user()], max_tokens=1)
+    model, proc = _LOADED[str(path)]
+    prompt = proc.tokenizer.apply_chat_template([ref_user()], tokenize=False, add_generation_prompt=True)
+    inp = prepare_inputs(proc, audio=[clip], prompts=prompt, add_special_tokens=False)
+    return [i for i, t in enumerate(inp["input_ids"].reshape(-1).tolist()) if t == model.config.audio_token_id]
+
+
+def test_audio_question_and_follow_up(worker, root, clips):
+    path = gemma3n_fixture_dir(root)
+    info = worker.load(path)
+    assert info["audio"] is True and "audio" in worker.ready["capabilities"]
+    part = {"type": "audio", "path": clips["a"]}
+
+    one = chat(worker, "a-1", [user(part)], MAX)
+    tokens = generated_tokens(one)
+    assert tokens == vlm_generate(path, [ref_user()], audio=[clips["a"]], max_tokens=MAX)
+    assert len(set(tokens)) >= 2, tokens
+    other = generated_tokens(chat(worker, "a-b", [user({"type": "audio", "path": clips["b"]})], MAX))
+    assert other == vlm_generate(path, [ref_user()], audio=[clips["b"]], max_tokens=MAX)
+    assert other != tokens  # the clip reaches the model
+    # resampled and downmixed like mlx-vlm's load_audio
+    st = generated_tokens(chat(worker, "a-st", [user({"type": "audio", "path": clips["stereo44k"]})], MAX))
+    assert st == vlm_generate(path, [ref_user()], audio=[clips["stereo44k"]], max_tokens=MAX)
+    # the same bytes as base64 data (plain and as a data: URL): the same answer
+    b64 = base64.b64encode(open(clips["a"], "rb").read()).decode()
+    for rid, data in (("a-data", b64), ("a-url", "data:audio/wav;base64," + b64)):
+        assert generated_tokens(chat(worker, rid, [user({"type": "audio", "data": data})], MAX)) == tokens
+
+    answer = "".join(e["text"] for e in one if e["type"] == "token")
+    follow = [user(part), {"role": "assistant", "content": answer}, {"role": "user", "content": "Tell me more."}]
+    warm = chat(worker, "a-2", follow, MAX)
+    assert stats(warm)["cached_tokens"] > audio_positions(path, clips["a"])[-1]
+    ref_follow = [ref_user(), {"role": "assistant", "content": answer}, {"role": "user", "content": "Tell me more."}]
+    assert generated_tokens(warm) == vlm_generate(path, ref_follow, audio=[clips["a"]], max_tokens=MAX)
+    worker.request({"type": "cache_clear", "id": "a-cc"})
+    cold = chat(worker, "a-3", follow, MAX)
+    assert stats(cold)["cached_tokens"] == 0 and generated_tokens(cold) == generated_tokens(warm)
+    # another clip in the same place: a miss at the clip, not a stale hit
+    changed = [user({"type": "audio", "path": clips["b"]})] + follow[1:]
+    ch = chat(worker, "a-4", changed, MAX)
+    assert stats(ch)["cached_tokens"] <= audio_positions(path, clips["b"])[0]
+
+
+def test_text_prompt_with_audio(worker, root, clips):
+    path = gemma3n_fixture_dir(root)
+    worker.load(path)
+    evs = worker.request({"type": "generate", "id": "tp", "params": {"max_tokens": MAX},
+                          "prompt": {"text": "<bos><start_of_turn>user\n<audio_soft_token>What is this?"
+                                             "<end_of_turn>\n<start_of_turn>model\n",
+                                     "add_special_tokens": False,
+                                     "audio": [{"type": "audio", "path": clips["a"]}]}})
+    assert generated_tokens(evs) == vlm_generate(path, [ref_user()], audio=[clips["a"]], max_tokens=MAX)
+    evs = worker.request({"type": "generate", "id": "tp2", "params": {"max_tokens": 2},
+                          "prompt": {"text": "no placeholder", "audio": [{"type": "audio", "path": clips["a"]}]}})
+    assert evs[-1]["type"] == "error" and evs[-1]["code"] == "invalid_params"
+
+
+def test_bad_audio(worker, root, clips):
+    path = gemma3n_fixture_dir(root)
+    worker.load(path)
+    good = generated_tokens(chat(worker, "ok", [user({"type": "audio", "path": clips["a"]})], MAX))
+    raw = open(clips["a"], "rb").read()
+    big = root / "big.wav"
+    with open(big, "wb") as f:
+        f.truncate((64 << 20) + 1)
+    junk = root / "junk.bin"
+    junk.write_bytes(os.urandom(4096))
+    bad = {
+        "undecodable": ({"type": "audio", "data": base64.b64encode(os.urandom(2048)).decode()}, "not a WAV"),
+        "corrupt-wav": ({"type": "audio", "data": base64.b64encode(raw[:12] + b"\0" * 64).decode()}, "WAV"),
+        "junk-file": ({"type": "audio", "path": str(junk)}, "not a WAV"),
+        "not-base64": ({"type": "audio", "data": "!!!not base64!!!"}, "base64"),
+        "too-long": ({"type": "audio", "path": clips["long"]}, "at most 30 s"),
+        "too-big": ({"type": "audio", "path": str(big)}, "larger than 64 MiB"),
+        "missing": ({"type": "audio", "path": str(root / "nope.wav")}, "cannot read"),
+        "relative": ({"type": "audio", "path": "a.wav"}, "absolute"),
+        "both": ({"type": "audio", "path": clips["a"], "data": "AAAA"}, "exactly one"),
+        "empty": ({"type": "audio", "data": ""}, "empty"),
+    }
+    for rid, (part, words) in bad.items():
+        evs = chat(worker, rid, [user(part)], 2)
+        assert evs[-1]["type"] == "error" and evs[-1]["code"] == "invalid_audio", (rid, evs[-1])
+        assert words in evs[-1]["message"], (rid, evs[-1]["message"])
+    assert generated_tokens(chat(worker, "after-bad", [user({"type": "audio", "path": clips["a"]})], MAX)) == good
+
+
+def test_audio_to_a_model_without_an_audio_tower(worker, root, clips):
+    from tests.fixtures import fixture_dir
+
+    part = {"type": "audio", "path": clips["a"]}
+    for name, model in (("gemma3", vlm_fixture_dir("gemma3", root)), ("llama", fixture_dir("llama", root))):
+        info = worker.load(model)
+        assert not info.get("audio")
+        evs = chat(worker, f"no-audio-{name}", [user(part)], 2)
+        assert evs[-1]["type"] == "error" and evs[-1]["code"] == "invalid_params", evs[-1]
+        assert "audio" in evs[-1]["message"]
+        text = chat(worker, f"text-{name}", [{"role": "user", "content": QUESTION}], 2)
+        assert text[-1]["type"] == "done"
