@@ -12,7 +12,7 @@ from tests.client import Worker, generated_tokens  # noqa: E402
 from tests.test_batching import _compare, run_all  # noqa: E402
 from tests.test_vision import (MAX, QUESTION, _first_image_token, _last_image_token, chat,  # noqa: E402
                                images, root, stats, user, vlm_generate, worker)  # noqa: F401 (fixtures)
-from tests.vlm_fixtures_qwen3 import FAMILIES, qwen3_fixture_dir  # noqa: E402
+from tests.vlm_fixtures_qwen3 import FAMILIES, qwen3_fixture_dir, to_hf_layout  # noqa: E402
 
 
 def _distinct(tokens):
@@ -68,14 +68,14 @@ def test_chunked_prefill_is_exact(root, images, family):
     assert got == vlm_generate(path, [images["a"], images["b"]])
 
 
-def _kit_and_plan(root, images, family, paths):
+def _kit_and_plan(root, images, family, paths, path=None):
     import msgspec
 
     from worker.model import load
     from worker.prompt import build_prompt
     from worker.protocol import Generate, LoadOptions
 
-    kit = load(str(qwen3_fixture_dir(family, root)), LoadOptions(), lambda f: None)
+    kit = load(str(path or qwen3_fixture_dir(family, root)), LoadOptions(), lambda f: None)
     req = msgspec.convert({"type": "generate", "id": "g", "prompt": {"messages": [user(paths)]}}, Generate)
     return kit, build_prompt(kit, req)
 
@@ -193,3 +193,19 @@ def test_image_requests_in_the_batch(root, images, family):
     _compare(alone, together, cancelled=None)
     assert max(stats(together[r["id"]])["concurrent"] for r in reqs) >= 2
     assert generated_tokens(alone["img-a"]) == vlm_generate(path, [images["a"]], max_tokens=12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hugging_face_layout_loads_the_same(root, images, family, tmp_path):
+    """In-process: the checkpoint with Hugging Face tensor names and layouts (model.visual.*,
+    model.language_model.*, PyTorch conv layouts, fused experts, Qwen3.5's shifted norms) gives the same
+    logits: mlx-lm's sanitize loads the text part, mlx-vlm's the vision tower."""
+    import mlx.core as mx
+
+    hf = to_hf_layout(family, qwen3_fixture_dir(family, root), tmp_path / "hf")
+    out = []
+    for path in (None, hf):
+        kit, plan = _kit_and_plan(root, images, family, [images["a"], images["b"]], path)
+        with plan.state:
+            out.append(kit.model(mx.array(plan.ids)[None], input_embeddings=plan.embed(0)[None])[0, -1])
+    assert mx.abs(out[0] - out[1]).max().item() == 0.0

@@ -1,5 +1,5 @@
-"""Tiny offline Qwen3-VL / Qwen3-VL-MoE / Qwen3.5 / Qwen3.5-MoE checkpoints (~300k params) for the vision tests.
-Heads are 32 wide so that KV quantization (group size 32) applies.
+"""Tiny offline Qwen3-VL / Qwen3-VL-MoE / Qwen3.5 / Qwen3.5-MoE checkpoints (350k-420k params) for the
+vision tests. Heads are 32 wide so that KV quantization (group size 32) applies.
 
 Built like tests/vlm_fixtures.py (same tokenizer, same seeded re-randomized mlx-vlm weights): the
 Qwen3 families add a vision tower with deepstack mergers (qwen3_vl, qwen3_vl_moe: features added to
@@ -84,6 +84,47 @@ def build_qwen3_fixture(family: str, path, seed: int = 0) -> Path:
         weights[k] = mx.random.normal(w.shape, key=mx.random.key(seed * 104729 + i)) * (3.0 / w.shape[-1] ** 0.5)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     return path
+
+
+_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight", ".q_norm.weight",
+          ".k_norm.weight")
+
+
+def _hf_name(family: str, k: str, v):
+    """A tensor's Hugging Face name and layout (what mlx-lm's and mlx-vlm's sanitize undo)."""
+    if k.startswith("vision_tower."):
+        if k.endswith("patch_embed.proj.weight"):
+            v = v.transpose(0, 4, 1, 2, 3)  # MLX [O, T, H, W, C] -> PyTorch [O, C, T, H, W]
+        return "model.visual." + k[len("vision_tower."):], v
+    if k == "language_model.lm_head.weight":
+        return "lm_head.weight", v
+    k = "model.language_model." + k[len("language_model.model."):]
+    if family.startswith("qwen3_5") and "conv1d.weight" in k:
+        v = v.moveaxis(1, 2)  # [C, K, 1] -> PyTorch [C, 1, K]
+    elif family.startswith("qwen3_5") and k.endswith(_NORMS) and v.ndim == 1:
+        v = v - 1.0  # Qwen3.5 stores RMSNorm weights as (w - 1)
+    return k, v
+
+
+def to_hf_layout(family: str, src, dst) -> Path:
+    """A copy of a fixture with the tensor names and layouts of a Hugging Face checkpoint (fused experts)."""
+    import shutil
+
+    import mlx.core as mx
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    w = mx.load(str(src / "model.safetensors"))
+    out = dict(_hf_name(family, k, v) for k, v in w.items() if ".switch_mlp." not in k)
+    for k in [k for k in w if k.endswith(".switch_mlp.gate_proj.weight")]:
+        pre = "model.language_model." + k[len("language_model.model."):].split(".switch_mlp.")[0] + ".experts."
+        gate_up = mx.concatenate([w[k], w[k.replace("gate_proj", "up_proj")]], axis=1)  # [E, 2 * mid, in]
+        down = w[k.replace("gate_proj", "down_proj")]
+        vl = family == "qwen3_vl_moe"  # stores them transposed
+        out[pre + "gate_up_proj"] = gate_up.swapaxes(1, 2) if vl else gate_up
+        out[pre + "down_proj"] = down.swapaxes(1, 2) if vl else down
+    mx.save_safetensors(str(dst / "model.safetensors"), out, metadata={"format": "pt"})
+    return dst
 
 
 def qwen3_fixture_dir(family: str, root, seed: int = 0) -> Path:
