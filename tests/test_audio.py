@@ -10,7 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tests.client import Worker, generated_tokens  # noqa: E402
 from tests.test_vision import chat, stats  # noqa: E402
 from tests.vlm_fixtures import vlm_fixture_dir  # noqa: E402
-from tests.vlm_fixtures_gemma3n import gemma3n_fixture_dir, vlm_generate, wav_bytes, worker_cmd  # noqa: E402
+from tests.vlm_fixtures_gemma3n import (  # noqa: E402
+    flac_bytes, gemma3n_fixture_dir, vlm_generate, wav_bytes, worker_cmd,
+)
 
 MAX = 8
 QUESTION = "What is this?"
@@ -31,6 +33,9 @@ def clips(root):
         path = root / f"{name}.wav"
         path.write_bytes(wav_bytes(seconds, freq, rate, channels, seed))
         out[name] = str(path)
+    flac = root / "a.flac"  # the samples of a.wav
+    flac.write_bytes(flac_bytes(1.5, 440.0, 16000, 1, 0))
+    out["flac"] = str(flac)
     return out
 
 
@@ -77,6 +82,9 @@ def test_audio_question_and_follow_up(worker, root, clips):
     # resampled and downmixed like mlx-vlm's load_audio
     st = generated_tokens(chat(worker, "a-st", [user({"type": "audio", "path": clips["stereo44k"]})], MAX))
     assert st == vlm_generate(path, [ref_user()], audio=[clips["stereo44k"]], max_tokens=MAX)
+    # FLAC: the same samples, the same answer (mlx-vlm too)
+    flac = generated_tokens(chat(worker, "a-flac", [user({"type": "audio", "path": clips["flac"]})], MAX))
+    assert flac == tokens == vlm_generate(path, [ref_user()], audio=[clips["flac"]], max_tokens=MAX)
     # the same bytes as base64 data (plain and as a data: URL): the same answer
     b64 = base64.b64encode(open(clips["a"], "rb").read()).decode()
     for rid, data in (("a-data", b64), ("a-url", "data:audio/wav;base64," + b64)):
@@ -125,6 +133,8 @@ def test_bad_audio(worker, root, clips):
         "undecodable": ({"type": "audio", "data": base64.b64encode(os.urandom(2048)).decode()}, "not a WAV"),
         "corrupt-wav": ({"type": "audio", "data": base64.b64encode(raw[:12] + b"\0" * 64).decode()}, "WAV"),
         "junk-file": ({"type": "audio", "path": str(junk)}, "not a WAV"),
+        "corrupt-flac": ({"type": "audio", "data": base64.b64encode(b"fLaC" + os.urandom(300)).decode()}, "FLAC"),
+        "ogg": ({"type": "audio", "data": base64.b64encode(b"OggS" + bytes(200)).decode()}, "not a WAV"),
         "not-base64": ({"type": "audio", "data": "!!!not base64!!!"}, "base64"),
         "too-long": ({"type": "audio", "path": clips["long"]}, "at most 30 s"),
         "too-big": ({"type": "audio", "path": str(big)}, "larger than 64 MiB"),
@@ -152,3 +162,71 @@ def test_audio_to_a_model_without_an_audio_tower(worker, root, clips):
         assert "audio" in evs[-1]["message"]
         text = chat(worker, f"text-{name}", [{"role": "user", "content": QUESTION}], 2)
         assert text[-1]["type"] == "done"
+
+
+def test_two_clips_and_an_image(worker, root, clips):
+    """Several clips (each processed alone) and clips beside an image: mlx-vlm's tokens (it pads the
+    clips of one prompt to the longest; clips of one length pad alike)."""
+    import numpy as np
+    from PIL import Image
+
+    path = gemma3n_fixture_dir(root)
+    worker.load(path)
+    img = root / "i.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(img)
+    def msg(*parts):
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}]
+
+    a, b = ({"type": "audio", "path": clips[k]} for k in "ab")
+    got = generated_tokens(chat(worker, "two", msg(a, b), MAX))
+    assert got == vlm_generate(path, msg({"type": "audio"}, {"type": "audio"}), audio=[clips["a"], clips["b"]],
+                               max_tokens=MAX)
+    mixed = msg({"type": "image", "path": str(img)}, a)
+    ref_mixed = msg({"type": "image"}, {"type": "audio"})
+    got = generated_tokens(chat(worker, "mixed", mixed, MAX))
+    assert got == vlm_generate(path, ref_mixed, images=[str(img)], audio=[clips["a"]], max_tokens=MAX)
+
+
+def test_memoized_clip_costs_nothing_on_the_follow_up(root, clips, monkeypatch):
+    """In-process: a follow-up on a memoized clip decodes, processes and encodes nothing; embeddings of
+    any suffix equal the same rows of the whole prompt's, which equal mlx-vlm's (scale-patched) merge
+    over the processor's output for the whole prompt."""
+    import mlx.core as mx
+    import msgspec
+    from mlx_vlm.utils import prepare_inputs
+
+    from tests.vlm_fixtures_gemma3n import patch_mlx_vlm
+    from worker.addons import audio as aud
+    from worker.model import load
+    from worker.prompt import build_prompt
+    from worker.protocol import Generate, LoadOptions
+
+    patch_mlx_vlm()
+    kit = load(str(gemma3n_fixture_dir(root)), LoadOptions(), lambda f: None)
+    addon = kit.addon
+    req = msgspec.convert({"type": "generate", "id": "g", "prompt": {"messages": [
+        user({"type": "audio", "path": clips["a"]})]}}, Generate)
+    first = build_prompt(kit, req)
+    full = first.embed(0)
+    text = kit.tokenizer.apply_chat_template([ref_user()], tokenize=False, add_generation_prompt=True)
+    ref_in = prepare_inputs(addon.processor, audio=[clips["a"]], prompts=text, add_special_tokens=False)
+    assert first.ids == ref_in["input_ids"].reshape(-1).tolist()
+    from tests.vlm_fixtures_gemma3n import _LOADED
+
+    vlm_generate(gemma3n_fixture_dir(root), [ref_user()], max_tokens=1)
+    model, _ = _LOADED[str(gemma3n_fixture_dir(root))]  # mlx-vlm's own Model of the same checkpoint
+    ref = model.get_input_embeddings(ref_in["input_ids"], None, input_features=ref_in["input_features"],
+                                     input_features_mask=ref_in["input_features_mask"])
+    assert mx.abs(ref.inputs_embeds[0] - full).max().item() == 0.0
+
+    calls = []
+    monkeypatch.setattr(aud, "decode", lambda *a, **k: calls.append("decode"))
+    monkeypatch.setattr(addon, "encode_audio", lambda *a, **k: calls.append("encode"))
+    monkeypatch.setattr(addon, "_process_audio", lambda *a, **k: calls.append("process"))
+    again = build_prompt(kit, req)
+    assert calls == [] and again.ids == first.ids and again.key == first.key
+    pos = [i for i, t in enumerate(first.ids) if t == addon.audio_token_id]
+    for cut in (1, pos[0], pos[0] + 1, pos[len(pos) // 2], pos[-1], pos[-1] + 1, len(first.ids) - 1):
+        part = again.embed(cut)
+        assert part.shape[0] == len(first.ids) - cut
+        assert mx.abs(part - full[cut:]).max().item() == 0.0, cut

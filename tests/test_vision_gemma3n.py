@@ -92,7 +92,8 @@ def test_gemma3n_kv_bits_follow_up(path, images):
     """A follow-up on the image with an 8-bit KV cache: served from the cache, equal to a cold run."""
     w = Worker(cmd=worker_cmd())
     try:
-        evs = w.request({"type": "load", "id": "l", "model_path": str(path), "options": {"kv_bits": 8, "kv_group_size": 32}})
+        evs = w.request({"type": "load", "id": "l", "model_path": str(path),
+                         "options": {"kv_bits": 8, "kv_group_size": 32}})
         if evs[-1]["type"] == "error":
             pytest.skip(f"kv_bits refused: {evs[-1]['message']}")
         first = chat(w, "q1", [user([images["a"]])], MAX)
@@ -107,12 +108,18 @@ def test_gemma3n_kv_bits_follow_up(path, images):
         w.close()
 
 
-def test_gemma3n_batch_matches_alone(path, images):
-    """Concurrent image and text requests in one batch give the tokens each gives alone."""
+def test_gemma3n_batch_matches_alone(path, root, images):
+    """Concurrent image, audio and text requests in one batch give the tokens each gives alone."""
+    from tests.vlm_fixtures_gemma3n import wav_bytes
+
+    clip = root / "batch.wav"
+    clip.write_bytes(wav_bytes(1.0, 523.0, seed=4))
     w = Worker(cmd=worker_cmd())
     try:
         w.load(path, max_concurrent=4)
         reqs = {"b-img-a": [user([images["a"]])], "b-img-b": [user([images["b"]])],
+                "b-audio": [{"role": "user", "content": [{"type": "audio", "path": str(clip)},
+                                                         {"type": "text", "text": QUESTION}]}],
                 "b-text": [{"role": "user", "content": QUESTION}]}
         alone = {rid: generated_tokens(chat(w, rid + "-alone", m, MAX)) for rid, m in reqs.items()}
         w.request({"type": "cache_clear", "id": "cc"})

@@ -257,13 +257,7 @@ def gemma3n_fixture_dir(root, seed: int = 0, kv_shared: int = 0) -> Path:
 def wav_bytes(seconds: float, freq: float = 440.0, rate: int = SAMPLE_RATE, channels: int = 1,
               seed: int = 0) -> bytes:
     """A tone plus seeded noise as 16-bit PCM WAV (stdlib ``wave``)."""
-    import numpy as np
-
-    t = np.arange(int(seconds * rate)) / rate
-    rng = np.random.default_rng(seed)
-    x = 0.4 * np.sin(2 * np.pi * freq * t) + 0.1 * rng.standard_normal(t.shape)
-    pcm = (np.clip(x, -1, 1) * 32767).astype("<i2")
-    pcm = np.repeat(pcm[:, None], channels, axis=1)
+    pcm = _pcm(seconds, freq, rate, channels, seed)
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(channels)
@@ -271,6 +265,42 @@ def wav_bytes(seconds: float, freq: float = 440.0, rate: int = SAMPLE_RATE, chan
         w.setframerate(rate)
         w.writeframes(pcm.tobytes())
     return buf.getvalue()
+
+
+def _pcm(seconds, freq, rate, channels, seed):
+    import numpy as np
+
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.4 * np.sin(2 * np.pi * freq * t) + 0.1 * np.random.default_rng(seed).standard_normal(t.shape)
+    return np.repeat((np.clip(x, -1, 1) * 32767).astype("<i2")[:, None], channels, axis=1)
+
+
+def _crc(data: bytes, poly: int, bits: int) -> int:
+    crc, top, mask = 0, 1 << (bits - 1), (1 << bits) - 1
+    for byte in data:
+        crc ^= byte << (bits - 8)
+        for _ in range(8):
+            crc = ((crc << 1) ^ poly) & mask if crc & top else (crc << 1) & mask
+    return crc
+
+
+def flac_bytes(seconds: float, freq: float = 440.0, rate: int = SAMPLE_RATE, channels: int = 1,
+               seed: int = 0, block: int = 4096) -> bytes:
+    """The same samples as ``wav_bytes``, as a FLAC stream of VERBATIM subframes (no encoder needed)."""
+    pcm = _pcm(seconds, freq, rate, channels, seed)
+    n = len(pcm)
+    info = (rate << 44) | ((channels - 1) << 41) | (15 << 36) | n
+    streaminfo = (block.to_bytes(2, "big") * 2 + b"\0" * 6 + info.to_bytes(8, "big") + b"\0" * 16)
+    out = [b"fLaC", b"\x80" + len(streaminfo).to_bytes(3, "big"), streaminfo]
+    for i, start in enumerate(range(0, n, block)):
+        chunk = pcm[start:start + block]
+        head = (b"\xff\xf8\x70" + bytes([((channels - 1) << 4) | 0x08]) + chr(i).encode("utf-8")
+                + (len(chunk) - 1).to_bytes(2, "big"))
+        head += bytes([_crc(head, 0x07, 8)])
+        body = b"".join(b"\x02" + chunk[:, c].astype(">i2").tobytes() for c in range(channels))
+        frame = head + body
+        out.append(frame + _crc(frame, 0x8005, 16).to_bytes(2, "big"))
+    return b"".join(out)
 
 
 def worker_cmd() -> list:
