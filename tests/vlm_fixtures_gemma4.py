@@ -10,7 +10,7 @@ image processor budget makes a 48x64 test image 12 soft tokens.
 ``sliding_window`` is small (a few image prompts exceed it): the follow-up tests then run through
 wrapped rotating caches.
 
-CLI: python -m tests.vlm_fixtures_gemma4 PATH [--seed N] [--window N] [--variant e2b|moe]
+CLI: python -m tests.vlm_fixtures_gemma4 PATH [--seed N] [--window N] [--variant e2b|moe] [--audio]
 """
 
 from __future__ import annotations
@@ -29,12 +29,22 @@ WINDOW = 512
 EMBED_SCALE = 0.3
 _SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>",
              "<|audio>", "<audio|>", "<|audio|>", "<|video|>"]
-_TEMPLATE = F._CONTENT_MACRO + (
+_CONTENT_MACRO = (  # tests.fixtures' macro, with audio parts
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] == 'image' -%}{{- '<|image|>' -}}"
+    "{%- elif part['type'] == 'audio' -%}{{- '<|audio|>' -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+_TEMPLATE = _CONTENT_MACRO + (
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
     "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
     "{{- '<|turn>' + role + '\\n' -}}"
-    "{{- render(message['content'], '<|image|>') -}}"
+    "{{- render(message['content']) -}}"
     "{{- '<turn|>\\n' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|turn>model\\n' -}}{%- endif -%}"
@@ -56,11 +66,15 @@ VARIANTS = {
                 enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),
 }
 
+AUDIO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[8, 4],
+             conv_kernel_size=5, attention_chunk_size=12, attention_context_left=13, attention_context_right=0,
+             output_proj_dims=32, rms_norm_eps=1e-6)
+
 IMAGE = dict(patch_size=8, max_soft_tokens=16, pooling_kernel_size=2, do_resize=True, do_rescale=True,
              rescale_factor=1 / 255, do_normalize=False)
 
 
-def _config(ids: dict, window: int, variant: str) -> tuple[dict, dict, dict]:
+def _config(ids: dict, window: int, variant: str, audio: bool) -> tuple[dict, dict, dict]:
     rope = {"full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0,
                                "rope_type": "proportional"},
             "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}}
@@ -83,34 +97,61 @@ def _config(ids: dict, window: int, variant: str) -> tuple[dict, dict, dict]:
                boa_token_id=ids["<|audio>"], eoa_token_id=ids["<audio|>"], pad_token_id=ids["<pad>"],
                bos_token_id=ids["<bos>"], eos_token_id=[ids["<eos>"], ids["<turn|>"]],
                vision_soft_tokens_per_image=IMAGE["max_soft_tokens"], tie_word_embeddings=True,
-               text_config=text, vision_config=vision, audio_config=None)
+               text_config=text, vision_config=vision, audio_config=dict(AUDIO) if audio else None)
     proc = {"processor_class": "Gemma4Processor", "image_processor": dict(IMAGE),
             "image_seq_length": IMAGE["max_soft_tokens"]}
     pre = {"image_processor_type": "Gemma4ImageProcessor", "processor_class": "Gemma4Processor", **IMAGE}
     return cfg, proc, pre
 
 
-def build_gemma4_fixture(path, seed: int = 0, window: int = WINDOW, variant: str = "e2b") -> Path:
+def _audio_weights(cfg: dict, seed: int) -> dict:
+    """The audio tower and its embedder from mlx-vlm's classes, re-randomized as ``V._weights`` does."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_vlm.models import gemma4
+
+    ac = gemma4.AudioConfig.from_dict(cfg["audio_config"])
+    mx.random.seed(seed + 1)
+    modules = {"audio_tower": gemma4.AudioEncoder(ac),
+               "embed_audio": gemma4.gemma4.MultimodalEmbedder(ac.output_proj_dims, cfg["hidden_size"],
+                                                               eps=ac.rms_norm_eps)}
+    out = {}
+    for prefix, module in modules.items():
+        for i, (name, w) in enumerate(sorted(tree_flatten(module.parameters()))):
+            w = w.astype(mx.float32)
+            if w.ndim >= 2:
+                fan_in = w.shape[-1] if w.ndim == 2 else int(w.size // w.shape[0])
+                w = mx.random.normal(w.shape, key=mx.random.key(seed * 7907 + i)) * (1.5 / fan_in ** 0.5)
+            out[f"{prefix}.{name}"] = w
+    return out
+
+
+def build_gemma4_fixture(path, seed: int = 0, window: int = WINDOW, variant: str = "e2b",
+                         audio: bool = False) -> Path:
+    """``audio``: with Gemma 4's audio tower (the small models have one)."""
     import mlx.core as mx
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     ids, suppressed = V._write_tokenizer(FAMILY, path)
-    cfg, proc, pre = _config(ids, window, variant)
+    cfg, proc, pre = _config(ids, window, variant, audio)
     F._write_json(path / "config.json", cfg)
     F._write_json(path / "processor_config.json", proc)
     F._write_json(path / "preprocessor_config.json", pre)
     F._write_json(path / "generation_config.json", {"eos_token_id": cfg["eos_token_id"], "do_sample": False})
-    weights = V._weights(FAMILY, cfg, seed, suppressed)
+    weights = V._weights(FAMILY, dict(cfg, audio_config=None), seed, suppressed)
+    if audio:
+        weights.update(_audio_weights(cfg, seed))
     emb = "language_model.model.embed_tokens.weight"
     weights[emb] = weights[emb] * EMBED_SCALE  # tied: full-size embeddings collapse into one token
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     return path
 
 
-def gemma4_fixture_dir(root, seed: int = 0, window: int = WINDOW, variant: str = "e2b") -> Path:
-    return F.build_once(Path(root) / f"vlm-gemma4-{variant}-seed{seed}-w{window}",
-                        lambda tmp: build_gemma4_fixture(tmp, seed, window, variant))
+def gemma4_fixture_dir(root, seed: int = 0, window: int = WINDOW, variant: str = "e2b",
+                       audio: bool = False) -> Path:
+    name = f"vlm-gemma4-{variant}{'-audio' if audio else ''}-seed{seed}-w{window}"
+    return F.build_once(Path(root) / name, lambda tmp: build_gemma4_fixture(tmp, seed, window, variant, audio))
 
 
 def main(argv=None) -> None:
@@ -119,8 +160,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=WINDOW)
     p.add_argument("--variant", choices=sorted(VARIANTS), default="e2b")
+    p.add_argument("--audio", action="store_true", help="with an audio tower")
     a = p.parse_args(argv)
-    print(build_gemma4_fixture(a.path, a.seed, a.window, a.variant))
+    print(build_gemma4_fixture(a.path, a.seed, a.window, a.variant, a.audio))
 
 
 if __name__ == "__main__":

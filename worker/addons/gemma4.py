@@ -1,4 +1,5 @@
-"""Gemma 4: a 2-D RoPE patch encoder + pooler (``vision_tower``) and ``embed_vision``, its projector.
+"""Gemma 4: a 2-D RoPE patch encoder + pooler (``vision_tower``) and ``embed_vision``, its projector; the
+small models (E2B, E4B) also a conformer audio tower (``audio_tower``) and ``embed_audio``.
 
 Two things differ between mlx-vlm's Gemma 4 and mlx-lm's text model when it is given input embeddings,
 and both are made exact by ``MultimodalInputs``, which stands in for mlx-lm's ``Gemma4TextModel``:
@@ -18,11 +19,13 @@ prompt chunk get the same overlay. An image cut by a prefill chunk boundary (pro
 """
 
 import functools
+import inspect
 import types
 
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
 
+from .audio import MAX_SECONDS, AudioAddOn
 from .base import VISION_KEYS, VisionAddOn
 
 
@@ -131,17 +134,19 @@ def install_inputs(text_model, mm_ids: tuple, vision_ids: tuple) -> MultimodalIn
     return lm.model
 
 
-class Gemma4AddOn(VisionAddOn):
+class Gemma4AddOn(AudioAddOn, VisionAddOn):
     family = "gemma4"
     module = "gemma4"
     processor_path = "gemma4.processing_gemma4:Gemma4Processor"
     placeholder = "<|image|>"
     token_attr = "image_token_id"
-    weight_keys = VISION_KEYS + ("embed_vision",)
+    audio_placeholder = "<|audio|>"
+    weight_keys = VISION_KEYS + ("embed_vision", "audio_tower", "embed_audio")
 
     def __init__(self, path, config, text_model, options):
         super().__init__(path, config, text_model, options)
         self.placeholder = getattr(self.processor, "image_token", "") or self.placeholder
+        self.audio_placeholder = getattr(self.processor, "audio_token", "") or self.audio_placeholder
         mc = self.mc
         self.vision_ids = tuple(t for t in (mc.image_token_id, mc.video_token_id) if t is not None)
         self.audio_id = mc.audio_token_id
@@ -157,11 +162,27 @@ class Gemma4AddOn(VisionAddOn):
                                       hidden_size_per_layer_input=0)  # per-layer inputs: MultimodalInputs
         return types.SimpleNamespace(model=inner)
 
+    def _model_config(self, config):
+        import json
+
+        from mlx_vlm.utils import update_module_configs
+
+        c = json.loads(json.dumps(config))
+        self.accepts_audio = bool(c.get("audio_config"))  # the larger models have no audio tower
+        for name in ("text_config", "vision_config"):
+            c.setdefault(name, {})
+        return update_module_configs(self.mod.ModelConfig.from_dict(c), self.mod, c,
+                                     ["text", "vision", "audio"] if self.accepts_audio else ["text", "vision"])
+
     def build_modules(self, parts):
-        vc, tc = self.mc.vision_config, self.mc.text_config
+        mc, embedder = self.mc, self.mod.gemma4.MultimodalEmbedder
+        vc, tc, ac = mc.vision_config, mc.text_config, mc.audio_config
         parts.vision_tower = self.mod.VisionModel(vc)
-        parts.embed_vision = self.mod.gemma4.MultimodalEmbedder(vc.hidden_size, tc.hidden_size, eps=vc.rms_norm_eps)
+        parts.embed_vision = embedder(vc.hidden_size, tc.hidden_size, eps=vc.rms_norm_eps)
         parts.audio_tower = parts.embed_audio = None
+        if self.accepts_audio:
+            parts.audio_tower = self.mod.AudioEncoder(ac)
+            parts.embed_audio = embedder(ac.output_proj_dims or ac.hidden_size, tc.hidden_size, eps=ac.rms_norm_eps)
 
     def split(self, inputs, n):
         pv = inputs["pixel_values"]
@@ -171,8 +192,37 @@ class Gemma4AddOn(VisionAddOn):
         parts = self.parts
         return parts.embed_vision(parts.vision_tower(pv))  # [1, soft tokens, hidden]
 
+    def join(self, feats):
+        """Along the tokens: images (and clips) differ in length; the merge reads them in order."""
+        return mx.concatenate(feats, axis=1)
+
     def make_state(self, ids, items):
         """mlx-vlm's vision overlay applies to a prompt with images and no audio (it chunks the others)."""
         if self.bidirectional and self.audio_id not in ids and any(t in self.vision_ids for t in ids):
             return Bidirectional(self.inputs)
         return None
+
+    def max_audio_seconds(self) -> float:
+        """The feature extractor cuts clips at ``max_length`` samples (30 s): longer ones are refused."""
+        fe = self.processor.feature_extractor
+        limit = inspect.signature(fe.__call__).parameters.get("max_length")
+        samples = limit.default if limit is not None and isinstance(limit.default, int) else None
+        return min(MAX_SECONDS, samples / self.sampling_rate) if samples else MAX_SECONDS
+
+    def encode_audio(self, inputs, index):
+        """The clip's soft tokens as mlx-vlm scatters them: its audio-token positions read the encoder's
+        frames in order (cyclically, should they be fewer)."""
+        parts = self.parts
+        mask = ~inputs["input_features_mask"].astype(mx.bool_)
+        feats = parts.embed_audio(parts.audio_tower(inputs["input_features"], mask)[0])
+        n = int((inputs["input_ids"] == self.audio_token_id).sum().item())
+        return feats[:, mx.arange(n) % feats.shape[1]]
+
+    def merge(self, ids, image_feats, audio_feats):
+        """mlx-vlm's ``get_input_embeddings`` with both kinds of features given (it takes no cached audio)."""
+        h = self.parts.language_model.model.embed_tokens(ids)
+        for feats, token in ((image_feats, self.image_token_id), (audio_feats, self.audio_token_id)):
+            if feats is not None:
+                mask = mx.broadcast_to((ids == token)[..., None], h.shape)
+                h = self.mod.gemma4.masked_scatter(h, mask, feats.astype(h.dtype))
+        return h

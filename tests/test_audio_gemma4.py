@@ -1,0 +1,182 @@
+"""Gemma 4 audio through the real worker (tiny towers), against mlx-vlm's own generate.
+
+The "e2b" fixture with an audio tower (tests/vlm_fixtures_gemma4.py --audio); clips are WAV tones made
+by tests.vlm_fixtures_gemma3n.wav_bytes. mlx-vlm encodes several clips as one padded batch and scatters
+the flattened frames, so its clips after a shorter one read that one's padding: the worker encodes each
+clip alone, and two clips are compared with mlx-vlm longest first (where the two agree).
+"""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tests import reference  # noqa: E402
+from tests.client import Worker, generated_tokens  # noqa: E402
+from tests.test_batching import _compare, _stats, run_all  # noqa: E402
+from tests.test_vision import chat, images, stats  # noqa: E402,F401 (images: a fixture)
+from tests.vlm_fixtures_gemma3n import vlm_generate, wav_bytes  # noqa: E402
+from tests.vlm_fixtures_gemma4 import gemma4_fixture_dir  # noqa: E402
+
+MAX = 12
+QUESTION = "What is this?"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("audio-gemma4")
+
+
+@pytest.fixture(scope="module")
+def clips(root):
+    out = {}
+    for name, (seconds, freq, rate, channels, seed) in {
+        "a": (1.5, 440.0, 16000, 1, 0), "b": (1.5, 880.0, 16000, 1, 1), "short": (0.7, 300.0, 16000, 1, 2),
+        "stereo44k": (1.2, 300.0, 44100, 2, 3), "long": (31.0, 440.0, 16000, 1, 4),
+    }.items():
+        path = root / f"{name}.wav"
+        path.write_bytes(wav_bytes(seconds, freq, rate, channels, seed))
+        out[name] = str(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = Worker()
+    yield w
+    w.close()
+
+
+def user(clip_paths, image_paths=(), question=QUESTION):
+    return {"role": "user", "content": [{"type": "image", "path": p} for p in image_paths]
+            + [{"type": "audio", "path": p} for p in clip_paths] + [{"type": "text", "text": question}]}
+
+
+def reference_tokens(path, clip_paths, image_paths=(), max_tokens=MAX):
+    content = ([{"type": "image"} for _ in image_paths] + [{"type": "audio"} for _ in clip_paths]
+               + [{"type": "text", "text": QUESTION}])
+    return vlm_generate(path, [{"role": "user", "content": content}], images=list(image_paths),
+                        audio=list(clip_paths), max_tokens=max_tokens)
+
+
+def audio_positions(path, clip):
+    from mlx_vlm.utils import load_audio, prepare_inputs
+
+    from tests.vlm_fixtures_gemma3n import _LOADED
+
+    reference_tokens(path, [clip], max_tokens=1)  # loads the model into _LOADED
+    model, proc = _LOADED[str(path)]
+    content = [{"type": "audio"}, {"type": "text", "text": QUESTION}]
+    prompt = proc.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                add_generation_prompt=True)
+    inp = prepare_inputs(proc, audio=[load_audio(clip, sr=16000)], prompts=prompt, add_special_tokens=False)
+    return [i for i, t in enumerate(inp["input_ids"].reshape(-1).tolist()) if t == model.config.audio_token_id]
+
+
+def _distinct(tokens):
+    assert len(set(tokens)) >= 4, tokens
+    return tokens
+
+
+def test_audio_parity_and_cache(worker, root, clips, images):
+    path = gemma4_fixture_dir(root, audio=True)
+    info = worker.load(path)
+    assert info["audio"] is True and info["vision"] is True
+
+    one = _distinct(generated_tokens(chat(worker, "a1", [user([clips["a"]])], MAX)))
+    assert one == reference_tokens(path, [clips["a"]])
+    other = generated_tokens(chat(worker, "ab", [user([clips["b"]])], MAX))
+    assert other == reference_tokens(path, [clips["b"]]) and other != one  # the clip reaches the model
+    two = generated_tokens(chat(worker, "a2", [user([clips["a"], clips["short"]])], MAX))
+    assert two == reference_tokens(path, [clips["a"], clips["short"]])
+    st = generated_tokens(chat(worker, "ast", [user([clips["stereo44k"]])], MAX))
+    assert st == reference_tokens(path, [clips["stereo44k"]])  # downmixed and resampled as mlx-vlm's
+    both = _distinct(generated_tokens(chat(worker, "ai", [user([clips["b"]], [images["a"]])], MAX)))
+    assert both == reference_tokens(path, [clips["b"]], [images["a"]])
+    text_msgs = [{"role": "user", "content": QUESTION}]
+    text = generated_tokens(chat(worker, "at", text_msgs, MAX))
+    assert text == reference.generate(path, reference.chat_ids(path, text_msgs), MAX)
+
+    # a follow-up on the same clip: from the cache past the clip, identical to a cold run
+    first = chat(worker, "f1", [user([clips["a"]])], MAX)
+    answer = "".join(e["text"] for e in first if e["type"] == "token")
+    follow = [user([clips["a"]]), {"role": "assistant", "content": answer},
+              {"role": "user", "content": "Tell me more."}]
+    warm = chat(worker, "f2", follow, MAX)
+    assert stats(warm)["cached_tokens"] > audio_positions(path, clips["a"])[-1]
+    worker.request({"type": "cache_clear", "id": "cc"})
+    cold = chat(worker, "f3", follow, MAX)
+    assert stats(cold)["cached_tokens"] == 0 and generated_tokens(cold) == _distinct(generated_tokens(warm))
+    # another clip of the same length: a miss at the clip
+    changed = [user([clips["b"]])] + follow[1:]
+    ch = chat(worker, "f4", changed, MAX)
+    assert stats(ch)["cached_tokens"] <= audio_positions(path, clips["b"])[0]
+
+
+def test_long_clip_and_no_audio_tower(worker, root, clips):
+    path = gemma4_fixture_dir(root, audio=True)
+    worker.load(path)
+    evs = chat(worker, "long", [user([clips["long"]])], 2)  # the feature extractor would cut it at 30 s
+    assert evs[-1]["type"] == "error" and evs[-1]["code"] == "invalid_audio", evs[-1]
+    info = worker.load(gemma4_fixture_dir(root, variant="moe"))  # the larger models have no audio tower
+    assert not info.get("audio") and info["vision"] is True
+    evs = chat(worker, "no-tower", [user([clips["a"]])], 2)
+    assert evs[-1]["type"] == "error" and evs[-1]["code"] == "invalid_params" and "audio" in evs[-1]["message"]
+
+
+def test_audio_in_the_batch(root, clips, images):
+    path = gemma4_fixture_dir(root, audio=True)
+    reqs = [
+        {"id": "clip", "prompt": {"messages": [user([clips["a"]])]}, "params": {"max_tokens": MAX}},
+        {"id": "clip-image", "prompt": {"messages": [user([clips["short"]], [images["b"]])]},
+         "params": {"max_tokens": 16}},
+        {"id": "text", "prompt": {"messages": [{"role": "user", "content": "Tell me a story."}]},
+         "params": {"max_tokens": 16}},
+    ]
+    alone, _ = run_all(path, reqs, 1)
+    together, _ = run_all(path, reqs, 8)
+    _compare(alone, together)
+    assert _stats(together["clip"])["concurrent"] >= 2
+    assert generated_tokens(alone["clip"]) == reference_tokens(path, [clips["a"]])
+
+
+def test_clip_embeddings_and_memo(root, clips, monkeypatch):
+    """In-process: the prompt's embeddings equal mlx-vlm's ``get_input_embeddings`` over the processor's
+    output for the whole prompt; a follow-up on the memoized clip decodes and encodes nothing, and any
+    suffix (cut before, inside or after the clip) gives the same rows."""
+    import mlx.core as mx
+    import msgspec
+    from mlx_vlm.utils import load_audio, prepare_inputs
+
+    from tests.vlm_fixtures_gemma3n import _LOADED
+    from worker.addons import audio as aud
+    from worker.model import load
+    from worker.prompt import build_prompt
+    from worker.protocol import Generate, LoadOptions
+
+    path = gemma4_fixture_dir(root, audio=True)
+    kit = load(str(path), LoadOptions(), lambda f: None)
+    req = msgspec.convert({"type": "generate", "id": "g", "prompt": {"messages": [user([clips["a"]])]}},
+                          Generate)
+    first = build_prompt(kit, req)
+    full = first.embed(0)
+    reference_tokens(path, [clips["a"]], max_tokens=1)
+    model, proc = _LOADED[str(path)]
+    content = [{"type": "audio"}, {"type": "text", "text": QUESTION}]
+    text = proc.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                              add_generation_prompt=True)
+    inp = prepare_inputs(proc, audio=[load_audio(clips["a"], sr=16000)], prompts=text, add_special_tokens=False)
+    assert first.ids == inp["input_ids"].reshape(-1).tolist()
+    ref = model.get_input_embeddings(inp["input_ids"], None, input_features=inp["input_features"],
+                                     input_features_mask=inp["input_features_mask"])
+    assert mx.abs(ref.inputs_embeds[0] - full).max().item() == 0.0
+
+    calls = []
+    monkeypatch.setattr(aud, "decode", lambda *a, **k: calls.append("decode"))
+    monkeypatch.setattr(kit.addon, "encode_audio", lambda *a, **k: calls.append("encode"))
+    again = build_prompt(kit, req)
+    assert calls == [] and again.ids == first.ids and again.key == first.key
+    pos = [i for i, t in enumerate(first.ids) if t == kit.addon.audio_token_id]
+    for cut in (1, pos[0], pos[len(pos) // 2], pos[-1] + 1, len(first.ids) - 1):
+        assert mx.abs(again.embed(cut) - full[cut:]).max().item() == 0.0, cut
