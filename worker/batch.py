@@ -5,7 +5,8 @@ this module owns the step. Unlike mlx-lm's ``GenerationBatch`` it keeps a lone s
 per-sequence cache (no padding mask: one request decodes exactly as fast as ``generate_step``), samples
 each request with its own sampler, processors and random key, and computes logprobs rows only for the
 requests that report them. A sequence joins after its prefill (done alone, see scheduler.py) with its
-next input token, and leaves with its own cache, as a solo run would store it.
+next input token, and leaves with its own cache, as a solo run would store it. On CUDA a step of several
+sequences runs its attention and large quantized matmuls through worker/cuda_batch.py's kernels.
 """
 
 from contextlib import nullcontext
@@ -17,6 +18,7 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.models import cache as mlx_cache
 
 from .cache.snapshots import Snapshot, clone
+from .cuda_batch import batch_kernels
 
 
 def blocker(kit) -> Optional[str]:
@@ -111,7 +113,8 @@ class DecodeBatch:
         with mx.stream(generation_stream):
             current, current_lp = self.y, self.lp
             rope = self.addon.batch_positions([s.rope for s in self.seqs]) if self.addon is not None else None
-            with rope or nullcontext():
+            kernels = batch_kernels(self.model) if len(self.seqs) > 1 else None
+            with rope or nullcontext(), kernels or nullcontext():
                 logits = self.model(current[:, None], cache=self.cache)[:, -1, :]
             contexts = []
             if any(s.processors for s in self.seqs):
@@ -148,6 +151,7 @@ def warm_up(model, fresh: Callable[[], list], most: int) -> None:
             caches.append(c)
         cache, y = _merge(caches), mx.zeros((b,), dtype=mx.uint32)
         for _ in range(3):
-            y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+            with batch_kernels(model) or nullcontext():
+                y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
             mx.eval(y)
     mx.clear_cache()

@@ -1,0 +1,108 @@
+"""Host time against step time of a batched decode step, per kernel choice (issue 15).
+
+    python -m bench.probe.batch_host --models-dir DIR [--sizes 1,2,4,8] [--steps 64] [--rounds 3]
+
+The lean loop of bench/probe/batch_step.py over merged BatchKVCaches, per variant of
+worker/cuda_batch.py: ``base`` (MLX as is), ``attn`` (attention kernel only), ``head`` (attention +
+rows_qmv for the output head only), ``both`` (attention + rows_qmv for every matrix over
+ROWS_QMV_MIN), and ``nomask`` (mask dropped, MLX as is: a floor, wrong output). Per step: ``host`` ms
+spent building the graph up to async_eval, ``step`` ms between steps. Variants are interleaved per
+round so the machine's drift hits them alike; the medians over rounds are printed.
+"""
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import mlx.core as mx  # noqa: E402
+from mlx_lm.models import cache as C  # noqa: E402
+
+from bench.gpu import SHAPES, build  # noqa: E402
+from bench.probe.batch_step import prefilled  # noqa: E402
+from worker import cuda_batch  # noqa: E402
+
+VARIANTS = {"base": (False, False, None), "attn": (True, False, None), "head": (True, True, 1 << 26),
+            "both": (True, True, 1 << 23), "nomask": (False, False, None)}
+
+
+def loop(model, cache, last, steps, ctx):
+    y, prev, host, wall = mx.array(last), None, [], []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        with ctx():
+            logits = model(y[:, None], cache=cache)[:, -1, :]
+        nxt = mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1)
+        mx.async_eval(nxt)
+        host.append(time.perf_counter() - t)
+        if prev is not None:
+            prev.tolist()
+        prev, y = nxt, nxt
+        wall.append(time.perf_counter() - t)
+    return statistics.median(host[4:]) * 1000, statistics.median(wall[4:]) * 1000
+
+
+def run_variant(model, name, ps, steps):
+    attn, matmul, least = VARIANTS[name]
+    caches = prefilled(model, ps)
+    cache = caches[0] if len(ps) == 1 else [layer.merge([cs[i] for cs in caches])
+                                            for i, layer in enumerate(caches[0])]
+    if least is not None:
+        cuda_batch.ROWS_QMV_MIN = least
+
+    def ctx():
+        return cuda_batch.batch_kernels(model, attn, matmul) or contextlib.nullcontext()
+
+    orig = C.BatchKVCache.make_mask
+    if name == "nomask":
+        C.BatchKVCache.make_mask = lambda self, N, **k: None
+    try:
+        return loop(model, cache, [p[-1] for p in ps], steps, ctx)
+    finally:
+        C.BatchKVCache.make_mask = orig
+
+
+def main():
+    import numpy as np
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models-dir", default="/root/models")
+    ap.add_argument("--shape", default="llama-3.2-1b")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--sizes", default="1,2,4,8")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=512)
+    a = ap.parse_args()
+    from mlx_lm import load
+    model, _ = load(str(build(Path(a.models_dir), a.shape, a.bits or None)))
+    vocab = SHAPES[a.shape]["vocab_size"]
+    rng = np.random.default_rng(0)
+    sizes = [int(x) for x in a.sizes.split(",")]
+    prompts = {b: [[int(x) for x in rng.integers(1, vocab - 2, a.prompt - 7 * i)] for i in range(b)] for b in sizes}
+    t = time.perf_counter()
+    for b in sizes:  # warm-up: every kernel of every size compiles
+        for name in VARIANTS:
+            run_variant(model, name, prompts[b], 8)
+    print(f"warm-up {time.perf_counter() - t:.1f} s", flush=True)
+    res = {}
+    for _ in range(a.rounds):
+        for b in sizes:
+            for name in VARIANTS:
+                if b == 1 and name not in ("base",):
+                    continue
+                res.setdefault((b, name), []).append(run_variant(model, name, prompts[b], a.steps))
+    for (b, name), vals in sorted(res.items()):
+        host = statistics.median(v[0] for v in vals)
+        step = statistics.median(v[1] for v in vals)
+        print(f"B={b} {name:6s} host {host:.2f} ms, step {step:.2f} ms  (steps: "
+              + ", ".join(f"{v[1]:.2f}" for v in vals) + ")", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""CUDA kernels for a batched decode step (worker/batch.py), where MLX 0.32's own ones are slow.
+
+Two gaps of MLX's CUDA backend cost a batch of B one-token queries most of its gain (measured on an
+H200, bench/README.md):
+- **Attention.** A left-padded batch needs an array mask, and ``mx.fast.scaled_dot_product_attention``
+  has no fused one-token kernel with one: each layer falls back to matmul + softmax + matmul.
+  ``decode_attention`` is that fused kernel: one thread block per (row, query head), online softmax over
+  the keys the row's boolean mask keeps, fp32 accumulation, any strides (the KV are views of the
+  cache buffers, never copied).
+- **Quantized matmuls.** On sm90 ``mx.quantized_matmul`` takes its vector kernel only for a single row;
+  more rows go to a tiled GEMM whose cost grows with the rows (8 rows: 4-6x one row's). ``rows_qmv``
+  is the vector kernel for 2-8 rows of a 4-bit affine matrix: one warp per output, each packed weight
+  read once and applied to every row.
+
+``batch_kernels(model)`` returns a context manager for one batched step that routes a model's
+attention and quantized matmuls through these, or None where they do not apply (not CUDA).
+Outside it, the model runs exactly as mlx-lm wrote it.
+"""
+
+import contextlib
+import sys
+import threading
+
+import mlx.core as mx
+
+BLOCK = 256
+ROWS_QMV_MIN = 1 << 23  # weights of a matrix worth rows_qmv (H200: MLP and head yes, attention no)
+
+_HEADER = "#define WK_INF __int_as_float(0x7f800000)\n"
+
+_SOURCE = """
+    constexpr int WARPS = BLOCK / 32;
+    constexpr int EPL = D / 32;
+    const int Hq = q_shape[1];
+    const int L = k_shape[2];
+    const int bh = blockIdx.x;
+    const int b = bh / Hq, h = bh % Hq;
+    const int hk = h / (Hq / k_shape[1]);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const float sc = scale[0];
+    const T* qp = q + b * q_strides[0] + h * q_strides[1];
+    float qv[EPL], acc[EPL];
+    for (int i = 0; i < EPL; ++i) {
+        qv[i] = static_cast<float>(qp[(lane * EPL + i) * q_strides[3]]) * sc;
+        acc[i] = 0.f;
+    }
+    const T* kp = k + b * k_strides[0] + hk * k_strides[1];
+    const T* vp = v + b * v_strides[0] + hk * v_strides[1];
+    const bool* mp = mask + b * mask_strides[0];
+    float m = -WK_INF, l = 0.f;
+    for (int j = warp; j < L; j += WARPS) {
+        if (!mp[j * mask_strides[3]]) continue;
+        const T* kr = kp + j * k_strides[2] + lane * EPL * k_strides[3];
+        float s = 0.f;
+        for (int i = 0; i < EPL; ++i) s += qv[i] * static_cast<float>(kr[i * k_strides[3]]);
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+        const float mn = fmaxf(m, s);
+        const float c = __expf(m - mn), p = __expf(s - mn);
+        const T* vr = vp + j * v_strides[2] + lane * EPL * v_strides[3];
+        l = l * c + p;
+        for (int i = 0; i < EPL; ++i) acc[i] = acc[i] * c + p * static_cast<float>(vr[i * v_strides[3]]);
+        m = mn;
+    }
+    __shared__ float sm[WARPS], sl[WARPS], sacc[WARPS][D];
+    if (lane == 0) { sm[warp] = m; sl[warp] = l; }
+    for (int i = 0; i < EPL; ++i) sacc[warp][lane * EPL + i] = acc[i];
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += BLOCK) {
+        float top = -WK_INF;
+        for (int w = 0; w < WARPS; ++w) top = fmaxf(top, sm[w]);
+        float tot = 0.f, o = 0.f;
+        for (int w = 0; w < WARPS; ++w) {
+            if (sm[w] == -WK_INF) continue;
+            const float c = __expf(sm[w] - top);
+            tot += sl[w] * c;
+            o += sacc[w][d] * c;
+        }
+        out[bh * D + d] = static_cast<T>(o / tot);
+    }
+"""
+
+_kernel = None
+_scales: dict = {}
+
+
+def _attention_kernel():
+    global _kernel
+    if _kernel is None:
+        _kernel = mx.fast.cuda_kernel(name="worker_decode_attention", input_names=["q", "k", "v", "mask", "scale"],
+                                      output_names=["out"], source=_SOURCE, header=_HEADER,
+                                      ensure_row_contiguous=False)
+    return _kernel
+
+
+def fits(queries, keys, mask) -> bool:
+    """Whether ``decode_attention`` computes this call: one query per row, a boolean [B, 1, 1, L] mask."""
+    B, Hq, N, D = queries.shape
+    return (N == 1 and B > 1 and isinstance(mask, mx.array) and mask.dtype == mx.bool_ and mask.ndim == 4
+            and mask.shape[0] == B and mask.shape[2] == 1 and mask.shape[-1] == keys.shape[2]
+            and D % 32 == 0 and D <= 256 and Hq % keys.shape[1] == 0 and keys.shape[0] == B)
+
+
+def decode_attention(queries, keys, values, scale: float, mask) -> mx.array:
+    """softmax(q k^T * scale, masked) v for one query per row: [B, Hq, 1, D], as MLX's SDPA."""
+    B, Hq, _, D = queries.shape
+    sc = _scales.get(scale)
+    if sc is None:
+        sc = _scales[scale] = mx.array([scale], dtype=mx.float32)
+    return _attention_kernel()(
+        inputs=[queries, keys, values, mask, sc], template=[("T", queries.dtype), ("D", D), ("BLOCK", BLOCK)],
+        grid=(B * Hq * BLOCK, 1, 1), threadgroup=(BLOCK, 1, 1), output_shapes=[(B, Hq, 1, D)],
+        output_dtypes=[queries.dtype])[0]
+
+
+_QMV_SOURCE = """
+    constexpr int KW = K / 8;
+    const int N = w_shape[0];
+    const int lane = threadIdx.x % 32;
+    const int n = blockIdx.x * (BLOCK / 32) + threadIdx.x / 32;
+    if (n >= N) return;
+    const uint32_t* wr = w + (size_t)n * KW;
+    const T* sr = scales + (size_t)n * (K / GS);
+    const T* br = biases + (size_t)n * (K / GS);
+    float acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    #pragma unroll 4
+    for (int i = lane; i < KW; i += 32) {
+        const uint32_t q = wr[i];
+        const float s = static_cast<float>(sr[(i * 8) / GS]), b = static_cast<float>(br[(i * 8) / GS]);
+        float wv[8];
+        for (int j = 0; j < 8; ++j) wv[j] = s * static_cast<float>((q >> (4 * j)) & 0xF) + b;
+        for (int m = 0; m < M; ++m) {
+            const uint4 c = *reinterpret_cast<const uint4*>(x + (size_t)m * K + i * 8);
+            const T* xv = reinterpret_cast<const T*>(&c);
+            float a = 0.f;
+            for (int j = 0; j < 8; ++j) a += wv[j] * static_cast<float>(xv[j]);
+            acc[m] += a;
+        }
+    }
+    for (int m = 0; m < M; ++m) {
+        float a = acc[m];
+        for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
+        if (lane == 0) out[(size_t)m * N + n] = static_cast<T>(a);
+    }
+"""
+
+_qmv = None
+
+
+def _qmv_kernel():
+    global _qmv
+    if _qmv is None:
+        _qmv = mx.fast.cuda_kernel(name="worker_rows_qmv", input_names=["x", "w", "scales", "biases"],
+                                   output_names=["out"], source=_QMV_SOURCE)
+    return _qmv
+
+
+def rows_qmv(x, w, scales, biases, group_size: int) -> mx.array:
+    """x [M, 1, K] @ dequantized(w).T for 4-bit affine w [N, K/8]: every weight read once for all M rows."""
+    M, _, K = x.shape
+    N = w.shape[0]
+    rows_per_block = BLOCK // 32
+    return _qmv_kernel()(
+        inputs=[x, w, scales, biases], template=[("T", x.dtype), ("M", M), ("K", K), ("GS", group_size),
+                                                 ("BLOCK", BLOCK)],
+        grid=(-(-N // rows_per_block) * BLOCK, 1, 1), threadgroup=(BLOCK, 1, 1), output_shapes=[(M, 1, N)],
+        output_dtypes=[x.dtype])[0]
+
+
+def rows_qmm(x, w, scales, biases=None, transpose=True, group_size=64, bits=4, mode="affine", **kw):
+    """``mx.quantized_matmul`` with 2-8 one-token rows of a large 4-bit affine matrix through ``rows_qmv``
+    (below ROWS_QMV_MIN weights MLX's GEMM is as fast: a custom kernel's launch costs ~10 us more)."""
+    if (x.ndim == 3 and x.shape[1] == 1 and 1 < x.shape[0] <= 8 and transpose and w.ndim == 2 and bits == 4
+            and w.shape[0] * x.shape[-1] >= ROWS_QMV_MIN
+            and mode == "affine" and biases is not None and not kw and x.dtype in (mx.bfloat16, mx.float16)
+            and x.shape[-1] % 256 == 0 and group_size in (32, 64, 128)):
+        return rows_qmv(x, w, scales, biases, group_size)
+    return _QMM(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits, mode=mode, **kw)
+
+
+class _Active(threading.local):
+    on = False
+
+
+_active = _Active()
+_QMM = mx.quantized_matmul
+_installed: set = set()
+
+
+def _sdpa(original):
+    def sdpa(queries, keys, values, cache, scale, mask, sinks=None):
+        if _active.on and sinks is None and not hasattr(cache, "bits") and fits(queries, keys, mask):
+            return decode_attention(queries, keys, values, scale, mask)
+        return original(queries, keys, values, cache, scale, mask, sinks)
+
+    sdpa.worker_original = original
+    return sdpa
+
+
+def _install(model) -> None:
+    """Point every mlx-lm model module the model uses at the attention wrapper (once per module)."""
+    from mlx_lm.models import base
+
+    for layer in model.modules():
+        name = type(layer).__module__
+        mod = sys.modules.get(name)
+        if name in _installed or mod is None:
+            continue
+        _installed.add(name)
+        if getattr(mod, "scaled_dot_product_attention", None) is base.scaled_dot_product_attention:
+            mod.scaled_dot_product_attention = _sdpa(base.scaled_dot_product_attention)
+
+
+def available() -> bool:
+    return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
+
+
+def batch_kernels(model, attention=True, matmul=True):
+    """A context manager for one batched decode step of ``model`` on CUDA, or None elsewhere."""
+    if not available() or not (attention or matmul):
+        return None
+    if attention:
+        _install(model)
+    return _step(attention, matmul)
+
+
+@contextlib.contextmanager
+def _step(attention, matmul):
+    _active.on = attention
+    if matmul:
+        mx.quantized_matmul = rows_qmm
+    try:
+        yield
+    finally:
+        _active.on = False
+        mx.quantized_matmul = _QMM
