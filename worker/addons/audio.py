@@ -12,7 +12,9 @@ A family with audio mixes ``AudioAddOn`` in before ``VisionAddOn`` (``class F(Au
 VisionAddOn)``) and implements ``encode_audio`` (one clip's features, memoized by the sha256 of its
 encoded bytes) and ``merge`` (the input embeddings of a prompt with images and clips). Each clip is
 processed alone; its placeholder expands to the text the processor gave it, and its audio-token
-positions get content-specific cache keys, as images do.
+positions get content-specific cache keys, as images do. (mlx-vlm processes a prompt's clips as one
+batch padded to the longest: for clips of different lengths the last audio token of a shorter clip
+then differs from the clip alone; everything else is the same.)
 """
 
 import base64
