@@ -137,7 +137,7 @@ def test_batch_of_images_and_text(root, images, variant, window):
 
 def test_bidirectional_state(root, images):
     """In-process: on the "moe" layout a prompt with images gets the bidirectional state, and inside it
-    the logits equal mlx-vlm's (given its token types), whole or prefilled in chunks cut between images;
+    the logits equal mlx-vlm's (given its token types), whole or prefilled in chunks cut anywhere;
     outside it they are causal (and differ). The "e2b" layout and text prompts get no state."""
     import mlx.core as mx
     import msgspec
@@ -180,9 +180,33 @@ def test_bidirectional_state(root, images):
     assert mx.abs(causal - ref).max().item() > 1e-3
     pos = [i for i, t in enumerate(plan.ids) if t == kit.addon.image_token_id]
     gap = next(i for i in range(pos[0], pos[-1]) if plan.ids[i] != kit.addon.image_token_id)
-    for cut in (pos[0] - 1, gap, pos[-1] + 1):  # before, between and after the images
+    # prefilled as the worker does (chunks, then the last token alone), cut before, inside, between and
+    # after the images: a cut image waits for the next chunk, so the cache ends as in one pass
+    for cut in (pos[0] - 1, pos[0] + 3, gap, pos[-1] - 2, pos[-1] + 1):
         cache = make_prompt_cache(kit.model)
         with plan.state:
             kit.model(x[:, :cut], cache=cache, input_embeddings=e[:, :cut])
-            rest = kit.model(x[:, cut:], cache=cache, input_embeddings=e[:, cut:])
-        assert mx.abs(rest - ref[:, cut:]).max().item() == 0.0, cut
+            kit.model(x[:, cut:-1], cache=cache, input_embeddings=e[:, cut:-1])
+            last = kit.model(x[:, -1:], cache=cache, input_embeddings=e[:, -1:])
+        assert cache[0].offset == len(plan.ids)
+        assert mx.abs(last[:, -1] - ref[:, -1]).max().item() == 0.0, cut
+
+
+@pytest.mark.parametrize("variant", ["e2b", "moe"])
+def test_small_prefill_steps(root, images, variant):
+    """Prefill chunks of 5 tokens cut the images (solo and batched): the tokens stay mlx-vlm's."""
+    path = gemma4_fixture_dir(root, window=32, variant=variant)
+    w = Worker()
+    try:
+        w.load(path, prefill_step_size=5)
+        for paths in ([images["a"]], [images["a"], images["b"]]):
+            got = generated_tokens(chat(w, f"s{len(paths)}", [user(paths)], MAX))
+            assert got == vlm_generate(path, paths, max_tokens=MAX)
+    finally:
+        w.close()
+    reqs = [{"id": "two", "prompt": {"messages": [user([images["a"], images["b"]])]}, "params": {"max_tokens": MAX}},
+            {"id": "one", "prompt": {"messages": [user([images["c"]])]}, "params": {"max_tokens": 16}},
+            {"id": "text", "prompt": {"tokens": _ids(40, 8)}, "params": {"max_tokens": 20}}]
+    together, _ = run_all(path, reqs, 8, prefill_step_size=5)
+    assert generated_tokens(together["two"]) == vlm_generate(path, [images["a"], images["b"]], max_tokens=MAX)
+    assert generated_tokens(together["one"]) == vlm_generate(path, [images["c"]], max_tokens=16)

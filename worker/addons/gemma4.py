@@ -14,8 +14,7 @@ for ``kv_bits`` on the KV-shared layers (``SharedQuantized``).
 The larger models (``use_bidirectional_attention: "vision"``, e.g. 26B-A4B) let the tokens of one
 image attend to each other both ways. mlx-vlm does so when the whole prompt is one forward pass (a
 prompt with images and no audio: it does not chunk those); inside ``with plan.state:`` the masks of a
-prompt chunk get the same overlay. An image cut by a prefill chunk boundary (prompts longer than
-``prefill_step_size``) is not bidirectional across the cut: there the result is not mlx-vlm's.
+prompt chunk get the same overlay, and no chunk ends inside an image (``Bidirectional.take``).
 """
 
 import functools
@@ -64,17 +63,34 @@ def bidirectional_masks(inner, blocks, h, cache):
 
 class Bidirectional:
     """A request's state (prompts with images, no audio, on a bidirectional model): while entered, the
-    prompt chunks' image blocks attend both ways."""
+    prompt chunks' image blocks attend both ways. A prefill chunk that ends inside an image runs up to
+    the image only; the image's head waits here and runs at the front of the next call (the caller
+    reads no prefill output, and the cache holds, and is stored with, what really ran)."""
 
     def __init__(self, inputs: "MultimodalInputs"):
-        self.inputs = inputs
+        self.inputs, self.pending = inputs, None
+
+    def take(self, ids, emb):
+        """(ids, embeddings) to run now: the waiting head first, then this call's, but a trailing image
+        run (unless this is the one-token last step, which must answer)."""
+        last_step = ids.shape[-1] == 1
+        if self.pending is not None:
+            ids = mx.concatenate([self.pending[0], ids], axis=-1)
+            emb = mx.concatenate([self.pending[1], emb], axis=-2)
+            self.pending = None
+        vis = [t in self.inputs.vision_ids for t in ids[0].tolist()]
+        if last_step or not vis[-1]:
+            return ids, emb
+        cut = len(vis) - next((i for i, v in enumerate(reversed(vis)) if not v), len(vis))
+        self.pending = (ids[:, cut:], emb[:, cut:])
+        return ids[:, :cut], emb[:, :cut]
 
     def __enter__(self):
-        self.inputs.bidirectional = True
+        self.inputs.active = self
         return self
 
     def __exit__(self, *exc):
-        self.inputs.bidirectional = False
+        self.inputs.active = None
         return False
 
 
@@ -103,18 +119,22 @@ class MultimodalInputs:
 
     def __init__(self, inner, mm_ids: tuple, vision_ids: tuple):
         self.inner, self.mm_ids, self.vision_ids = inner, mm_ids, vision_ids
-        self.bidirectional = False
+        self.active = None  # the Bidirectional state of the request being prefilled
 
     def __call__(self, inputs=None, cache=None, input_embeddings=None, per_layer_inputs=None):
         inner = self.inner
         cache = shared_layer_caches(inner, cache)
         if input_embeddings is None or inputs is None:
             return inner(inputs, cache=cache, input_embeddings=input_embeddings, per_layer_inputs=per_layer_inputs)
+        if self.active is not None:
+            inputs, input_embeddings = self.active.take(inputs, input_embeddings)
+            if inputs.shape[-1] == 0:  # all of it waits: nothing runs (a prefill chunk: not read)
+                return mx.zeros((1, 1, input_embeddings.shape[-1]), dtype=input_embeddings.dtype)
+            if inputs.shape[-1] > 1:
+                blocks = vision_blocks(inputs, self.vision_ids)
+                object.__setattr__(inner, "_make_masks", functools.partial(bidirectional_masks, inner, blocks))
         if per_layer_inputs is None and inner.hidden_size_per_layer_input:
             per_layer_inputs = inner._get_per_layer_inputs(text_ids(inputs, self.mm_ids))
-        if self.bidirectional and inputs.shape[-1] > 1:
-            blocks = vision_blocks(inputs, self.vision_ids)
-            object.__setattr__(inner, "_make_masks", functools.partial(bidirectional_masks, inner, blocks))
         scale, inner.embed_scale = inner.embed_scale, 1.0  # the embeddings are already scaled
         try:
             return inner(inputs, cache=cache, input_embeddings=input_embeddings, per_layer_inputs=per_layer_inputs)
