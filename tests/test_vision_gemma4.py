@@ -210,3 +210,44 @@ def test_small_prefill_steps(root, images, variant):
     together, _ = run_all(path, reqs, 8, prefill_step_size=5)
     assert generated_tokens(together["two"]) == vlm_generate(path, [images["a"], images["b"]], max_tokens=MAX)
     assert generated_tokens(together["one"]) == vlm_generate(path, [images["c"]], max_tokens=16)
+
+
+def test_memoized_images_and_suffix_embeddings(root, images, monkeypatch):
+    """In-process: the prompt's embeddings (images of 16 and 12 soft tokens) equal mlx-vlm's
+    ``get_input_embeddings`` over the processor's output for the whole prompt; a follow-up on memoized
+    images decodes, processes and encodes nothing, and any suffix gives the same rows."""
+    import mlx.core as mx
+    import msgspec
+    from mlx_vlm.utils import load_image, prepare_inputs
+
+    from tests.test_vision import _vlm
+    from worker.addons import images as imgs
+    from worker.model import load
+    from worker.prompt import build_prompt
+    from worker.protocol import Generate, LoadOptions
+
+    path = gemma4_fixture_dir(root)
+    kit = load(str(path), LoadOptions(), lambda f: None)
+    pair = [images["gif"], images["a"]]
+    req = msgspec.convert({"type": "generate", "id": "g", "prompt": {"messages": [user(pair)]}}, Generate)
+    first = build_prompt(kit, req)
+    full = first.embed(0)
+    model, proc = _vlm(str(path))
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
+    text = proc.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                              add_generation_prompt=True)
+    inp = prepare_inputs(proc, images=[load_image(p) for p in pair], prompts=text,
+                         image_token_index=model.config.image_token_id, add_special_tokens=False)
+    assert first.ids == inp["input_ids"].reshape(-1).tolist()
+    ref = model.get_input_embeddings(inp["input_ids"], inp["pixel_values"])
+    assert mx.abs(ref.inputs_embeds[0] - full).max().item() == 0.0
+
+    calls = []
+    monkeypatch.setattr(imgs, "decode", lambda *a, **k: calls.append("decode"))
+    monkeypatch.setattr(kit.addon, "encode", lambda *a, **k: calls.append("encode"))
+    again = build_prompt(kit, req)
+    assert calls == [] and again.ids == first.ids and again.key == first.key
+    pos = [i for i, t in enumerate(first.ids) if t == kit.addon.image_token_id]
+    assert len(pos) == 16 + 12
+    for cut in (1, pos[0], pos[5], pos[16], pos[-1] + 1, len(first.ids) - 1):
+        assert mx.abs(again.embed(cut) - full[cut:]).max().item() == 0.0, cut

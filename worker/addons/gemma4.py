@@ -169,8 +169,7 @@ class Gemma4AddOn(AudioAddOn, VisionAddOn):
         self.audio_placeholder = getattr(self.processor, "audio_token", "") or self.audio_placeholder
         mc = self.mc
         self.vision_ids = tuple(t for t in (mc.image_token_id, mc.video_token_id) if t is not None)
-        self.audio_id = mc.audio_token_id
-        mm_ids = tuple(t for t in self.vision_ids + (self.audio_id,) if t is not None)
+        mm_ids = tuple(t for t in self.vision_ids + (self.audio_token_id,) if t is not None)
         self.inputs = install_inputs(text_model, mm_ids, self.vision_ids)
         self.bidirectional = getattr(mc.text_config, "use_bidirectional_attention", None) == "vision"
 
@@ -218,7 +217,7 @@ class Gemma4AddOn(AudioAddOn, VisionAddOn):
 
     def make_state(self, ids, items):
         """mlx-vlm's vision overlay applies to a prompt with images and no audio (it chunks the others)."""
-        if self.bidirectional and self.audio_id not in ids and any(t in self.vision_ids for t in ids):
+        if self.bidirectional and self.audio_token_id not in ids and any(t in self.vision_ids for t in ids):
             return Bidirectional(self.inputs)
         return None
 
