@@ -180,3 +180,17 @@ def test_clip_embeddings_and_memo(root, clips, monkeypatch):
     pos = [i for i, t in enumerate(first.ids) if t == kit.addon.audio_token_id]
     for cut in (1, pos[0], pos[len(pos) // 2], pos[-1] + 1, len(first.ids) - 1):
         assert mx.abs(again.embed(cut) - full[cut:]).max().item() == 0.0, cut
+
+
+def test_bfloat16_parity(root, clips, images):
+    """Stored and run in bfloat16 (load option dtype; "auto" runs float32 on the CPU): still mlx-vlm's."""
+    path = gemma4_fixture_dir(root, audio=True, dtype="bfloat16")
+    w = Worker()
+    try:
+        w.load(path, dtype="bfloat16")
+        for rid, clip_paths, image_paths in (("c", [clips["a"]], []), ("i", [], [images["a"], images["b"]]),
+                                             ("ci", [clips["b"]], [images["a"]])):
+            got = _distinct(generated_tokens(chat(w, rid, [user(clip_paths, image_paths)], MAX)))
+            assert got == reference_tokens(path, clip_paths, image_paths), rid
+    finally:
+        w.close()

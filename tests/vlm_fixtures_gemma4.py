@@ -10,7 +10,7 @@ image processor budget makes a 48x64 test image 12 soft tokens.
 ``sliding_window`` is small (a few image prompts exceed it): the follow-up tests then run through
 wrapped rotating caches.
 
-CLI: python -m tests.vlm_fixtures_gemma4 PATH [--seed N] [--window N] [--variant e2b|moe] [--audio]
+CLI: python -m tests.vlm_fixtures_gemma4 PATH [--seed N] [--window N] [--variant e2b|moe] [--audio] [--dtype D]
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ def _audio_weights(cfg: dict, seed: int) -> dict:
 
 
 def build_gemma4_fixture(path, seed: int = 0, window: int = WINDOW, variant: str = "e2b",
-                         audio: bool = False) -> Path:
-    """``audio``: with Gemma 4's audio tower (the small models have one)."""
+                         audio: bool = False, dtype: str = "float32") -> Path:
+    """``audio``: with Gemma 4's audio tower (the small models have one); ``dtype`` of the saved weights."""
     import mlx.core as mx
 
     path = Path(path)
@@ -144,14 +144,16 @@ def build_gemma4_fixture(path, seed: int = 0, window: int = WINDOW, variant: str
         weights.update(_audio_weights(cfg, seed))
     emb = "language_model.model.embed_tokens.weight"
     weights[emb] = weights[emb] * EMBED_SCALE  # tied: full-size embeddings collapse into one token
+    weights = {k: v.astype(getattr(mx, dtype)) if v.ndim else v for k, v in weights.items()}  # (not the clip bounds)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     return path
 
 
 def gemma4_fixture_dir(root, seed: int = 0, window: int = WINDOW, variant: str = "e2b",
-                       audio: bool = False) -> Path:
-    name = f"vlm-gemma4-{variant}{'-audio' if audio else ''}-seed{seed}-w{window}"
-    return F.build_once(Path(root) / name, lambda tmp: build_gemma4_fixture(tmp, seed, window, variant, audio))
+                       audio: bool = False, dtype: str = "float32") -> Path:
+    name = f"vlm-gemma4-{variant}{'-audio' if audio else ''}-seed{seed}-w{window}-{dtype}"
+    return F.build_once(Path(root) / name,
+                        lambda tmp: build_gemma4_fixture(tmp, seed, window, variant, audio, dtype))
 
 
 def main(argv=None) -> None:
@@ -161,8 +163,9 @@ def main(argv=None) -> None:
     p.add_argument("--window", type=int, default=WINDOW)
     p.add_argument("--variant", choices=sorted(VARIANTS), default="e2b")
     p.add_argument("--audio", action="store_true", help="with an audio tower")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a = p.parse_args(argv)
-    print(build_gemma4_fixture(a.path, a.seed, a.window, a.variant, a.audio))
+    print(build_gemma4_fixture(a.path, a.seed, a.window, a.variant, a.audio, a.dtype))
 
 
 if __name__ == "__main__":
