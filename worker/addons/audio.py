@@ -21,6 +21,7 @@ import base64
 import binascii
 import functools
 import hashlib
+import inspect
 import io
 import os
 import re
@@ -33,7 +34,7 @@ from . import images as imgs
 from .base import FeatureMemo, ImageItem, _TextRecorder
 
 MAX_BYTES = 64 << 20  # encoded size of one clip
-MAX_SECONDS = 600.0  # longest clip any family takes; a family may lower it (max_audio_seconds)
+MAX_SECONDS = 600.0  # longest clip any family takes (max_audio_seconds lowers it)
 
 
 def _bad(msg: str) -> WorkerError:
@@ -143,7 +144,8 @@ class AudioAddOn:
       output for it alone (``count``: the audio-token positions the clip's expansion fills);
     - ``merge(ids, image_feats, audio_feats)``: input embeddings ``[1, L, hidden]`` of ``ids`` ``[1, L]``
       with the joined features of the images / clips whose tokens it holds (each None when none);
-    - optionally ``max_audio_seconds()`` and ``accepts_audio = False`` (a checkpoint without the tower).
+    - optionally ``max_audio_seconds()`` (when the default below does not fit) and ``accepts_audio =
+      False`` (a checkpoint without the tower).
     """
 
     audio_placeholder = ""
@@ -162,7 +164,12 @@ class AudioAddOn:
         raise NotImplementedError
 
     def max_audio_seconds(self) -> float:
-        return MAX_SECONDS
+        """The feature extractor's ``max_length`` samples, where its ``__call__`` has one (Gemma 3n's and
+        4's: 30 s), since it cuts clips there: longer ones are refused rather than silently shortened."""
+        fe = getattr(self.processor, "feature_extractor", None)
+        limit = inspect.signature(fe.__call__).parameters.get("max_length") if fe is not None else None
+        samples = limit.default if limit is not None and isinstance(limit.default, int) else None
+        return min(MAX_SECONDS, samples / self.sampling_rate) if samples else MAX_SECONDS
 
     @property
     def sampling_rate(self) -> int:

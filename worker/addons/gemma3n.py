@@ -9,12 +9,10 @@ Transformers' Gemma 3n scale them. mlx-vlm 0.7.10 leaves them unscaled there (it
 so its generate differs from mlx-lm even on a text-only prompt.
 """
 
-import inspect
-
 import mlx.core as mx
 
 from ..protocol import WorkerError
-from .audio import MAX_SECONDS, AudioAddOn
+from .audio import AudioAddOn
 from .base import VisionAddOn
 
 
@@ -68,14 +66,6 @@ class Gemma3nAddOn(AudioAddOn, VisionAddOn):
     def encode(self, pv, extras):
         parts = self.parts
         return self.mod.Model.get_image_features(pv, parts.vision_tower, self.mc, parts.embed_vision)
-
-    def max_audio_seconds(self) -> float:
-        """The feature extractor cuts clips at its ``max_length`` samples (30 s): longer ones are
-        refused rather than silently shortened."""
-        fe = self.processor.feature_extractor
-        limit = inspect.signature(fe.__call__).parameters.get("max_length")
-        samples = limit.default if limit is not None and isinstance(limit.default, int) else None
-        return min(MAX_SECONDS, samples / self.sampling_rate) if samples else MAX_SECONDS
 
     def encode_audio(self, inputs, index):
         """mlx-vlm's audio soft tokens: padded frames and the tail up to ``audio_soft_tokens_per_image``

@@ -18,13 +18,12 @@ prompt chunk get the same overlay, and no chunk ends inside an image (``Bidirect
 """
 
 import functools
-import inspect
 import types
 
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
 
-from .audio import MAX_SECONDS, AudioAddOn
+from .audio import AudioAddOn
 from .base import VISION_KEYS, VisionAddOn
 
 
@@ -220,13 +219,6 @@ class Gemma4AddOn(AudioAddOn, VisionAddOn):
         if self.bidirectional and self.audio_token_id not in ids and any(t in self.vision_ids for t in ids):
             return Bidirectional(self.inputs)
         return None
-
-    def max_audio_seconds(self) -> float:
-        """The feature extractor cuts clips at ``max_length`` samples (30 s): longer ones are refused."""
-        fe = self.processor.feature_extractor
-        limit = inspect.signature(fe.__call__).parameters.get("max_length")
-        samples = limit.default if limit is not None and isinstance(limit.default, int) else None
-        return min(MAX_SECONDS, samples / self.sampling_rate) if samples else MAX_SECONDS
 
     def encode_audio(self, inputs, index):
         """The clip's soft tokens as mlx-vlm scatters them: its audio-token positions read the encoder's
