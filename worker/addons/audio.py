@@ -17,13 +17,10 @@ batch padded to the longest: for clips of different lengths the last audio token
 then differs from the clip alone; everything else is the same.)
 """
 
-import base64
-import binascii
 import functools
 import hashlib
 import inspect
 import io
-import os
 import re
 
 import mlx.core as mx
@@ -31,50 +28,28 @@ import mlx.core as mx
 from ..prompt import PromptInput, PromptPlan
 from ..protocol import AudioPart, WorkerError, failing_as
 from . import images as imgs
+from . import media
 from .base import FeatureMemo, ImageItem, _TextRecorder
 
+CODE = "invalid_audio"
 MAX_BYTES = 64 << 20  # encoded size of one clip
 MAX_SECONDS = 600.0  # longest clip any family takes (max_audio_seconds lowers it)
+BASE64_ONLY = "a data: URL must be base64 (data:audio/wav;base64,...)"
 
 
 def _bad(msg: str) -> WorkerError:
-    return WorkerError("invalid_audio", msg)
-
-
-def _b64(data: str, what: str) -> bytes:
-    data = data.strip()
-    if data.startswith("data:"):
-        head, sep, data = data.partition(",")
-        if not sep or ";base64" not in head:
-            raise _bad(f"{what}: a data: URL must be base64 (data:audio/wav;base64,...)")
-    if len(data) > MAX_BYTES * 4 // 3 + 16:
-        raise _bad(f"{what}: larger than {MAX_BYTES >> 20} MiB")
-    try:
-        return base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise _bad(f"{what}: `data` is not valid base64 ({exc})")
-
-
-def _read(path: str, what: str) -> bytes:
-    if not os.path.isabs(path):
-        raise _bad(f"{what}: `path` must be absolute: {path!r}")
-    try:
-        if os.stat(path).st_size > MAX_BYTES:
-            raise _bad(f"{what}: {path} is larger than {MAX_BYTES >> 20} MiB")
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise _bad(f"{what}: cannot read {path}: {exc.strerror or exc}")
+    return WorkerError(CODE, msg)
 
 
 def source(part, index: int = 0) -> imgs.Source:
     what = f"audio {index + 1}"
     if not isinstance(part, AudioPart):
         raise _bad(f"{what}: not an audio part")
-    if (part.path is None) == (part.data is None):
-        raise _bad(f"{what}: give exactly one of `path` or `data`")
-    data = _b64(part.data, what) if part.data is not None else _read(part.path, what)
-    return imgs.Source(hashlib.sha256(data).hexdigest(), lambda: data)
+    kind, value = media.from_part(part, what, CODE, MAX_BYTES, BASE64_ONLY)
+    if kind == "path":
+        media.stat_file(value, what, CODE, MAX_BYTES)
+        value = media.read_file(value, what, CODE)
+    return imgs.Source(hashlib.sha256(value).hexdigest(), lambda: value)
 
 
 def sniff(data: bytes):

@@ -7,12 +7,9 @@ The size is checked from the header before any pixel is decoded, so decompressio
 cheaply. Images are not resized here: the model's processor applies its own limits.
 """
 
-import base64
-import binascii
 import functools
 import hashlib
 import io
-import os
 import time
 import warnings
 from collections import OrderedDict
@@ -21,7 +18,9 @@ from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
 from ..protocol import ImagePart, ImageUrlPart, WorkerError
+from . import media
 
+CODE = "invalid_image"
 FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
 MAX_BYTES = 64 << 20  # encoded size of one image
 MAX_SIDE = 16384  # pixels per side
@@ -36,55 +35,20 @@ class LoadedImage:
 
 
 def _bad(msg: str) -> WorkerError:
-    return WorkerError("invalid_image", msg)
+    return WorkerError(CODE, msg)
 
 
-def _b64(data: str, what: str) -> bytes:
-    data = data.strip()
-    if data.startswith("data:"):
-        head, sep, data = data.partition(",")
-        if not sep:
-            raise _bad(f"{what}: a data: URL needs a comma before its payload")
-        if ";base64" not in head:
-            return unquote(data).encode("latin-1", "replace")
-    if len(data) > MAX_BYTES * 4 // 3 + 16:
-        raise _bad(f"{what}: larger than {MAX_BYTES >> 20} MiB")
-    try:
-        return base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise _bad(f"{what}: `data` is not valid base64 ({exc})")
-
-
-def _read_file(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise _bad(f"{what}: cannot read {path}: {exc.strerror or exc}")
-
-
-def _stat(path: str, what: str) -> os.stat_result:
-    if not os.path.isabs(path):
-        raise _bad(f"{what}: `path` must be absolute: {path!r}")
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise _bad(f"{what}: cannot read {path}: {exc.strerror or exc}")
-    if st.st_size > MAX_BYTES:
-        raise _bad(f"{what}: {path} is larger than {MAX_BYTES >> 20} MiB")
-    return st
+_read_file = functools.partial(media.read_file, code=CODE)  # (path, what): read now, or later by Source
 
 
 def _locate(part, what: str):
     """("path", absolute path) or ("data", bytes) for an image part."""
     if isinstance(part, ImagePart):
-        if (part.path is None) == (part.data is None):
-            raise _bad(f"{what}: give exactly one of `path` or `data`")
-        return ("path", part.path) if part.path is not None else ("data", _b64(part.data, what))
+        return media.from_part(part, what, CODE, MAX_BYTES)
     if isinstance(part, ImageUrlPart):
         url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
         if url.startswith("data:"):
-            return "data", _b64(url, what)
+            return "data", media.from_data(url, what, CODE, MAX_BYTES)
         if url.startswith("file://"):
             return "path", unquote(urlparse(url).path)
         if url.startswith("/"):
@@ -112,7 +76,7 @@ def source(part, index: int = 0) -> Source:
     kind, value = _locate(part, what)
     if kind == "data":
         return Source(hashlib.sha256(value).hexdigest(), lambda: value)
-    st = _stat(value, what)
+    st = media.stat_file(value, what, CODE, MAX_BYTES)
     sig = (st.st_ino, st.st_size, st.st_mtime_ns)
     known = _DIGESTS.get(value)
     if known is not None and known[0] == sig:
