@@ -243,13 +243,15 @@ def test_blas_info_macos(monkeypatch):
     assert blas.blas_info()["name"] == "accelerate"
 
 
-def test_blas_info_live_process_is_cheap():
-    import time
+def test_blas_info_live_process_is_cheap(monkeypatch):
+    """It reads this process's own maps and spawns nothing (a timing would be flaky on a loaded machine)."""
+    import subprocess
 
-    t = time.perf_counter()
-    for _ in range(20):
-        info = blas.blas_info()
-    assert (time.perf_counter() - t) / 20 < 0.02
+    def refuse(*a, **k):
+        raise AssertionError("blas_info must not spawn a process")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    info = blas.blas_info()
     assert set(info) >= {"name", "path", "preloaded", "source"}
 
 

@@ -41,7 +41,7 @@ def test_speculative_on_vlm_text_turns(qwen_vl, image):
         with_image = [{"role": "user", "content": [{"type": "image", "path": image},
                                                    {"type": "text", "text": "What is this?"}]}]
         _, stats = _gen(w, "img", with_image)
-        assert stats["speculative"] == "off: images"
+        assert stats["speculative"] == "off: images or audio"
     finally:
         w.close()
 

@@ -97,7 +97,7 @@ def test_kv_bits_follow_up(root, images, variant):
 
 def test_speculative_text_turn(root, images):
     """The model as its own draft: a text turn speculates and gives the plain tokens; an image turn does
-    not speculate ("off: images") and still equals mlx-vlm."""
+    not speculate ("off: images or audio") and still equals mlx-vlm."""
     path = gemma4_fixture_dir(root)
     w = Worker()
     try:
@@ -109,7 +109,7 @@ def test_speculative_text_turn(root, images):
         assert generated_tokens(spec) == reference.generate(path, ids, 24)
         assert stats(spec)["draft_tokens_accepted"] > 0
         img = chat(w, "s2", [user([images["a"]])], MAX)
-        assert stats(img)["speculative"] == "off: images"
+        assert stats(img)["speculative"] == "off: images or audio"
         assert generated_tokens(img) == vlm_generate(path, [images["a"]], max_tokens=MAX)
     finally:
         w.close()

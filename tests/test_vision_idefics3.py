@@ -1,5 +1,5 @@
 """Idefics3 and SmolVLM through the real worker, against mlx-vlm's own generate: their text model runs as
-mlx-lm's llama (worker/model.py maps the checkpoint to it). The checks are tests/test_vision_lfm2.py's."""
+mlx-lm's llama (worker/model.py maps the checkpoint to it). The checks are tests/vision_checks.py's."""
 
 import functools
 import json
@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.client import generated_tokens  # noqa: E402
 from tests.test_vision import MAX, chat, images, root, user, vlm_generate, worker  # noqa: E402,F401
-from tests.test_vision_lfm2 import (check_batch, check_ids_match_processor, check_kv_bits_follow_up,  # noqa: E402
-                                    check_parity_and_cache, speculative_text_turn)
+from tests.vision_checks import (check_batch, check_ids_match_processor, check_kv_bits_follow_up,  # noqa: E402
+                                 check_parity_and_cache, speculative_text_turn)
 from tests.vlm_fixtures_idefics3 import FAMILIES, idefics3_fixture_dir  # noqa: E402
 
 SEEDS = {"idefics3": 0, "smolvlm": 1}

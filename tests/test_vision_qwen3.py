@@ -166,11 +166,11 @@ def test_speculative_text_turn(root, images, family):
         msgs = [{"role": "user", "content": "Tell me a story."}]
         evs = chat(w, "s", msgs)
         # mlx-lm cannot rewind Qwen3.5's gated-delta state: its drafts are refused (run without the draft)
-        want = "off: sliding window" if family.startswith("qwen3_5") else "on"
+        want = "off: recurrent state" if family.startswith("qwen3_5") else "on"
         assert stats(evs)["speculative"] == want, stats(evs)
         assert generated_tokens(evs) == reference.generate(path, reference.chat_ids(path, msgs), MAX)
         img = chat(w, "si", [user([images["a"]])])
-        assert stats(img)["speculative"] == "off: images"
+        assert stats(img)["speculative"] == "off: images or audio"
         assert generated_tokens(img) == vlm_generate(path, [images["a"]])
     finally:
         w.close()

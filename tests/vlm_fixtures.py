@@ -224,7 +224,7 @@ def build_vlm_fixture(family: str, path, seed: int = 0, text_overrides: dict | N
     ids, suppressed = _write_tokenizer(TOKENIZER_OF[family], path)
     cfg, proc, pre = _config(family, ids)
     if text_overrides:
-        cfg.setdefault("text_config", cfg).update(text_overrides)
+        (cfg["text_config"] if "text_config" in cfg else cfg).update(text_overrides)  # Qwen's is top-level
     overrides = overrides or {}
     cfg.update(overrides.get("config", {}))
     cfg["vision_config"].update(overrides.get("vision", {}))

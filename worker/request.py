@@ -46,11 +46,13 @@ def speculation_for(kit: ModelKit, req: Generate, plan, budget: int) -> Speculat
         return Speculation()
     spans = [s for s in (trimmable_span(kit.cache.fresh()), trimmable_span(kit.draft.cache.fresh())) if s is not None]
     # mlx-lm rewinds rejected drafts: a sliding window must not wrap before the end (prompt + answer + drafts)
+    # (a span of 0 is a recurrent state, e.g. SSM / gated-delta / conv layers, which never rewinds)
     wraps = bool(spans) and len(plan.ids) + budget + req.params.num_draft_tokens >= min(spans)
-    for cond, why in ((not req.params.speculative, "request"), (plan.embed is not None, "images"),
+    rewinds = "recurrent state" if spans and min(spans) == 0 else "sliding window"
+    for cond, why in ((not req.params.speculative, "request"), (plan.embed is not None, "images or audio"),
                       (req.params.json_schema is not None, "json_schema"),
                       (req.prompt.tools and req.prompt.tool_choice not in ("auto", "none"), "tool_choice"),
-                      (kit.options.max_kv_size is not None, "max_kv_size"), (wraps, "sliding window")):
+                      (kit.options.max_kv_size is not None, "max_kv_size"), (wraps, rewinds)):
         if cond:
             return Speculation(False, f"off: {why}")
     return Speculation(True, "on")
