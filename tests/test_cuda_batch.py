@@ -1,0 +1,76 @@
+"""worker/cuda_batch.py off CUDA: when its kernels apply, and that the model is untouched where they do not.
+(The kernels themselves run only on CUDA: bench/probe/batch_kernels.py checks them against MLX there.)"""
+
+import mlx.core as mx
+import pytest
+
+from worker import cuda_batch
+
+
+def _qkv(B=3, Hq=4, Hk=2, L=10, D=64):
+    q = mx.zeros((B, Hq, 1, D))
+    k = mx.zeros((B, Hk, L, D))
+    mask = mx.ones((B, 1, 1, L), dtype=mx.bool_)
+    return q, k, mask
+
+
+def test_attention_kernel_takes_one_token_rows_with_a_boolean_mask():
+    q, k, mask = _qkv()
+    assert cuda_batch.fits(q, k, mask)
+    assert not cuda_batch.fits(q, k, None)  # no mask: MLX's own fused kernel
+    assert not cuda_batch.fits(q, k, "causal")
+    assert not cuda_batch.fits(q, k, mask.astype(mx.float32))  # additive masks: MLX's
+    assert not cuda_batch.fits(mx.zeros((3, 4, 2, 64)), k, mask)  # two queries a row (prefill)
+    assert not cuda_batch.fits(*_qkv(B=1)[:2], _qkv(B=1)[2])  # one row: never masked
+    assert not cuda_batch.fits(*_qkv(D=48))  # head size not a multiple of 32
+    assert not cuda_batch.fits(*_qkv(D=512))
+    q, k, mask = _qkv(Hq=3, Hk=2)
+    assert not cuda_batch.fits(q, k, mask)  # query heads not a multiple of KV heads
+    q, k, _ = _qkv()
+    assert not cuda_batch.fits(q, k, mx.ones((3, 1, 1, 9), dtype=mx.bool_))  # mask length differs
+
+
+@pytest.mark.parametrize("rows,bits,n,dtype", [(8, 8, 4096, mx.float16), (2, 4, 4096, mx.float16),
+                                               (8, 4, 256, mx.float16), (8, 4, 4096, mx.float32),
+                                               (9, 4, 4096, mx.float16)])
+def test_quantized_matmuls_the_kernel_does_not_take_are_mlx_s(monkeypatch, rows, bits, n, dtype):
+    """8-bit, below ROWS_QMV_ROWS rows, small matrices, fp32 and more than 8 rows go to MLX unchanged."""
+    called = []
+    monkeypatch.setattr(cuda_batch, "rows_qmv", lambda *a, **k: called.append(a))
+    w = mx.random.normal((n, 2048), key=mx.random.key(0))
+    wq, s, b = mx.quantize(w, group_size=64, bits=bits)
+    x = mx.random.normal((rows, 1, 2048), key=mx.random.key(1)).astype(dtype)
+    got = cuda_batch.rows_qmm(x, wq, s.astype(dtype), b.astype(dtype), transpose=True, group_size=64, bits=bits)
+    ref = mx.quantized_matmul(x, wq, s.astype(dtype), b.astype(dtype), transpose=True, group_size=64, bits=bits)
+    assert not called and mx.array_equal(got, ref)
+
+
+def test_large_4bit_matrices_of_6_to_8_rows_take_the_kernel(monkeypatch):
+    called = []
+    monkeypatch.setattr(cuda_batch, "rows_qmv", lambda x, w, s, b, gs: called.append((x.shape, gs)) or "ours")
+    wq, s, b = mx.quantize(mx.random.normal((4096, 2048)), group_size=64, bits=4)
+    x = mx.zeros((cuda_batch.ROWS_QMV_ROWS, 1, 2048), dtype=mx.float16)
+    assert cuda_batch.rows_qmm(x, wq, s, b, transpose=True, group_size=64, bits=4) == "ours"
+    assert called == [((cuda_batch.ROWS_QMV_ROWS, 1, 2048), 64)]
+
+
+def test_no_kernels_off_cuda_and_the_model_is_unchanged(monkeypatch):
+    """Off CUDA batch_kernels is None; installed, the attention wrapper is mlx-lm's function while inactive."""
+    from mlx_lm.models import base, llama
+
+    assert cuda_batch.batch_kernels(object()) is None
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=64)
+    mx.random.seed(0)
+    model = llama.Model(args)
+    ids = mx.array([[1, 2, 3, 4]])
+    before = model(ids)
+    monkeypatch.setattr(llama, "scaled_dot_product_attention", base.scaled_dot_product_attention)
+    monkeypatch.setattr(cuda_batch, "_installed", set())
+    cuda_batch._install(model)
+    wrapper = llama.scaled_dot_product_attention
+    assert wrapper is not base.scaled_dot_product_attention
+    assert wrapper.worker_original is base.scaled_dot_product_attention
+    cuda_batch._install(model)  # once per module
+    assert llama.scaled_dot_product_attention is wrapper
+    assert mx.array_equal(model(ids), before)
