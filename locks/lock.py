@@ -7,7 +7,7 @@ dependency tables and ``build.in``) and one of its own body. ``check`` recompute
 that is stale against pyproject.toml, or was edited by hand, fails with the message to run
 ``make lock``. Standard library only: it runs before the virtual environment exists.
 
-    python locks/lock.py write [--uv PATH]   # resolve again (network: PyPI)
+    python locks/lock.py write [--uv PATH]   # resolve again (network: PyPI), keeping every pin that still fits
     python locks/lock.py check               # exit 1 with a message when a lock is stale
     python locks/lock.py target [--cuda]     # the lock file for this machine
 """
@@ -125,6 +125,8 @@ def write(uv: str) -> None:
         jobs["tools"] = ([str(tools_in)], {})
         for target, (sources, cfg) in jobs.items():
             out = Path(tmp) / f"{target}.txt"
+            if lock_path(target).exists():  # uv keeps an output file's pins where they still fit
+                out.write_text(lock_path(target).read_text())
             _uv_compile(uv, sources, out, python, cfg.get("environment"), cfg.get("extras", ()),
                         cfg.get("no_emit", ()))
             body = out.read_text()
