@@ -108,3 +108,61 @@ def test_kv_bits_with_max_kv_size_is_refused_clearly(w, family_dirs, family):
                      "options": {"kv_bits": 8, "kv_group_size": 32, "max_kv_size": WINDOW}})[-1]
     assert err["type"] == "error" and err["code"] == "invalid_params", err
     assert "kv_bits" in err["message"] and "max_kv_size" in err["message"]
+
+
+def _gemma4_text_only(vlm, dst, layout):
+    """The Gemma 4 fixture's text part: model_type gemma4 without vision_config, or a gemma4_text
+    checkpoint (its text_config at the top, weights under ``model.``)."""
+    import json
+    import shutil
+
+    shutil.copytree(vlm, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.pop("vision_config")
+    if layout == "gemma4_text":
+        cfg = dict(cfg["text_config"], eos_token_id=cfg["eos_token_id"], bos_token_id=cfg["bos_token_id"])
+        prefix = "language_model.model."
+        weights = mx.load(str(dst / "model.safetensors"))
+        mx.save_safetensors(str(dst / "model.safetensors"), {"model." + k[len(prefix):]: v for k, v in
+                                                             weights.items() if k.startswith(prefix)})
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("layout", ["gemma4", "gemma4_text"])
+def test_kv_bits_on_a_text_only_gemma4_with_kv_shared_layers(w, tmp_path_factory, layout):
+    """Gemma 4's KV-shared layers read their source layers' K/V, quantized with kv_bits: without the vision
+    add-on they get its stand-in cache too (mlx-lm alone runs the float kernel on them and fails). A
+    follow-up reuses the cache and equals a cold run, the tokens are the VLM checkpoint's, and the model
+    as its own draft speculates to the same tokens (speculative decoding's placeholders stand in too)."""
+    from tests.vlm_fixtures_gemma4 import gemma4_fixture_dir
+
+    root = tmp_path_factory.mktemp("gemma4-text")
+    vlm = gemma4_fixture_dir(root)
+    path = _gemma4_text_only(vlm, root / layout, layout)
+
+    def chat(rid, messages):
+        evs = w.request({"type": "generate", "id": rid, "prompt": {"messages": messages},
+                         "params": {"max_tokens": 12}})
+        assert evs[-1]["type"] == "done", evs[-1]  # never `internal`
+        return evs
+
+    info = w.load(path, kv_bits=8, kv_group_size=32)
+    assert info["model_type"] == layout and not info.get("vision")
+    msgs = [{"role": "user", "content": "Describe the picture in a few words."}]
+    first = chat("t1", msgs)
+    follow = msgs + [{"role": "assistant", "content": first[-1]["text"]}, {"role": "user", "content": "More?"}]
+    warm = chat("t2", follow)
+    assert warm[-1]["cached_tokens"] >= next(e for e in first if e["type"] == "stats")["prompt_tokens"]
+    tokens = generated_tokens(warm)
+    assert len(set(tokens)) >= 4, tokens  # a collapsed random model would compare nothing
+    assert w.request({"type": "cache_clear", "id": "cc"})[-1]["type"] == "done"
+    cold = chat("t3", follow)
+    assert cold[-1]["cached_tokens"] == 0 and generated_tokens(cold) == tokens
+    assert w.load(vlm, kv_bits=8, kv_group_size=32)["vision"] is True
+    assert generated_tokens(chat("t4", follow)) == tokens
+    for model in (path, vlm):
+        w.load(model, kv_bits=8, kv_group_size=32, draft_model_path=str(model))
+        spec = chat(f"s-{model.name}", msgs)
+        assert next(e for e in spec if e["type"] == "stats")["speculative"] == "on"
+        assert generated_tokens(spec) == generated_tokens(first)

@@ -117,6 +117,16 @@ def check_kv_layout(model: nn.Module, config: dict, options: LoadOptions) -> Non
                           "mlx-lm quantizes full-attention layers only")
 
 
+def fit_shared_kv(model: nn.Module, config: dict, options: LoadOptions) -> None:
+    """Gemma 4's KV-shared layers get no cache of their own from mlx-lm, so with kv_bits they would run the
+    float attention kernel on their source layers' quantized K/V (a TypeError): the Gemma 4 add-on's
+    wrapper gives them a quantized stand-in (worker/addons/gemma4.py ``SharedQuantized``), text-only too."""
+    if options.kv_bits is not None and config.get("model_type") in ("gemma4", "gemma4_text"):
+        from .addons.gemma4 import install_inputs
+
+        install_inputs(model)
+
+
 def check_memory(model: nn.Module, max_memory: Optional[int], used: int = 0, what_else: str = "") -> int:
     """Refuse, before reading any weights, a model that cannot fit beside what is loaded already
     (``used`` bytes: the main model and its vision tower, for a draft). Returns this model's bytes."""
@@ -240,6 +250,7 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
         parameters=int(get_total_parameters(model)),
         load_s=round(time.perf_counter() - tic, 4),
     )
+    fit_shared_kv(model, config, options)
     return path, model, tokenizer, config, info, weights
 
 

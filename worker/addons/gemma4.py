@@ -9,7 +9,8 @@ and both are made exact by ``MultimodalInputs``, which stands in for mlx-lm's ``
 - the small models' per-layer inputs are looked up by token id, and mlx-vlm looks up id 0 at image (and
   audio, video) positions; mlx-lm would look up the image token itself.
 Calls without embeddings (text prompts, every decode step, batched or not) reach mlx-lm unchanged, but
-for ``kv_bits`` on the KV-shared layers (``SharedQuantized``).
+for ``kv_bits`` on the KV-shared layers (``SharedQuantized``; a text-only Gemma 4 with ``kv_bits`` gets
+that wrapper too, from worker/model.py).
 
 The larger models (``use_bidirectional_attention: "vision"``, e.g. 26B-A4B) let the tokens of one
 image attend to each other both ways. mlx-vlm does so when the whole prompt is one forward pass (a
@@ -106,11 +107,15 @@ class SharedQuantized:
 
 
 def shared_layer_caches(inner, cache):
-    """``cache`` extended over the KV-shared layers when some layer is quantized, else as it is."""
-    if not cache or len(cache) >= len(inner.layers) or not any(hasattr(c, "bits") for c in cache):
+    """``cache`` over every layer when some layer is quantized, each KV-shared layer whose source is quantized
+    with a stand-in (in place of no entry, or of speculative decoding's placeholder); else as it is."""
+    if not cache or not any(hasattr(c, "bits") for c in cache):
         return cache
-    src = [cache[inner.previous_kvs[j]] for j in range(len(cache), len(inner.layers))]
-    return list(cache) + [SharedQuantized(c) if hasattr(c, "bits") else None for c in src]
+    out = list(cache) + [None] * (len(inner.layers) - len(cache))
+    for j, i in enumerate(inner.previous_kvs):
+        if i != j and hasattr(out[i], "bits"):
+            out[j] = SharedQuantized(out[i])
+    return out
 
 
 class MultimodalInputs:
@@ -145,11 +150,14 @@ class MultimodalInputs:
         return getattr(self.__dict__["inner"], name)
 
 
-def install_inputs(text_model, mm_ids: tuple, vision_ids: tuple) -> MultimodalInputs:
-    """Wrap the mlx-lm Gemma 4 text model's ``language_model.model`` (once per model)."""
-    lm = text_model.language_model
+def install_inputs(text_model, mm_ids: tuple = (), vision_ids: tuple = ()) -> MultimodalInputs:
+    """Wrap the mlx-lm Gemma 4 text model's ``Gemma4TextModel`` (``language_model.model``; ``model`` of a
+    gemma4_text checkpoint) once per model. Without ids (a text-only load with ``kv_bits``: worker/model.py)
+    it only gives the KV-shared layers their stand-in caches; the add-on's ids are set when it loads."""
+    lm = getattr(text_model, "language_model", text_model)
     if not isinstance(lm.model, MultimodalInputs):
         object.__setattr__(lm, "model", MultimodalInputs(lm.model, mm_ids, vision_ids))
+    lm.model.mm_ids, lm.model.vision_ids = mm_ids, vision_ids
     return lm.model
 
 
