@@ -1,10 +1,11 @@
-"""A tiny offline Gemma 3n checkpoint (text + vision + audio towers) and WAV clips for its tests.
+"""A tiny offline Gemma 3n checkpoint (text + vision + audio towers, ~400k params) and WAV clips for its tests.
 
 Weights come from mlx-vlm's own classes (seeded). mlx-vlm hard-codes Gemma 3n's MobileNetV5-300M
-block list (``vision.gemma3n_mobilenet_def``); ``patch_mobilenet()`` swaps in a four-block list with
-the same stage outputs the fusion adapter expects (640 + 1280 channels), so the stem, the blocks'
-classes, the fusion adapter and the embedders stay mlx-vlm's own. Every process that builds the
-tower must be patched: the test's mlx-vlm reference and the worker (``python -m
+block list (``vision.gemma3n_mobilenet_def``) and its fusion adapter's widths (640 + 1280 channels
+in, 2048 out: 15M parameters); ``patch_mobilenet()`` swaps in a four-block list with narrow stages
+and builds the adapter (mlx-vlm's class) for their widths, out to the vision ``hidden_size``, so the
+stem, the blocks' classes, the fusion adapter and the embedders stay mlx-vlm's own. Every process
+that builds the tower must be patched: the test's mlx-vlm reference and the worker (``python -m
 tests.vlm_fixtures_gemma3n worker`` runs the worker patched).
 
 Token layout as in the real model: text ids below ``vocab_size_per_layer_input`` (512), then the
@@ -31,6 +32,8 @@ TEXT_VOCAB = F.VOCAB_SIZE  # 512 = vocab_size_per_layer_input
 VISION_VOCAB = AUDIO_VOCAB = 8
 VOCAB = TEXT_VOCAB + VISION_VOCAB + AUDIO_VOCAB
 HIDDEN = 64
+STAGES = (16, 16, 32, 64)  # the tiny MobileNet's stage outputs; the last two feed the fusion adapter
+VISION_HIDDEN = 64  # the fusion adapter's output channels (mlx-vlm: 2048)
 IMAGE_SIDE = 64
 SAMPLE_RATE = 16000
 TEXT_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
@@ -57,22 +60,33 @@ _TEMPLATE = (
 
 
 def tiny_mobilenet_def():
-    """Stage outputs 16, 16, 640, 1280 channels (the fusion adapter takes 640 + 1280); an
-    EdgeResidual first (mlx-vlm's sanitize looks at block 0.0), attention in stage 4."""
+    """Stage outputs ``STAGES`` channels; an EdgeResidual first (mlx-vlm's sanitize looks at block
+    0.0), attention in stage 4."""
     from mlx_vlm.models.gemma3n import vision as V
 
+    s1, s2, s3, s4 = STAGES
     return [
-        [V._er(3, 16, 2, 1.0)],
-        [V._uir(3, 0, 16, 1, 1.0)],
-        [V._uir(3, 0, 640, 1, 1.0)],
-        [V._uir(3, 0, 1280, 2, 0.05), V._mmqa(2, 8, 1), V._uir(0, 0, 1280, 1, 0.025)],
+        [V._er(3, s1, 2, 1.0)],
+        [V._uir(3, 0, s2, 1, 1.0)],
+        [V._uir(3, 0, s3, 1, 1.0)],
+        [V._uir(3, 0, s4, 2, 0.5), V._mmqa(2, 8, 1), V._uir(0, 0, s4, 1, 0.5)],
     ]
+
+
+_FUSION = {}
+
+
+def tiny_fusion(in_chs, out_chs, **kwargs):
+    """mlx-vlm's fusion adapter over the tiny stages (its tower asks for [1920] -> 2048)."""
+    return _FUSION["cls"](in_chs=[sum(STAGES[2:])], out_chs=VISION_HIDDEN, **kwargs)
 
 
 def patch_mobilenet() -> None:
     from mlx_vlm.models.gemma3n import vision as V
 
     V.gemma3n_mobilenet_def = tiny_mobilenet_def
+    _FUSION.setdefault("cls", V.MobileNetV5MultiScaleFusionAdapter)
+    V.MobileNetV5MultiScaleFusionAdapter = tiny_fusion  # looked up when VisionTower is built
 
 
 _UNSCALED = {}
@@ -173,7 +187,7 @@ def _config(ids: dict, kv_shared: int) -> tuple[dict, dict, dict]:
                 activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0], hidden_size_per_layer_input=8,
                 altup_num_inputs=4, altup_coef_clip=120.0, altup_correct_scale=True, altup_active_idx=0,
                 laurel_rank=8, query_pre_attn_scalar=32, pad_token_id=ids["<pad>"])
-    vision = dict(model_type="gemma3n_vision", hidden_size=2048, vocab_size=VISION_VOCAB,
+    vision = dict(model_type="gemma3n_vision", hidden_size=VISION_HIDDEN, vocab_size=VISION_VOCAB,
                   vocab_offset=TEXT_VOCAB, rms_norm_eps=1e-6, image_size=IMAGE_SIDE)
     audio = dict(model_type="gemma3n_audio", input_feat_size=128, hidden_size=32, conf_attention_chunk_size=12,
                  conf_attention_context_left=13, conf_attention_context_right=0, conf_num_attention_heads=2,
