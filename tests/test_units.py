@@ -193,34 +193,37 @@ def test_image_keys_are_negative_and_image_specific():
     assert all(k < 0 for k in a + b) and len(set(a)) == 50 and not set(a) & set(b)
 
 
-def test_image_source_skips_rereading_an_unchanged_old_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_media_source_skips_rereading_an_unchanged_old_file(tmp_path, monkeypatch, kind):
     """A file unchanged since it was hashed (and already old then) is not read again; a rewrite or a
     file young enough to be rewritten within one timestamp tick is always read and hashed."""
     import hashlib
     import os
 
+    from worker.addons import audio, media
     from worker.addons import images as imgs
-    from worker.protocol import ImagePart
+    from worker.protocol import AudioPart, ImagePart
 
-    path = tmp_path / "x.png"
+    source, Part = (imgs.source, ImagePart) if kind == "image" else (audio.source, AudioPart)
+    path = tmp_path / "x.bin"
     path.write_bytes(b"one")
     old = 1_000_000_000
     os.utime(path, ns=(old, old))
     reads = []
-    real = imgs._read_file
-    monkeypatch.setattr(imgs, "_read_file", lambda p, w: reads.append(p) or real(p, w))
-    part = ImagePart(path=str(path))
-    assert imgs.source(part).digest == hashlib.sha256(b"one").hexdigest() and len(reads) == 1
-    src = imgs.source(part)
+    real = media.read_file
+    monkeypatch.setattr(media, "read_file", lambda p, w, c: reads.append(p) or real(p, w, c))
+    part = Part(path=str(path))
+    assert source(part).digest == hashlib.sha256(b"one").hexdigest() and len(reads) == 1
+    src = source(part)
     assert src.digest == hashlib.sha256(b"one").hexdigest() and len(reads) == 1  # from the stat memo
     assert src.read() == b"one"  # the bytes are still there when a miss needs them
     path.write_bytes(b"two!")  # rewritten: size and mtime change
-    assert imgs.source(part).digest == hashlib.sha256(b"two!").hexdigest()
-    young = tmp_path / "y.png"
+    assert source(part).digest == hashlib.sha256(b"two!").hexdigest()
+    young = tmp_path / "y.bin"
     young.write_bytes(b"new")  # mtime now: not remembered
-    imgs.source(ImagePart(path=str(young)))
+    source(Part(path=str(young)))
     n = len(reads)
-    imgs.source(ImagePart(path=str(young)))
+    source(Part(path=str(young)))
     assert len(reads) == n + 1
 
 

@@ -18,7 +18,6 @@ then differs from the clip alone; everything else is the same.)
 """
 
 import functools
-import hashlib
 import inspect
 import io
 import re
@@ -47,9 +46,8 @@ def source(part, index: int = 0) -> imgs.Source:
         raise _bad(f"{what}: not an audio part")
     kind, value = media.from_part(part, what, CODE, MAX_BYTES, BASE64_ONLY)
     if kind == "path":
-        media.stat_file(value, what, CODE, MAX_BYTES)
-        value = media.read_file(value, what, CODE)
-    return imgs.Source(hashlib.sha256(value).hexdigest(), lambda: value)
+        return media.file_source(value, what, CODE, MAX_BYTES)
+    return media.data_source(value)
 
 
 def sniff(data: bytes):

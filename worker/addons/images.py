@@ -7,14 +7,11 @@ The size is checked from the header before any pixel is decoded, so decompressio
 cheaply. Images are not resized here: the model's processor applies its own limits.
 """
 
-import functools
 import hashlib
 import io
-import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from ..protocol import ImagePart, ImageUrlPart, WorkerError
@@ -38,9 +35,6 @@ def _bad(msg: str) -> WorkerError:
     return WorkerError(CODE, msg)
 
 
-_read_file = functools.partial(media.read_file, code=CODE)  # (path, what): read now, or later by Source
-
-
 def _locate(part, what: str):
     """("path", absolute path) or ("data", bytes) for an image part."""
     if isinstance(part, ImagePart):
@@ -57,38 +51,15 @@ def _locate(part, what: str):
     raise _bad(f"{what}: not an image part")
 
 
-@dataclass(frozen=True)
-class Source:
-    digest: str  # sha256 of the encoded bytes
-    read: Callable[[], bytes]  # the bytes (read again from the file if they were not needed to hash)
-
-
-# path -> ((inode, size, mtime_ns), digest): a file unchanged since it was hashed is not read again.
-# Like git's index, only files whose mtime was already RACY_NS old when hashed are remembered, so a
-# rewrite within one timestamp tick cannot go unnoticed.
-_DIGESTS: "OrderedDict[str, tuple]" = OrderedDict()
-MAX_DIGESTS = 1024
-RACY_NS = 2_000_000_000
+Source = media.Source
 
 
 def source(part, index: int = 0) -> Source:
     what = f"image {index + 1}"
     kind, value = _locate(part, what)
     if kind == "data":
-        return Source(hashlib.sha256(value).hexdigest(), lambda: value)
-    st = media.stat_file(value, what, CODE, MAX_BYTES)
-    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
-    known = _DIGESTS.get(value)
-    if known is not None and known[0] == sig:
-        _DIGESTS.move_to_end(value)
-        return Source(known[1], functools.partial(_read_file, value, what))
-    data = _read_file(value, what)
-    digest = hashlib.sha256(data).hexdigest()
-    if time.time_ns() - st.st_mtime_ns > RACY_NS:
-        _DIGESTS[value] = (sig, digest)
-        while len(_DIGESTS) > MAX_DIGESTS:
-            _DIGESTS.popitem(last=False)
-    return Source(digest, lambda: data)
+        return media.data_source(value)
+    return media.file_source(value, what, CODE, MAX_BYTES)
 
 
 def decode(data: bytes, index: int = 0, digest: str = "") -> LoadedImage:

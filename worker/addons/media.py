@@ -1,11 +1,19 @@
 """Reading one media source from the wire (images and audio clips alike): base64 or a data: URL, or an
 absolute file path, with a size limit checked before anything is decoded or read. Errors carry the
 kind's code (``invalid_image``, ``invalid_audio``); ``what`` ("image 2", "audio 1") starts each message.
+A source is its content hash and a way to read its bytes (``Source``); a file unchanged since it was
+hashed is not read again (``file_source``).
 """
 
 import base64
 import binascii
+import functools
+import hashlib
 import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import unquote
 
 from ..protocol import WorkerError
@@ -59,3 +67,37 @@ def from_part(part, what: str, code: str, max_bytes: int, base64_only: str = "")
     if part.path is not None:
         return "path", part.path
     return "data", from_data(part.data, what, code, max_bytes, base64_only)
+
+
+@dataclass(frozen=True)
+class Source:
+    digest: str  # sha256 of the encoded bytes
+    read: Callable[[], bytes]  # the bytes (read again from the file if they were not needed to hash)
+
+
+def data_source(data: bytes) -> Source:
+    return Source(hashlib.sha256(data).hexdigest(), lambda: data)
+
+
+# path -> ((inode, size, mtime_ns), digest): a file unchanged since it was hashed is not read again.
+# Like git's index, only files whose mtime was already RACY_NS old when hashed are remembered, so a
+# rewrite within one timestamp tick cannot go unnoticed.
+_DIGESTS: "OrderedDict[str, tuple]" = OrderedDict()
+MAX_DIGESTS = 1024
+RACY_NS = 2_000_000_000
+
+
+def file_source(path: str, what: str, code: str, max_bytes: int) -> Source:
+    st = stat_file(path, what, code, max_bytes)
+    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+    known = _DIGESTS.get(path)
+    if known is not None and known[0] == sig:
+        _DIGESTS.move_to_end(path)
+        return Source(known[1], functools.partial(read_file, path, what, code))
+    data = read_file(path, what, code)
+    digest = hashlib.sha256(data).hexdigest()
+    if time.time_ns() - st.st_mtime_ns > RACY_NS:
+        _DIGESTS[path] = (sig, digest)
+        while len(_DIGESTS) > MAX_DIGESTS:
+            _DIGESTS.popitem(last=False)
+    return Source(digest, lambda: data)
