@@ -5,9 +5,10 @@
 The lean loop of bench/probe/batch_step.py over merged BatchKVCaches, per variant of
 worker/cuda_batch.py: ``base`` (MLX as is), ``attn`` (attention kernel only), ``head`` (attention +
 rows_qmv for the output head only), ``both`` (attention + rows_qmv for every matrix over
-ROWS_QMV_MIN), and ``nomask`` (mask dropped, MLX as is: a floor, wrong output). Per step: ``host`` ms
-spent building the graph up to async_eval, ``step`` ms between steps. Variants are interleaved per
-round so the machine's drift hits them alike; the medians over rounds are printed.
+ROWS_QMV_MIN and ROWS_QMV_ROWS), ``allqmv`` (attention + rows_qmv for every quantized matmul of 2+ rows),
+and ``nomask`` (mask dropped, MLX as is: a floor, wrong output). Per step: ``build`` ms of Python building
+the graph, ``encode`` ms in async_eval (the host encoding the kernels), ``step`` ms between steps.
+Variants are interleaved per round so the machine's drift hits them alike; medians over rounds are printed.
 """
 
 import argparse
@@ -27,24 +28,30 @@ from bench.gpu import SHAPES, build  # noqa: E402
 from bench.probe.batch_step import prefilled  # noqa: E402
 from worker import cuda_batch  # noqa: E402
 
+ROWS = cuda_batch.ROWS_QMV_ROWS
+
 VARIANTS = {"base": (False, False, None), "attn": (True, False, None), "head": (True, True, 1 << 26),
-            "both": (True, True, 1 << 23), "nomask": (False, False, None)}
+            "both": (True, True, 1 << 23), "allqmv": (True, True, 0), "nomask": (False, False, None)}
 
 
 def loop(model, cache, last, steps, ctx):
-    y, prev, host, wall = mx.array(last), None, [], []
+    """Per step (median ms): building the graph, encoding it (async_eval), and the whole step."""
+    y, prev, build, encode, wall = mx.array(last), None, [], [], []
     for _ in range(steps + 1):
         t = time.perf_counter()
         with ctx():
             logits = model(y[:, None], cache=cache)[:, -1, :]
-        nxt = mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1)
-        mx.async_eval(nxt)
-        host.append(time.perf_counter() - t)
+            nxt = mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1)
+            t1 = time.perf_counter()
+            mx.async_eval(nxt)
+        t2 = time.perf_counter()
+        build.append(t1 - t)
+        encode.append(t2 - t1)
         if prev is not None:
             prev.tolist()
         prev, y = nxt, nxt
         wall.append(time.perf_counter() - t)
-    return statistics.median(host[4:]) * 1000, statistics.median(wall[4:]) * 1000
+    return tuple(statistics.median(v[4:]) * 1000 for v in (build, encode, wall))
 
 
 def run_variant(model, name, ps, steps):
@@ -54,6 +61,7 @@ def run_variant(model, name, ps, steps):
                                             for i, layer in enumerate(caches[0])]
     if least is not None:
         cuda_batch.ROWS_QMV_MIN = least
+    cuda_batch.ROWS_QMV_ROWS = 2 if name == "allqmv" else ROWS
 
     def ctx():
         return cuda_batch.batch_kernels(model, attn, matmul) or contextlib.nullcontext()
@@ -98,10 +106,9 @@ def main():
                     continue
                 res.setdefault((b, name), []).append(run_variant(model, name, prompts[b], a.steps))
     for (b, name), vals in sorted(res.items()):
-        host = statistics.median(v[0] for v in vals)
-        step = statistics.median(v[1] for v in vals)
-        print(f"B={b} {name:6s} host {host:.2f} ms, step {step:.2f} ms  (steps: "
-              + ", ".join(f"{v[1]:.2f}" for v in vals) + ")", flush=True)
+        built, encoded, step = (statistics.median(v[i] for v in vals) for i in range(3))
+        print(f"B={b} {name:6s} build {built:.2f} ms, encode {encoded:.2f} ms, step {step:.2f} ms  (steps: "
+              + ", ".join(f"{v[2]:.2f}" for v in vals) + ")", flush=True)
 
 
 if __name__ == "__main__":
