@@ -6,7 +6,8 @@ against the worker with batching, on the same model.
 - **Aggregate decode tok/s**: N greedy requests (distinct 512-token prompts, 256 new tokens each) sent
   at once; tokens whose events arrived while all N were decoding / that window (host clock). The
   baseline is one stream on a worker loaded with ``max_concurrent: 1`` (what every request got before
-  batching), measured the same way, in the same run.
+  batching), measured the same way, in the same run: both workers stay loaded and are measured in turn,
+  round by round, and each round's ratio is reported beside the ratio of the medians.
 - **Per-stream TTFT** (host: request written -> first token event) and the worker's own stats.
 - **Admission of a long prompt**: while ``--admit-streams`` streams decode, a ``--admit-prompt``-token
   prompt is sent; the worst gap between two token events of a running stream during its admission,
@@ -97,7 +98,7 @@ def main(argv=None):
     ap.add_argument("--streams", default="1,2,4,8")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--admit-prompt", type=int, default=4096)
     ap.add_argument("--admit-streams", type=int, default=4)
     ap.add_argument("--models-dir", default="/tmp/gpu-models")
@@ -120,27 +121,37 @@ def main(argv=None):
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "gpu-concurrency-aba.json").write_text(json.dumps(rows))
         return 0
-    w = TimedWorker()
-    info = w.load_model(path, max_concurrent=1)
-    streams(w, 1, 1, a.prompt, 32, vocab)  # warm-up
-    solo = [streams(w, 1, 2 + r, a.prompt, a.tokens, vocab)[0] for r in range(a.rounds + 1)]
-    res["concurrency_1_tps"] = statistics.median(solo)
-    log(f"max_concurrent 1: one stream {res['concurrency_1_tps']:.1f} tok/s ({[round(x) for x in solo]})")
-    w.close()
-
+    # both workers stay up and are measured in turn, round by round: one stream alone on the worker with
+    # max_concurrent 1, then N streams on the batching one. The host's speed drifts (a step here is bound
+    # by the host's CPU), so each round's ratio compares measurements seconds apart.
+    solo_w = TimedWorker()
+    solo_w.load_model(path, max_concurrent=1)
     w = TimedWorker()
     info = w.load_model(path, max_concurrent=max(sizes + [a.admit_streams + 1]))
     res["load_warmup_s"] = info.get("warmup_s")
-    log(f"batching worker loaded, warm-up {info.get('warmup_s')} s")
+    log(f"both workers loaded, batching warm-up {info.get('warmup_s')} s")
+    streams(solo_w, 1, 1, a.prompt, 32, vocab)
     for n in sizes:
         streams(w, n, 50 + n, a.prompt, 24, vocab)  # warm-up of this size
+    solo, runs = [], {n: [] for n in sizes}
+    for r in range(a.rounds):
+        solo.append(streams(solo_w, 1, 2 + r, a.prompt, a.tokens, vocab)[0])
+        for n in sizes:
+            runs[n].append(streams(w, n, 100 + 10 * n + r, a.prompt, a.tokens, vocab))
+        log(f"round {r}: max_concurrent 1 {solo[-1]:.1f} tok/s; " + ", ".join(
+            f"{n} streams {runs[n][-1][0]:.1f} ({runs[n][-1][0] / solo[-1]:.2f}x)" for n in sizes))
+    solo_w.close()
+    res["concurrency_1_tps"] = statistics.median(solo)
+    res["concurrency_1_runs_tps"] = solo
     for n in sizes:
-        runs = [streams(w, n, 100 + 10 * n + r, a.prompt, a.tokens, vocab) for r in range(a.rounds)]
-        agg = statistics.median(x[0] for x in runs)
+        agg = statistics.median(x[0] for x in runs[n])
+        ratios = [x[0] / s for x, s in zip(runs[n], solo)]
         row = {"streams": n, "aggregate_tps": agg, "vs_concurrency_1": agg / res["concurrency_1_tps"],
-               "runs_tps": [x[0] for x in runs], "per_stream": runs[-1][1]}
+               "round_ratios": ratios, "median_round_ratio": statistics.median(ratios),
+               "runs_tps": [x[0] for x in runs[n]], "per_stream": runs[n][-1][1]}
         res["rows"].append(row)
-        log(f"{n} streams: {agg:.1f} tok/s aggregate = {row['vs_concurrency_1']:.2f}x; host TTFT "
+        log(f"{n} streams: {agg:.1f} tok/s aggregate = {row['vs_concurrency_1']:.2f}x of the median "
+            f"{res['concurrency_1_tps']:.1f}; per round {[round(x, 2) for x in ratios]}; host TTFT "
             f"{[round(s['host_ttft_s'] * 1000) for s in row['per_stream']]} ms")
     admission(w, a.admit_streams, a.admit_prompt, vocab, 7001)  # warm-up of the long prompt's shapes
     res["admission"] = admission(w, a.admit_streams, a.admit_prompt, vocab, 7002)

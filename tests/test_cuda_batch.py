@@ -30,11 +30,11 @@ def test_attention_kernel_takes_one_token_rows_with_a_boolean_mask():
     assert not cuda_batch.fits(q, k, mx.ones((3, 1, 1, 9), dtype=mx.bool_))  # mask length differs
 
 
-@pytest.mark.parametrize("rows,bits,n,dtype", [(8, 8, 4096, mx.float16), (2, 4, 4096, mx.float16),
+@pytest.mark.parametrize("rows,bits,n,dtype", [(8, 8, 4096, mx.float16), (1, 4, 4096, mx.float16),
                                                (8, 4, 256, mx.float16), (8, 4, 4096, mx.float32),
                                                (9, 4, 4096, mx.float16)])
 def test_quantized_matmuls_the_kernel_does_not_take_are_mlx_s(monkeypatch, rows, bits, n, dtype):
-    """8-bit, below ROWS_QMV_ROWS rows, small matrices, fp32 and more than 8 rows go to MLX unchanged."""
+    """8-bit, one row, small matrices, fp32 and more than 8 rows go to MLX unchanged."""
     called = []
     monkeypatch.setattr(cuda_batch, "rows_qmv", lambda *a, **k: called.append(a))
     w = mx.random.normal((n, 2048), key=mx.random.key(0))
@@ -45,13 +45,25 @@ def test_quantized_matmuls_the_kernel_does_not_take_are_mlx_s(monkeypatch, rows,
     assert not called and mx.array_equal(got, ref)
 
 
-def test_large_4bit_matrices_of_6_to_8_rows_take_the_kernel(monkeypatch):
+def test_large_4bit_matrices_of_2_to_8_rows_take_the_kernel(monkeypatch):
     called = []
     monkeypatch.setattr(cuda_batch, "rows_qmv", lambda x, w, s, b, gs: called.append((x.shape, gs)) or "ours")
     wq, s, b = mx.quantize(mx.random.normal((4096, 2048)), group_size=64, bits=4)
-    x = mx.zeros((cuda_batch.ROWS_QMV_ROWS, 1, 2048), dtype=mx.float16)
+    x = mx.zeros((2, 1, 2048), dtype=mx.float16)
     assert cuda_batch.rows_qmm(x, wq, s, b, transpose=True, group_size=64, bits=4) == "ours"
-    assert called == [((cuda_batch.ROWS_QMV_ROWS, 1, 2048), 64)]
+    assert called == [((2, 1, 2048), 64)]
+    monkeypatch.setattr(cuda_batch._active, "least", 1 << 26)  # a step whose policy takes the head only
+    assert not isinstance(cuda_batch.rows_qmm(x, wq, s, b, transpose=True, group_size=64, bits=4), str)
+    assert len(called) == 1
+
+
+def test_the_rows_policy():
+    """Each step's rows pick the smallest matrix rows_qmv computes: None for one row and past 8 rows."""
+    assert cuda_batch.qmv_least(1) is None and cuda_batch.qmv_least(9) is None
+    least = [cuda_batch.qmv_least(r) for r in range(2, 9)]
+    assert all(n is not None for n in least) and least == sorted(least, reverse=True)
+    assert cuda_batch._policy("2:100,6:5", None) == {2: 100, 6: 5}
+    assert cuda_batch._policy("", {2: 1}) == {2: 1}
 
 
 def test_no_kernels_off_cuda_and_the_model_is_unchanged(monkeypatch):
@@ -74,3 +86,29 @@ def test_no_kernels_off_cuda_and_the_model_is_unchanged(monkeypatch):
     cuda_batch._install(model)  # once per module
     assert llama.scaled_dot_product_attention is wrapper
     assert mx.array_equal(model(ids), before)
+
+
+def test_a_step_patches_quantized_matmul_by_its_rows(monkeypatch):
+    """The per-step context: attention active inside it only; quantized_matmul swapped only for a step of
+    2-8 rows, with that size's policy; everything restored after, also when the step raises."""
+    monkeypatch.setattr(cuda_batch, "available", lambda: True)
+    installed = []
+    monkeypatch.setattr(cuda_batch, "_install", installed.append)
+    model = object()
+    kernels = cuda_batch.batch_kernels(model)
+    assert installed == [model]  # once, when made: not per step
+    original = mx.quantized_matmul
+    with kernels(1):
+        assert cuda_batch._active.on and mx.quantized_matmul is original
+    for rows in (2, 5, 8):
+        with kernels(rows):
+            assert mx.quantized_matmul is cuda_batch.rows_qmm
+            assert cuda_batch._active.least == cuda_batch.qmv_least(rows)
+    assert installed == [model]
+    try:
+        with kernels(8):
+            raise RuntimeError("step failed")
+    except RuntimeError:
+        pass
+    assert mx.quantized_matmul is original and not cuda_batch._active.on
+    assert cuda_batch.batch_kernels(model, attention=False, matmul=False) is None

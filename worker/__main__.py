@@ -42,6 +42,10 @@ def main(argv=None) -> None:
 
     offline.set_offline_env()  # no model hub, ever: everything is loaded from local directories
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # MLX's CUDA graph cache counts its misses over the process's life and throws once they pass twice its
+    # size: a long-lived worker (many prompt lengths, batch sizes) would fail a request and leave the GPU
+    # stream unusable. Off, the cache still evicts; a host may set it back to 1.
+    os.environ.setdefault("MLX_ENABLE_CACHE_THRASHING_CHECK", "0")
     logging.basicConfig(
         stream=sys.stderr,
         level=os.environ.get("MLX_WORKER_LOG", "INFO").upper(),

@@ -61,6 +61,7 @@ class DecodeBatch:
         self.cache: Optional[list] = None  # one sequence: its own cache; several: mlx-lm batch caches
         self.y: Optional[mx.array] = None  # [B] the next input of each sequence (not yet reported)
         self.lp: list = []  # per sequence: the logprobs row that y was sampled from (when wanted)
+        self.kernels = batch_kernels(model)  # CUDA: one step's context for its rows (see cuda_batch.py)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -113,8 +114,8 @@ class DecodeBatch:
         with mx.stream(generation_stream):
             current, current_lp = self.y, self.lp
             rope = self.addon.batch_positions([s.rope for s in self.seqs]) if self.addon is not None else None
-            kernels = batch_kernels(self.model) if len(self.seqs) > 1 else None
-            with rope or nullcontext(), kernels or nullcontext():
+            kernels = self.kernels(len(self.seqs)) if self.kernels and len(self.seqs) > 1 else nullcontext()
+            with rope or nullcontext(), kernels:
                 logits = self.model(current[:, None], cache=self.cache)[:, -1, :]
             contexts = []
             if any(s.processors for s in self.seqs):
@@ -143,6 +144,7 @@ class DecodeBatch:
 def warm_up(model, fresh: Callable[[], list], most: int) -> None:
     """Compile the batched decode kernels for every batch size up to ``most`` (on a GPU the first step of
     each size compiles for seconds; without this the first concurrent requests would pay for it)."""
+    kernels = batch_kernels(model)
     for b in range(2, most + 1):
         caches = []
         for i in range(b):
@@ -151,7 +153,7 @@ def warm_up(model, fresh: Callable[[], list], most: int) -> None:
             caches.append(c)
         cache, y = _merge(caches), mx.zeros((b,), dtype=mx.uint32)
         for _ in range(3):
-            with batch_kernels(model) or nullcontext():
+            with kernels(b) if kernels else nullcontext():
                 y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
             mx.eval(y)
     mx.clear_cache()

@@ -12,22 +12,42 @@ H200, bench/README.md):
   is the vector kernel for 2-8 rows of a 4-bit affine matrix: one warp per output, each packed weight
   read once and applied to every row.
 
-``batch_kernels(model)`` returns a context manager for one batched step that routes a model's
+``batch_kernels(model)`` returns, for one batched step, a context manager that routes a model's
 attention and quantized matmuls through these, or None where they do not apply (not CUDA).
 Outside it, the model runs exactly as mlx-lm wrote it.
 """
 
 import contextlib
+import os
 import sys
 import threading
 
 import mlx.core as mx
 
 BLOCK = 256
-ROWS_QMV_MIN = 1 << 23  # weights of a matrix worth rows_qmv (H200: MLP and head yes, attention no)
-# Rows from which rows_qmv pays: below, a step is bound by the host, and a custom kernel's launch costs the
-# host more than MLX's GEMM (H200: 4 rows 6.5 ms a step with it, 5.1 without; 8 rows 6.2 with, 7.3 without)
-ROWS_QMV_ROWS = 6
+
+
+def _policy(text, default):
+    """``"2:67108864,5:8388608"`` -> {2: 67108864, 5: 8388608} (MLX_WORKER_QMV_LEAST, for benchmarks)."""
+    if not text:
+        return default
+    return {int(r): int(n) for r, n in (item.split(":") for item in text.split(","))}
+
+
+# Rows of a step -> the fewest weights of a matrix that rows_qmv computes in it (MLX's GEMM below; the
+# entry with the most rows <= the step's applies). Measured on an H200 (bench/README.md): from 2 to 8 rows
+# the MLP and head matrices (8M+ weights) gain more GPU time than the kernel's call costs the host; the
+# attention projections (1-4M) do not, there MLX's GEMM is cheaper for the host.
+QMV_LEAST = _policy(os.environ.get("MLX_WORKER_QMV_LEAST"), {2: 1 << 23})
+
+
+def qmv_least(rows: int):
+    """The fewest weights of a matrix rows_qmv computes in a step of ``rows`` sequences, or None."""
+    least = None
+    for r, n in sorted(QMV_LEAST.items()):
+        if rows >= r:
+            least = n
+    return least if rows <= 8 else None
 
 _HEADER = "#define WK_INF __int_as_float(0x7f800000)\n"
 
@@ -83,7 +103,6 @@ _SOURCE = """
 """
 
 _kernel = None
-_scales: dict = {}
 
 
 def _attention_kernel():
@@ -103,16 +122,19 @@ def fits(queries, keys, mask) -> bool:
             and D % 32 == 0 and D <= 256 and Hq % keys.shape[1] == 0 and keys.shape[0] == B)
 
 
+_attn_args: dict = {}
+
+
 def decode_attention(queries, keys, values, scale: float, mask) -> mx.array:
     """softmax(q k^T * scale, masked) v for one query per row: [B, Hq, 1, D], as MLX's SDPA."""
     B, Hq, _, D = queries.shape
-    sc = _scales.get(scale)
-    if sc is None:
-        sc = _scales[scale] = mx.array([scale], dtype=mx.float32)
-    return _attention_kernel()(
-        inputs=[queries, keys, values, mask, sc], template=[("T", queries.dtype), ("D", D), ("BLOCK", BLOCK)],
-        grid=(B * Hq * BLOCK, 1, 1), threadgroup=(BLOCK, 1, 1), output_shapes=[(B, Hq, 1, D)],
-        output_dtypes=[queries.dtype])[0]
+    key = (B, Hq, D, queries.dtype, scale)
+    args = _attn_args.get(key)
+    if args is None:  # built once per shape (see rows_qmv)
+        args = _attn_args[key] = (mx.array([scale], dtype=mx.float32), dict(
+            template=[("T", queries.dtype), ("D", D), ("BLOCK", BLOCK)], grid=(B * Hq * BLOCK, 1, 1),
+            threadgroup=(BLOCK, 1, 1), output_shapes=[(B, Hq, 1, D)], output_dtypes=[queries.dtype]))
+    return _attention_kernel()(inputs=[queries, keys, values, mask, args[0]], **args[1])[0]
 
 
 _QMV_SOURCE = """
@@ -158,24 +180,28 @@ def _qmv_kernel():
     return _qmv
 
 
+_qmv_args: dict = {}
+
+
 def rows_qmv(x, w, scales, biases, group_size: int) -> mx.array:
     """x [M, 1, K] @ dequantized(w).T for 4-bit affine w [N, K/8]: every weight read once for all M rows."""
     M, _, K = x.shape
     N = w.shape[0]
-    rows_per_block = BLOCK // 32
-    return _qmv_kernel()(
-        inputs=[x, w, scales, biases], template=[("T", x.dtype), ("M", M), ("K", K), ("GS", group_size),
-                                                 ("BLOCK", BLOCK)],
-        grid=(-(-N // rows_per_block) * BLOCK, 1, 1), threadgroup=(BLOCK, 1, 1), output_shapes=[(M, 1, N)],
-        output_dtypes=[x.dtype])[0]
+    key = (M, K, N, group_size, x.dtype)
+    args = _qmv_args.get(key)
+    if args is None:  # built once per shape: the call is on the host's critical path
+        args = _qmv_args[key] = dict(
+            template=[("T", x.dtype), ("M", M), ("K", K), ("GS", group_size), ("BLOCK", BLOCK)],
+            grid=(-(-N // (BLOCK // 32)) * BLOCK, 1, 1), threadgroup=(BLOCK, 1, 1), output_shapes=[(M, 1, N)],
+            output_dtypes=[x.dtype])
+    return _qmv_kernel()(inputs=[x, w, scales, biases], **args)[0]
 
 
 def rows_qmm(x, w, scales, biases=None, transpose=True, group_size=64, bits=4, mode="affine", **kw):
-    """``mx.quantized_matmul`` with 6-8 one-token rows of a large 4-bit affine matrix through ``rows_qmv``
-    (below ROWS_QMV_MIN weights, or ROWS_QMV_ROWS rows, MLX's GEMM costs the step less)."""
-    if (x.ndim == 3 and x.shape[1] == 1 and ROWS_QMV_ROWS <= x.shape[0] <= 8 and transpose and w.ndim == 2
-            and bits == 4
-            and w.shape[0] * x.shape[-1] >= ROWS_QMV_MIN
+    """``mx.quantized_matmul`` with 2-8 one-token rows of a large 4-bit affine matrix through ``rows_qmv``
+    (below the step's ``qmv_least`` weights MLX's GEMM costs the step less: the launch is the cost there)."""
+    if (x.ndim == 3 and x.shape[1] == 1 and 2 <= x.shape[0] <= 8 and w.ndim == 2
+            and w.shape[0] * x.shape[-1] >= _active.least and bits == 4 and transpose
             and mode == "affine" and biases is not None and not kw and x.dtype in (mx.bfloat16, mx.float16)
             and x.shape[-1] % 256 == 0 and group_size in (32, 64, 128)):
         return rows_qmv(x, w, scales, biases, group_size)
@@ -183,7 +209,8 @@ def rows_qmm(x, w, scales, biases=None, transpose=True, group_size=64, bits=4, m
 
 
 class _Active(threading.local):
-    on = False
+    on = False  # the attention kernel is on (inside a batched step)
+    least = 1 << 23  # the fewest weights of a matrix rows_qmm sends to rows_qmv (set per step)
 
 
 _active = _Active()
@@ -220,18 +247,25 @@ def available() -> bool:
 
 
 def batch_kernels(model, attention=True, matmul=True):
-    """A context manager for one batched decode step of ``model`` on CUDA, or None elsewhere."""
+    """For a model's batched decode steps on CUDA: ``kernels(rows)``, the context manager of one step of
+    ``rows`` sequences; None where the kernels do not apply (not CUDA). The model's modules are patched
+    here, once: a step pays only for its context (walking the model's modules costs ~0.8 ms a step)."""
     if not available() or not (attention or matmul):
         return None
     if attention:
         _install(model)
-    return _step(attention, matmul)
+
+    def kernels(rows: int):
+        return _step(attention, qmv_least(rows) if matmul else None)
+
+    return kernels
 
 
 @contextlib.contextmanager
-def _step(attention, matmul):
+def _step(attention, least):
     _active.on = attention
-    if matmul:
+    if least is not None:
+        _active.least = least
         mx.quantized_matmul = rows_qmm
     try:
         yield

@@ -4,8 +4,9 @@
 
 The lean loop of bench/probe/batch_step.py over merged BatchKVCaches, per variant of
 worker/cuda_batch.py: ``base`` (MLX as is), ``attn`` (attention kernel only), ``head`` (attention +
-rows_qmv for the output head only), ``both`` (attention + rows_qmv for every matrix over
-ROWS_QMV_MIN and ROWS_QMV_ROWS), ``allqmv`` (attention + rows_qmv for every quantized matmul of 2+ rows),
+rows_qmv for the output head only), ``both`` (attention + rows_qmv for every matrix of 8M+
+weights), ``allqmv`` (attention + rows_qmv for every quantized matmul of 2+ rows), ``policy`` (the
+worker's: cuda_batch.QMV_LEAST, MLX_WORKER_QMV_LEAST overrides it),
 and ``nomask`` (mask dropped, MLX as is: a floor, wrong output). Per step: ``build`` ms of Python building
 the graph, ``encode`` ms in async_eval (the host encoding the kernels), ``step`` ms between steps.
 Variants are interleaved per round so the machine's drift hits them alike; medians over rounds are printed.
@@ -28,10 +29,11 @@ from bench.gpu import SHAPES, build  # noqa: E402
 from bench.probe.batch_step import prefilled  # noqa: E402
 from worker import cuda_batch  # noqa: E402
 
-ROWS = cuda_batch.ROWS_QMV_ROWS
+POLICY = dict(cuda_batch.QMV_LEAST)
 
 VARIANTS = {"base": (False, False, None), "attn": (True, False, None), "head": (True, True, 1 << 26),
-            "both": (True, True, 1 << 23), "allqmv": (True, True, 0), "nomask": (False, False, None)}
+            "both": (True, True, 1 << 23), "allqmv": (True, True, 0), "nomask": (False, False, None),
+            "policy": (True, True, "policy")}
 
 
 def loop(model, cache, last, steps, ctx):
@@ -59,12 +61,12 @@ def run_variant(model, name, ps, steps):
     caches = prefilled(model, ps)
     cache = caches[0] if len(ps) == 1 else [layer.merge([cs[i] for cs in caches])
                                             for i, layer in enumerate(caches[0])]
-    if least is not None:
-        cuda_batch.ROWS_QMV_MIN = least
-    cuda_batch.ROWS_QMV_ROWS = 2 if name == "allqmv" else ROWS
+    cuda_batch.QMV_LEAST = POLICY if least in (None, "policy") else {2: least}
+
+    kernels = cuda_batch.batch_kernels(model, attn, matmul)
 
     def ctx():
-        return cuda_batch.batch_kernels(model, attn, matmul) or contextlib.nullcontext()
+        return kernels(len(ps)) if kernels else contextlib.nullcontext()
 
     orig = C.BatchKVCache.make_mask
     if name == "nomask":
@@ -86,7 +88,9 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     a = ap.parse_args()
+    names = a.variants.split(",")
     from mlx_lm import load
     model, _ = load(str(build(Path(a.models_dir), a.shape, a.bits or None)))
     vocab = SHAPES[a.shape]["vocab_size"]
@@ -95,19 +99,20 @@ def main():
     prompts = {b: [[int(x) for x in rng.integers(1, vocab - 2, a.prompt - 7 * i)] for i in range(b)] for b in sizes}
     t = time.perf_counter()
     for b in sizes:  # warm-up: every kernel of every size compiles
-        for name in VARIANTS:
+        for name in names:
             run_variant(model, name, prompts[b], 8)
     print(f"warm-up {time.perf_counter() - t:.1f} s", flush=True)
     res = {}
     for _ in range(a.rounds):
         for b in sizes:
-            for name in VARIANTS:
+            for name in names:
                 if b == 1 and name not in ("base",):
                     continue
                 res.setdefault((b, name), []).append(run_variant(model, name, prompts[b], a.steps))
     for (b, name), vals in sorted(res.items()):
         built, encoded, step = (statistics.median(v[i] for v in vals) for i in range(3))
-        print(f"B={b} {name:6s} build {built:.2f} ms, encode {encoded:.2f} ms, step {step:.2f} ms  (steps: "
+        print(f"B={b} {name:6s} build {built:.2f} ms, encode {encoded:.2f} ms, wait {step - built - encoded:.2f}"
+              f" ms, step {step:.2f} ms  (steps: "
               + ", ".join(f"{v[2]:.2f}" for v in vals) + ")", flush=True)
 
 
