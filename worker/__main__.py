@@ -20,6 +20,15 @@ def _protect_stdout() -> int:
     return out_fd
 
 
+def library_defaults(env) -> None:
+    """Environment defaults for the libraries, where the host set none."""
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # MLX's CUDA graph cache counts its misses over the process's life and throws once they pass twice its
+    # size (bench/probe/thrash.py): a long-lived worker (many prompt lengths, batch sizes) would fail a
+    # request, and every later GPU operation with it. Off, the cache still evicts.
+    env.setdefault("MLX_ENABLE_CACHE_THRASHING_CHECK", "0")
+
+
 def _parse(argv):
     import argparse
 
@@ -41,11 +50,7 @@ def main(argv=None) -> None:
     from . import offline
 
     offline.set_offline_env()  # no model hub, ever: everything is loaded from local directories
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # MLX's CUDA graph cache counts its misses over the process's life and throws once they pass twice its
-    # size: a long-lived worker (many prompt lengths, batch sizes) would fail a request and leave the GPU
-    # stream unusable. Off, the cache still evicts; a host may set it back to 1.
-    os.environ.setdefault("MLX_ENABLE_CACHE_THRASHING_CHECK", "0")
+    library_defaults(os.environ)
     logging.basicConfig(
         stream=sys.stderr,
         level=os.environ.get("MLX_WORKER_LOG", "INFO").upper(),
