@@ -5,9 +5,8 @@ this module owns the step. Unlike mlx-lm's ``GenerationBatch`` it keeps a lone s
 per-sequence cache (no padding mask: one request decodes exactly as fast as ``generate_step``), samples
 each request with its own sampler, processors and random key, and computes logprobs rows only for the
 requests that report them. A sequence joins after its prefill (done alone, see scheduler.py) with its
-next input token, and leaves with its own cache, as a solo run would store it. A step of several
-full-attention sequences is one compiled function (batch_compiled.py); on CUDA it runs its attention and
-large quantized matmuls through worker/cuda_batch.py's kernels.
+next input token, and leaves with its own cache, as a solo run would store it. On CUDA a step of several
+sequences runs its attention and large quantized matmuls through worker/cuda_batch.py's kernels.
 """
 
 from contextlib import nullcontext
@@ -18,7 +17,6 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models import cache as mlx_cache
 
-from . import batch_compiled
 from .cache.snapshots import Snapshot, clone
 from .cuda_batch import batch_kernels
 
@@ -52,16 +50,6 @@ class Seq:
     on_prefill: Optional[Callable] = None  # its prompt-progress reporter
 
 
-def _forward(model, compiled, y: mx.array, cache: list, addon) -> mx.array:
-    """The logits of one decode step; several full-attention sequences through the compiled step."""
-    logits = None
-    if y.shape[0] > 1 and batch_compiled.compilable(cache, addon):
-        logits = compiled(y, cache)
-    if logits is None:
-        logits = model(y[:, None], cache=cache)[:, -1, :]
-    return logits
-
-
 def _merge(caches: List[list]) -> list:
     return [layers[0].merge(list(layers)) for layers in zip(*caches)]
 
@@ -74,7 +62,6 @@ class DecodeBatch:
         self.y: Optional[mx.array] = None  # [B] the next input of each sequence (not yet reported)
         self.lp: list = []  # per sequence: the logprobs row that y was sampled from (when wanted)
         self.kernels = batch_kernels(model)  # CUDA: one step's context for its rows (see cuda_batch.py)
-        self.compiled = batch_compiled.Forward(model)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -129,7 +116,7 @@ class DecodeBatch:
             rope = self.addon.batch_positions([s.rope for s in self.seqs]) if self.addon is not None else None
             kernels = self.kernels(len(self.seqs)) if self.kernels and len(self.seqs) > 1 else nullcontext()
             with rope or nullcontext(), kernels:
-                logits = _forward(self.model, self.compiled, current, self.cache, self.addon)
+                logits = self.model(current[:, None], cache=self.cache)[:, -1, :]
             contexts = []
             if any(s.processors for s in self.seqs):
                 rows = []
@@ -157,7 +144,7 @@ class DecodeBatch:
 def warm_up(model, fresh: Callable[[], list], most: int) -> None:
     """Compile the batched decode kernels for every batch size up to ``most`` (on a GPU the first step of
     each size compiles for seconds; without this the first concurrent requests would pay for it)."""
-    kernels, compiled = batch_kernels(model), batch_compiled.Forward(model)
+    kernels = batch_kernels(model)
     for b in range(2, most + 1):
         caches = []
         for i in range(b):
@@ -166,7 +153,7 @@ def warm_up(model, fresh: Callable[[], list], most: int) -> None:
             caches.append(c)
         cache, y = _merge(caches), mx.zeros((b,), dtype=mx.uint32)
         for _ in range(3):
-            with kernels(b) if kernels else nullcontext():  # the first step grows the buffers, uncompiled
-                y = mx.argmax(_forward(model, compiled, y, cache, None), axis=-1)
+            with kernels(b) if kernels else nullcontext():
+                y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
             mx.eval(y)
     mx.clear_cache()
