@@ -52,7 +52,8 @@ class Worker:
         self.events = queue.Queue()
         self.raw_lines = []
         self.stderr_lines = []
-        threading.Thread(target=self._pump, daemon=True).start()
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
         threading.Thread(target=self._pump_err, daemon=True).start()
         self.backlog = []
         self.ready = self.next_event(timeout=60)
@@ -63,6 +64,11 @@ class Worker:
             self.raw_lines.append(line)
             self.events.put(json.loads(line))  # a non-JSON line fails the test loudly
         self.events.put(None)
+
+    def wait_eof(self, timeout=10):
+        """Wait until every line the worker wrote to stdout has been read (it closed stdout)."""
+        self.pump.join(timeout)
+        assert not self.pump.is_alive(), "the worker's stdout is still open"
 
     def _pump_err(self):
         for line in self.proc.stderr:

@@ -260,9 +260,7 @@ def test_engine_thread_death_is_fatal(faulty_dir, trigger, exc):
             time.sleep(0.02)
         assert status["engine_alive"] is True and status.get("active") == "dies", status
         assert w.proc.wait(10) == 70
-        deadline = time.monotonic() + 5
-        while w.events.queue and w.events.queue[-1] is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        w.wait_eof()  # the reader thread may still be behind the exited process
         lines = [json.loads(x) for x in w.raw_lines]
         assert lines[-1]["type"] == "fatal" and lines[-1]["id"] is None, lines[-3:]
         assert exc in lines[-1]["reason"]
