@@ -94,7 +94,9 @@ def test_a_step_patches_quantized_matmul_by_its_rows(monkeypatch):
     monkeypatch.setattr(cuda_batch, "available", lambda: True)
     installed = []
     monkeypatch.setattr(cuda_batch, "_install", installed.append)
-    model = object()
+    import mlx.nn as nn
+
+    model = nn.Module()
     kernels = cuda_batch.batch_kernels(model)
     assert installed == [model]  # once, when made: not per step
     original = mx.quantized_matmul
@@ -112,3 +114,75 @@ def test_a_step_patches_quantized_matmul_by_its_rows(monkeypatch):
         pass
     assert mx.quantized_matmul is original and not cuda_batch._active.on
     assert cuda_batch.batch_kernels(model, attention=False, matmul=False) is None
+
+
+def _cpu_parts(calls):
+    """rows_qmv_parts computed by MLX on the CPU, recording each launch's matrix count."""
+    def parts(x, mats, group_size):
+        calls.append(len(mats))
+        return [cuda_batch._QMM(x, w, s, b, transpose=True, group_size=group_size, bits=4) for w, s, b in mats]
+    return parts
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_projections_give_the_model_s_logits(monkeypatch, family):
+    """A batched step with q/k/v and gate/up fused (one rows_qmv launch each) gives MLX's logits exactly,
+    on llama and on qwen2 (biased q/k/v); one row and MLX's own QuantizedLinear outside a step."""
+    import importlib
+
+    import mlx.nn as nn
+    from mlx_lm.models import cache as C
+
+    arch = importlib.import_module(f"mlx_lm.models.{family}")
+    args = arch.ModelArgs(model_type=family, hidden_size=256, num_hidden_layers=2, intermediate_size=512,
+                          num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=96,
+                          rope_theta=10000.0, **({"tie_word_embeddings": False} if family == "qwen2" else {}))
+    mx.random.seed(1)
+    model = arch.Model(args)
+    nn.quantize(model, group_size=64, bits=4)
+    model.set_dtype(mx.float16)
+    monkeypatch.setattr(cuda_batch, "available", lambda: True)
+    calls = []
+    monkeypatch.setattr(cuda_batch, "rows_qmv_parts", _cpu_parts(calls))
+    assert not cuda_batch.FUSE  # opt-in (MLX_WORKER_FUSE=1) until measured on a GPU
+    with cuda_batch.batch_kernels(model, attention=False)(3):
+        assert nn.QuantizedLinear.__call__ is cuda_batch._LINEAR
+    kernels = cuda_batch.batch_kernels(model, attention=False, fuse=True)
+    groups = cuda_batch.fused_groups(model)
+    assert len(groups) == 2 * 5  # per layer: q, k, v and gate, up
+
+    def batch():
+        caches = []
+        for i in range(3):
+            c = C.make_prompt_cache(model)
+            model(mx.array([list(range(1, 4 + 2 * i))]), cache=c)
+            caches.append(c)
+        return [layer.merge([cs[i] for cs in caches]) for i, layer in enumerate(caches[0])]
+
+    y = mx.array([[5], [6], [7]])
+    ref = model(y, cache=batch())
+    assert calls == []
+    with kernels(3):
+        got = model(y, cache=batch())
+    assert calls == [3, 2] * 2, calls  # per layer; down and head are below the policy's size: MLX's
+    assert mx.array_equal(got, ref)
+    assert nn.QuantizedLinear.__call__ is cuda_batch._LINEAR and cuda_batch._active.groups == {}
+
+
+def test_a_fused_member_that_sees_another_input_is_computed_alone(monkeypatch):
+    """k or v called on another array than q was (not the layers' pattern): MLX computes it, exactly."""
+    import mlx.nn as nn
+
+    monkeypatch.setattr(cuda_batch, "available", lambda: True)
+    calls = []
+    monkeypatch.setattr(cuda_batch, "rows_qmv_parts", _cpu_parts(calls))
+    layer = nn.Module()
+    layer.q_proj, layer.k_proj, layer.v_proj = (nn.QuantizedLinear(256, n, bias=b, group_size=64, bits=4)
+                                                for n, b in ((256, False), (128, True), (128, False)))
+    layer.set_dtype(mx.float16)
+    x, other = (mx.random.normal((2, 1, 256), key=mx.random.key(k)).astype(mx.float16) for k in (0, 1))
+    ref = [layer.q_proj(x), layer.k_proj(other), layer.v_proj(x)]
+    with cuda_batch.batch_kernels(layer, attention=False, fuse=True)(2):
+        got = [layer.q_proj(x), layer.k_proj(other), layer.v_proj(x)]
+    assert calls == [3]  # q's launch computed all three; k saw another input, v took its part
+    assert all(mx.array_equal(g, r) for g, r in zip(got, ref))

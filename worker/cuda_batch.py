@@ -10,7 +10,9 @@ H200, bench/README.md):
 - **Quantized matmuls.** On sm90 ``mx.quantized_matmul`` takes its vector kernel only for a single row;
   more rows go to a tiled GEMM whose cost grows with the rows (8 rows: 4-6x one row's). ``rows_qmv``
   is the vector kernel for 2-8 rows of a 4-bit affine matrix: one warp per output, each packed weight
-  read once and applied to every row.
+  read once and applied to every row. With ``MLX_WORKER_FUSE=1`` (off until measured on a GPU) a
+  layer's q, k and v, and its gate and up, are one launch each (``rows_qmv_parts``): fewer launches for
+  the GPU and fewer calls for the host, which both bound a step.
 
 ``batch_kernels(model)`` returns, for one batched step, a context manager that routes a model's
 attention and quantized matmuls through these, or None where they do not apply (not CUDA).
@@ -23,6 +25,7 @@ import sys
 import threading
 
 import mlx.core as mx
+import mlx.nn as nn
 
 BLOCK = 256
 
@@ -39,6 +42,9 @@ def _policy(text, default):
 # the MLP and head matrices (8M+ weights) gain more GPU time than the kernel's call costs the host; the
 # attention projections (1-4M) do not, there MLX's GEMM is cheaper for the host.
 QMV_LEAST = _policy(os.environ.get("MLX_WORKER_QMV_LEAST"), {2: 1 << 23})
+# One launch for a layer's q/k/v and one for its gate/up (rows_qmv_parts): opt-in until it is measured
+# against the above on a GPU (bench/probe/final15.sh).
+FUSE = os.environ.get("MLX_WORKER_FUSE") == "1"
 
 
 def qmv_least(rows: int):
@@ -197,6 +203,51 @@ def rows_qmv(x, w, scales, biases, group_size: int) -> mx.array:
     return _qmv_kernel()(inputs=[x, w, scales, biases], **args)[0]
 
 
+# Several matrices of one input in one launch (a layer's q, k and v, or its gate and up): the warp of
+# output n picks its matrix, then runs rows_qmv's loop over that matrix's row.
+_QMV_BODY = _QMV_SOURCE[_QMV_SOURCE.index("    float acc[M];"):]
+
+
+def _parts_source(parts: int) -> str:
+    pick = "".join(f"    else if (n < {' + '.join(f'N{j}' for j in range(p + 1))}) {{ n -= {p and ' + '.join(f'N{j}' for j in range(p)) or 0};"
+                   f" wr = w{p}; sr = scales{p}; br = biases{p}; out = out{p}; N = N{p}; }}\n" for p in range(parts))
+    return ("""
+    constexpr int KW = K / 8;
+    const int lane = threadIdx.x % 32;
+    int n = blockIdx.x * (BLOCK / 32) + threadIdx.x / 32;
+    const uint32_t* wr; const T* sr; const T* br; T* out; int N;
+    if (false) {}
+""" + pick + """    else return;
+    wr += (size_t)n * KW;
+    sr += (size_t)n * (K / GS);
+    br += (size_t)n * (K / GS);
+""" + _QMV_BODY)
+
+
+_parts: dict = {}
+_parts_args: dict = {}
+
+
+def rows_qmv_parts(x, mats, group_size: int) -> list:
+    """rows_qmv of each 4-bit affine (w [N, K/8], scales, biases) of ``mats`` on one x, in one launch."""
+    M, _, K = x.shape
+    ns = tuple(w.shape[0] for w, _, _ in mats)
+    key = (M, K, ns, group_size, x.dtype)
+    args = _parts_args.get(key)
+    if args is None:  # built once per shape (see rows_qmv)
+        if len(ns) not in _parts:
+            _parts[len(ns)] = mx.fast.cuda_kernel(
+                name=f"worker_rows_qmv{len(ns)}", output_names=[f"out{p}" for p in range(len(ns))],
+                input_names=["x", *(f"{a}{p}" for p in range(len(ns)) for a in ("w", "scales", "biases"))],
+                source=_parts_source(len(ns)))
+        args = _parts_args[key] = (_parts[len(ns)], dict(
+            template=[("T", x.dtype), ("M", M), ("K", K), ("GS", group_size), ("BLOCK", BLOCK),
+                      *((f"N{p}", n) for p, n in enumerate(ns))],
+            grid=(-(-sum(ns) // (BLOCK // 32)) * BLOCK, 1, 1), threadgroup=(BLOCK, 1, 1),
+            output_shapes=[(M, 1, n) for n in ns], output_dtypes=[x.dtype] * len(ns)))
+    return args[0](inputs=[x, *(a for m in mats for a in m)], **args[1])
+
+
 def rows_qmm(x, w, scales, biases=None, transpose=True, group_size=64, bits=4, mode="affine", **kw):
     """``mx.quantized_matmul`` with 2-8 one-token rows of a large 4-bit affine matrix through ``rows_qmv``
     (below the step's ``qmv_least`` weights MLX's GEMM costs the step less: the launch is the cost there)."""
@@ -211,10 +262,52 @@ def rows_qmm(x, w, scales, biases=None, transpose=True, group_size=64, bits=4, m
 class _Active(threading.local):
     on = False  # the attention kernel is on (inside a batched step)
     least = 1 << 23  # the fewest weights of a matrix rows_qmm sends to rows_qmv (set per step)
+    groups: dict = {}  # id(linear) -> its fused group, index and matrices (inside a batched step)
+    stash = None  # (group, x, outputs) of the group whose first member ran last
 
 
 _active = _Active()
 _QMM = mx.quantized_matmul
+_LINEAR = nn.QuantizedLinear.__call__
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # linears a layer applies to one x
+
+
+def fused_groups(model) -> dict:
+    """id(linear) -> (group, index, matrices) for each q/k/v and gate/up of a module that one rows_qmv
+    launch computes together: 4-bit affine QuantizedLinears of one input size and group size."""
+    out = {}
+    for module in model.modules():
+        for names in FUSED:
+            mods = tuple(module.get(n) for n in names)
+            if not all(isinstance(m, nn.QuantizedLinear) and m.bits == 4 and m.mode == "affine"
+                       and "biases" in m and m.group_size == mods[0].group_size
+                       and m["weight"].shape[1] == mods[0]["weight"].shape[1] for m in mods):
+                continue
+            mats = [(m["weight"], m["scales"], m["biases"]) for m in mods]
+            for i, m in enumerate(mods):
+                out[id(m)] = (mods, i, mats)
+    return out
+
+
+def _linear(self, x):
+    """QuantizedLinear.__call__ in a batched step: the first of a fused group computes the whole group in
+    one launch; the others take their output if they see the same input (else MLX computes them)."""
+    g = _active.groups.get(id(self))
+    if (g is None or x.ndim != 3 or x.shape[1] != 1 or not 2 <= x.shape[0] <= 8
+            or x.dtype not in (mx.bfloat16, mx.float16) or x.shape[-1] % 256):
+        return _LINEAR(self, x)
+    mods, i, mats = g
+    if i == 0:
+        outs = rows_qmv_parts(x, mats, self.group_size)
+        _active.stash = (mods, x, outs)
+    else:
+        stash = _active.stash
+        if stash is None or stash[0] is not mods or stash[1] is not x:
+            return _LINEAR(self, x)
+        outs = stash[2]
+        if i == len(mods) - 1:
+            _active.stash = None
+    return outs[i] + self["bias"] if "bias" in self else outs[i]
 _installed: set = set()
 
 
@@ -246,29 +339,36 @@ def available() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
 
 
-def batch_kernels(model, attention=True, matmul=True):
+def batch_kernels(model, attention=True, matmul=True, fuse=None):
     """For a model's batched decode steps on CUDA: ``kernels(rows)``, the context manager of one step of
-    ``rows`` sequences; None where the kernels do not apply (not CUDA). The model's modules are patched
-    here, once: a step pays only for its context (walking the model's modules costs ~0.8 ms a step)."""
+    ``rows`` sequences; None where the kernels do not apply (not CUDA). The model's modules are walked
+    here, once: a step pays only for its context (walking them costs ~0.8 ms a step)."""
     if not available() or not (attention or matmul):
         return None
     if attention:
         _install(model)
+    groups = fused_groups(model) if matmul and (FUSE if fuse is None else fuse) else {}
 
     def kernels(rows: int):
-        return _step(attention, qmv_least(rows) if matmul else None)
+        least = qmv_least(rows) if matmul else None
+        return _step(attention, least, groups if least is not None else {})
 
     return kernels
 
 
 @contextlib.contextmanager
-def _step(attention, least):
+def _step(attention, least, groups):
     _active.on = attention
     if least is not None:
         _active.least = least
         mx.quantized_matmul = rows_qmm
+    if groups:
+        _active.groups, _active.stash = groups, None
+        nn.QuantizedLinear.__call__ = _linear
     try:
         yield
     finally:
         _active.on = False
         mx.quantized_matmul = _QMM
+        nn.QuantizedLinear.__call__ = _LINEAR
+        _active.groups, _active.stash = {}, None

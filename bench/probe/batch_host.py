@@ -6,7 +6,8 @@ The lean loop of bench/probe/batch_step.py over merged BatchKVCaches, per varian
 worker/cuda_batch.py: ``base`` (MLX as is), ``attn`` (attention kernel only), ``head`` (attention +
 rows_qmv for the output head only), ``both`` (attention + rows_qmv for every matrix of 8M+
 weights), ``allqmv`` (attention + rows_qmv for every quantized matmul of 2+ rows), ``policy`` (the
-worker's: cuda_batch.QMV_LEAST, MLX_WORKER_QMV_LEAST overrides it),
+worker's: cuda_batch.QMV_LEAST, MLX_WORKER_QMV_LEAST overrides it), ``fused`` (``both`` with q/k/v
+and gate/up one launch each), ``fusedo`` (``fused`` with the 4M-weight o_proj through rows_qmv too),
 and ``nomask`` (mask dropped, MLX as is: a floor, wrong output). Per step: ``build`` ms of Python building
 the graph, ``encode`` ms in async_eval (the host encoding the kernels), ``step`` ms between steps.
 Variants are interleaved per round so the machine's drift hits them alike; medians over rounds are printed.
@@ -33,7 +34,15 @@ POLICY = dict(cuda_batch.QMV_LEAST)
 
 VARIANTS = {"base": (False, False, None), "attn": (True, False, None), "head": (True, True, 1 << 26),
             "both": (True, True, 1 << 23), "allqmv": (True, True, 0), "nomask": (False, False, None),
-            "policy": (True, True, "policy")}
+            "policy": (True, True, "policy"), "fused": (True, True, 1 << 23, True),
+            "fusedo": (True, True, 1 << 22, True)}
+
+
+def kernels_of(model, name):
+    """The step context factory of a variant (None off CUDA); sets its rows policy."""
+    attn, matmul, least, *fuse = VARIANTS[name]
+    cuda_batch.QMV_LEAST = POLICY if least in (None, "policy") else {2: least}
+    return cuda_batch.batch_kernels(model, attn, matmul, fuse=bool(fuse) if least != "policy" else None)
 
 
 def loop(model, cache, last, steps, ctx):
@@ -57,13 +66,10 @@ def loop(model, cache, last, steps, ctx):
 
 
 def run_variant(model, name, ps, steps):
-    attn, matmul, least = VARIANTS[name]
     caches = prefilled(model, ps)
     cache = caches[0] if len(ps) == 1 else [layer.merge([cs[i] for cs in caches])
                                             for i, layer in enumerate(caches[0])]
-    cuda_batch.QMV_LEAST = POLICY if least in (None, "policy") else {2: least}
-
-    kernels = cuda_batch.batch_kernels(model, attn, matmul)
+    kernels = kernels_of(model, name)
 
     def ctx():
         return kernels(len(ps)) if kernels else contextlib.nullcontext()
@@ -75,6 +81,26 @@ def run_variant(model, name, ps, steps):
         return loop(model, cache, [p[-1] for p in ps], steps, ctx)
     finally:
         C.BatchKVCache.make_mask = orig
+
+
+def agree(model, prompts, sizes, names, steps=48):
+    """How many of ``steps`` greedy batch steps of each variant give base's tokens in every row."""
+    for b in sizes:
+        if b == 1:
+            continue
+        runs = {}
+        for name in ["base"] + [n for n in names if n not in ("base", "nomask")]:
+            caches = prefilled(model, prompts[b])
+            cache = [layer.merge([cs[i] for cs in caches]) for i, layer in enumerate(caches[0])]
+            kernels = kernels_of(model, name)
+            y, out = mx.array([p[-1] for p in prompts[b]]), []
+            for _ in range(steps):
+                with kernels(b) if kernels else contextlib.nullcontext():
+                    y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+                out.append(y.tolist())
+            runs[name] = out
+        print(f"agree B={b}: " + ", ".join(f"{n} {sum(r == g for r, g in zip(runs['base'], o))}/{steps}"
+                                           for n, o in runs.items() if n != "base"), flush=True)
 
 
 def main():
@@ -89,6 +115,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--agree", action="store_true", help="first: greedy tokens of each variant against base")
     a = ap.parse_args()
     names = a.variants.split(",")
     from mlx_lm import load
@@ -97,6 +124,8 @@ def main():
     rng = np.random.default_rng(0)
     sizes = [int(x) for x in a.sizes.split(",")]
     prompts = {b: [[int(x) for x in rng.integers(1, vocab - 2, a.prompt - 7 * i)] for i in range(b)] for b in sizes}
+    if a.agree:
+        agree(model, prompts, sizes, names)
     t = time.perf_counter()
     for b in sizes:  # warm-up: every kernel of every size compiles
         for name in names:
