@@ -33,6 +33,10 @@ SHAPES = {
                        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
                        max_position_embeddings=32768),
 }
+SHAPES["gemma3-1b"] = dict(model_type="gemma3_text", hidden_size=1152, num_hidden_layers=26,  # sliding window
+                           intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                           vocab_size=262144, sliding_window=512, sliding_window_pattern=6,
+                           max_position_embeddings=32768)
 SHAPES["smoke"] = dict(SHAPES["llama-3.2-1b"], hidden_size=128, num_hidden_layers=2, intermediate_size=256,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=4096)
 SMOKE_PLAN = [("smoke", 4, (64, 256)), ("smoke", None, (64,))]

@@ -124,19 +124,22 @@ def _cpu_parts(calls):
     return parts
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
 def test_fused_projections_give_the_model_s_logits(monkeypatch, family):
     """A batched step with q/k/v and gate/up fused (one rows_qmv launch each) gives MLX's logits exactly,
-    on llama and on qwen2 (biased q/k/v); one row and MLX's own QuantizedLinear outside a step."""
+    on llama, qwen2 (biased q/k/v) and Gemma 3 (sliding-window layers, rotating caches past the window);
+    MLX's own QuantizedLinear outside a step."""
     import importlib
 
     import mlx.nn as nn
     from mlx_lm.models import cache as C
 
     arch = importlib.import_module(f"mlx_lm.models.{family}")
+    extra = {"qwen2": {"tie_word_embeddings": False},
+             "gemma3_text": {"head_dim": 64, "sliding_window": 6, "sliding_window_pattern": 2}}.get(family, {})
     args = arch.ModelArgs(model_type=family, hidden_size=256, num_hidden_layers=2, intermediate_size=512,
                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=96,
-                          rope_theta=10000.0, **({"tie_word_embeddings": False} if family == "qwen2" else {}))
+                          rope_theta=10000.0, **extra)
     mx.random.seed(1)
     model = arch.Model(args)
     nn.quantize(model, group_size=64, bits=4)
@@ -155,7 +158,7 @@ def test_fused_projections_give_the_model_s_logits(monkeypatch, family):
         caches = []
         for i in range(3):
             c = C.make_prompt_cache(model)
-            model(mx.array([list(range(1, 4 + 2 * i))]), cache=c)
+            model(mx.array([list(range(1, 4 + 3 * i))]), cache=c)  # 3, 6, 9: past gemma's window
             caches.append(c)
         return [layer.merge([cs[i] for cs in caches]) for i, layer in enumerate(caches[0])]
 
