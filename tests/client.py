@@ -54,7 +54,8 @@ class Worker:
         self.stderr_lines = []
         self.pump = threading.Thread(target=self._pump, daemon=True)
         self.pump.start()
-        threading.Thread(target=self._pump_err, daemon=True).start()
+        self.pump_err = threading.Thread(target=self._pump_err, daemon=True)
+        self.pump_err.start()
         self.backlog = []
         self.ready = self.next_event(timeout=60)
         assert self.ready["type"] == "ready", self.ready
@@ -66,9 +67,10 @@ class Worker:
         self.events.put(None)
 
     def wait_eof(self, timeout=10):
-        """Wait until every line the worker wrote to stdout has been read (it closed stdout)."""
-        self.pump.join(timeout)
-        assert not self.pump.is_alive(), "the worker's stdout is still open"
+        """Wait until every line the worker wrote to stdout and stderr has been read (it closed both)."""
+        for t in (self.pump, self.pump_err):
+            t.join(timeout)
+            assert not t.is_alive(), "the worker's stdout or stderr is still open"
 
     def _pump_err(self):
         for line in self.proc.stderr:
@@ -131,6 +133,8 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for t in (self.pump, self.pump_err):  # what it wrote last is read before the caller looks
+            t.join(10)
 
 
 def rss_kb(pid) -> int:

@@ -145,6 +145,7 @@ def test_restart_resumes_from_disk(llama_dir, tmp_path):
         w.load(llama_dir, cache_dir=str(cache_dir))
         out3, stats, _ = gen(w, "r3", p2)
         assert out3 == ref.generate(llama_dir, p2, 12)
+        w.close()
         assert "ignoring" in "".join(w.stderr_lines)
     finally:
         w.close()

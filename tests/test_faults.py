@@ -366,7 +366,7 @@ def test_fatal_is_the_last_line_even_while_the_host_keeps_sending(faulty_dir):
         threading.Thread(target=spam, daemon=True).start()
         assert w.proc.wait(15) == 70
         stop.set()
-        time.sleep(0.3)
+        w.wait_eof()
         lines = [json.loads(x) for x in w.raw_lines]
         assert lines[-1]["type"] == "fatal", [(e["type"], e["id"]) for e in lines[-4:]]
     finally:

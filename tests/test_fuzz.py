@@ -569,6 +569,7 @@ def run_through_worker(lines_with_outcomes, probe_every=50, timeout=300, args=()
             assert codes[code] >= n, (code, codes[code], n)
         w.close()
         assert w.proc.returncode == 0
+        w.wait_eof()
         seqs = [json.loads(line)["seq"] for line in w.raw_lines]  # every stdout line is JSON
         assert seqs == list(range(1, len(seqs) + 1))
         return {"lines": len(lines_with_outcomes), "probes": len(probes), "events": len(seqs),

@@ -45,6 +45,7 @@ def test_prints_do_not_reach_the_stream(llama_dir, tmp_path):
                             "params": {"max_tokens": 5}})
         assert generated_tokens(events) == ref.generate(llama_dir, ref.text_ids(llama_dir, "hello"), 5)
         w.close()
+        w.wait_eof()
         # every stdout line was a protocol event (the client json-decodes each one)
         assert all(json.loads(line)["type"] for line in w.raw_lines)
         noise = "".join(w.stderr_lines)
