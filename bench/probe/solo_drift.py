@@ -10,7 +10,8 @@ fresh worker with ``max_concurrent: 1`` answers ``--requests`` greedy requests i
 requests); ``graphs`` (``MLX_CUDA_GRAPH_CACHE_SIZE=2000``); ``keepbuf`` (the worker's
 ``mx.clear_cache()`` after each prefill chunk made a no-op, through ``MLX_WORKER_KEEP_BUFFERS=1`` read
 by this probe's sitecustomize); ``samep`` (the same prompt every time, so every request after the first
-reuses the cache).
+reuses the cache); ``pause`` (3 s idle before each request: if each is fast again, it is the host's
+clock after idling, not the worker's state).
 """
 
 import argparse
@@ -18,6 +19,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +31,7 @@ from bench.host import TimedWorker  # noqa: E402
 
 VARIANTS = {"default": ({}, {}), "nocache": ({}, {"cache_max_entries": 0}),
             "graphs": ({"MLX_CUDA_GRAPH_CACHE_SIZE": "2000"}, {}), "keepbuf": ({"MLX_WORKER_KEEP_BUFFERS": "1"}, {}),
-            "samep": ({}, {})}
+            "samep": ({}, {}), "pause": ({}, {})}
 
 _SITE = """
 import os
@@ -49,6 +51,8 @@ def run(path, name, requests, tokens, vocab, plen):
         w.load_model(path, max_concurrent=1, **options)
         out = []
         for r in range(requests):
+            if name == "pause":
+                time.sleep(3)
             tps, rows = streams(w, 1, 1 if name == "samep" else 2 + r, plen, tokens, vocab)
             out.append((tps, rows[0]["generation_tps"]))
         return out
