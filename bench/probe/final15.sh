@@ -6,8 +6,9 @@
 #    fused, 4M+) becomes MLX_WORKER_QMV_LEAST, and MLX_WORKER_FUSE=1 where a fused choice wins at 4 rows,
 #    for 3) bench.gpu_concurrency (both workers interleaved, round by round).
 M=${MODELS:-/tmp/gpu-models}
-python3 -m bench.probe.batch_host --models-dir $M --sizes ${SIZES:-1,2,4,8} --variants ${VARIANTS:-base,both,fused,fusedo} --agree \
+python3 -m bench.probe.batch_host --models-dir $M --shape ${SHAPE:-llama-3.2-1b} --sizes ${SIZES:-1,2,4,8} --variants ${VARIANTS:-base,both,fused,fusedo} --agree \
   --rounds ${HOST_ROUNDS:-3} --steps 64 2>&1 | grep -v transformers | tee $OUT/probe.log
+grep -q "^B=2" $OUT/probe.log || { echo "the lean loop failed"; exit 1; }
 read MLX_WORKER_QMV_LEAST MLX_WORKER_FUSE < <(python3 - $OUT/probe.log <<'PY'
 import re, sys
 best = {}
@@ -23,4 +24,4 @@ PY
 )
 export MLX_WORKER_QMV_LEAST MLX_WORKER_FUSE
 echo "policy from the lean loop: MLX_WORKER_QMV_LEAST=$MLX_WORKER_QMV_LEAST MLX_WORKER_FUSE=$MLX_WORKER_FUSE" | tee -a $OUT/probe.log
-python3 -m bench.gpu_concurrency --models-dir $M --out $OUT --rounds ${ROUNDS:-5} 2>&1 | grep -v transformers | tee $OUT/conc.log | tail -12
+python3 -m bench.gpu_concurrency --models-dir $M --shape ${SHAPE:-llama-3.2-1b} --out $OUT --rounds ${ROUNDS:-5} 2>&1 | grep -v transformers | tee $OUT/conc.log | tail -12
