@@ -48,10 +48,14 @@ def test_quantized_matmuls_the_kernel_does_not_take_are_mlx_s(monkeypatch, rows,
 def test_large_4bit_matrices_of_2_to_8_rows_take_the_kernel(monkeypatch):
     called = []
     monkeypatch.setattr(cuda_batch, "rows_qmv", lambda x, w, s, b, gs: called.append((x.shape, gs)) or "ours")
-    wq, s, b = mx.quantize(mx.random.normal((4096, 2048)), group_size=64, bits=4)
+    wq, s32, b32 = mx.quantize(mx.random.normal((4096, 2048)), group_size=64, bits=4)
+    s, b = s32.astype(mx.float16), b32.astype(mx.float16)
     x = mx.zeros((2, 1, 2048), dtype=mx.float16)
     assert cuda_batch.rows_qmm(x, wq, s, b, transpose=True, group_size=64, bits=4) == "ours"
     assert called == [((2, 1, 2048), 64)]
+    # scales of another dtype than the input's: MLX's (the kernel reads both as one type)
+    assert not isinstance(cuda_batch.rows_qmm(x, wq, s32, b32, transpose=True, group_size=64, bits=4), str)
+    assert len(called) == 1
     monkeypatch.setattr(cuda_batch._active, "least", 1 << 26)  # a step whose policy takes the head only
     assert not isinstance(cuda_batch.rows_qmm(x, wq, s, b, transpose=True, group_size=64, bits=4), str)
     assert len(called) == 1
@@ -189,3 +193,52 @@ def test_a_fused_member_that_sees_another_input_is_computed_alone(monkeypatch):
         got = [layer.q_proj(x), layer.k_proj(other), layer.v_proj(x)]
     assert calls == [3]  # q's launch computed all three; k saw another input, v took its part
     assert all(mx.array_equal(g, r) for g, r in zip(got, ref))
+
+
+def _mlx_style(name, source, header, inputs, outputs, template):
+    """The CUDA source MLX's ``mx.fast.cuda_kernel`` builds (mlx/backend/cuda/custom_kernel.cpp):
+    inputs then outputs as pointers, ``*_shape`` / ``*_strides`` where the source names them, the
+    template arguments as constexpr locals; Shape / Strides stand in for MLX's device utils."""
+    params = []
+    for n, t in inputs:
+        params.append(f"const {t}* {n}")
+        params += [f"const __grid_constant__ Shape {n}_shape"] * (f"{n}_shape" in source)
+        params += [f"const __grid_constant__ Strides {n}_strides"] * (f"{n}_strides" in source)
+    params += [f"{t}* {n}" for n, t in outputs]
+    consts = "".join(f"  using {k} = {v};\n" if isinstance(v, str) else f"  constexpr int {k} = {v};\n"
+                     for k, v in template)
+    return f"{header}\n__global__ void {name}({', '.join(params)}) {{\n{consts}{source}\n}}\n"
+
+
+def test_the_kernel_sources_compile_for_sm90(tmp_path):
+    """Every CUDA source of cuda_batch.py compiles for an H100/H200 (nvcc, where installed): the kernels
+    run only on a GPU, so a typo would otherwise first show there."""
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc")
+    pre = ("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n#include <cuda/std/array>\n"
+           "using Shape = cuda::std::array<int32_t, 8>;\nusing Strides = cuda::std::array<int64_t, 8>;\n")
+    units = [pre + cuda_batch._HEADER]
+    for t in ("__nv_bfloat16", "__half", "float"):
+        units.append(_mlx_style(f"attn_{t}", cuda_batch._SOURCE, "",
+                                [("q", t), ("k", t), ("v", t), ("mask", "bool"), ("scale", "float")],
+                                [("out", t)], [("T", t), ("D", 128), ("BLOCK", cuda_batch.BLOCK)]))
+    for t in ("__nv_bfloat16", "__half"):
+        units.append(_mlx_style(f"qmv_{t}", cuda_batch._QMV_SOURCE, "",
+                                [("x", t), ("w", "uint32_t"), ("scales", t), ("biases", t)], [("out", t)],
+                                [("T", t), ("M", 4), ("K", 2048), ("GS", 64), ("BLOCK", cuda_batch.BLOCK)]))
+        for parts in (2, 3):
+            ins = [("x", t)] + [(f"{a}{p}", "uint32_t" if a == "w" else t)
+                                for p in range(parts) for a in ("w", "scales", "biases")]
+            units.append(_mlx_style(f"parts{parts}_{t}", cuda_batch._parts_source(parts), "", ins,
+                                    [(f"out{p}", t) for p in range(parts)],
+                                    [("T", t), ("M", 8), ("K", 2048), ("GS", 64), ("BLOCK", cuda_batch.BLOCK)]
+                                    + [(f"N{p}", 512 * (p + 1)) for p in range(parts)]))
+    src = tmp_path / "kernels.cu"
+    src.write_text("\n".join(units))
+    out = subprocess.run([nvcc, "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "k.o")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]

@@ -254,7 +254,7 @@ def rows_qmm(x, w, scales, biases=None, transpose=True, group_size=64, bits=4, m
     if (x.ndim == 3 and x.shape[1] == 1 and 2 <= x.shape[0] <= 8 and w.ndim == 2
             and w.shape[0] * x.shape[-1] >= _active.least and bits == 4 and transpose
             and mode == "affine" and biases is not None and not kw and x.dtype in (mx.bfloat16, mx.float16)
-            and x.shape[-1] % 256 == 0 and group_size in (32, 64, 128)):
+            and x.shape[-1] % 256 == 0 and group_size in (32, 64, 128) and scales.dtype == x.dtype):
         return rows_qmv(x, w, scales, biases, group_size)
     return _QMM(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits, mode=mode, **kw)
 
@@ -280,7 +280,7 @@ def fused_groups(model) -> dict:
         for names in FUSED:
             mods = tuple(module.get(n) for n in names)
             if not all(isinstance(m, nn.QuantizedLinear) and m.bits == 4 and m.mode == "affine"
-                       and "biases" in m and m.group_size == mods[0].group_size
+                       and "biases" in m and m.group_size == mods[0].group_size in (32, 64, 128)
                        and m["weight"].shape[1] == mods[0]["weight"].shape[1] for m in mods):
                 continue
             mats = [(m["weight"], m["scales"], m["biases"]) for m in mods]
@@ -294,7 +294,7 @@ def _linear(self, x):
     one launch; the others take their output if they see the same input (else MLX computes them)."""
     g = _active.groups.get(id(self))
     if (g is None or x.ndim != 3 or x.shape[1] != 1 or not 2 <= x.shape[0] <= 8
-            or x.dtype not in (mx.bfloat16, mx.float16) or x.shape[-1] % 256):
+            or x.dtype not in (mx.bfloat16, mx.float16) or x.shape[-1] % 256 or g[2][0][1].dtype != x.dtype):
         return _LINEAR(self, x)
     mods, i, mats = g
     if i == 0:
