@@ -174,6 +174,11 @@ def test_fused_projections_give_the_model_s_logits(monkeypatch, family):
     assert calls == [3, 2] * 2, calls  # per layer; down and head are below the policy's size: MLX's
     assert mx.array_equal(got, ref)
     assert nn.QuantizedLinear.__call__ is cuda_batch._LINEAR and cuda_batch._active.groups == {}
+    with pytest.raises(RuntimeError):
+        with kernels(3):
+            assert nn.QuantizedLinear.__call__ is cuda_batch._linear
+            raise RuntimeError("step failed")
+    assert nn.QuantizedLinear.__call__ is cuda_batch._LINEAR and cuda_batch._active.stash is None
 
 
 def test_a_fused_member_that_sees_another_input_is_computed_alone(monkeypatch):

@@ -308,6 +308,8 @@ def _linear(self, x):
         if i == len(mods) - 1:
             _active.stash = None
     return outs[i] + self["bias"] if "bias" in self else outs[i]
+
+
 _installed: set = set()
 
 
@@ -370,5 +372,6 @@ def _step(attention, least, groups):
     finally:
         _active.on = False
         mx.quantized_matmul = _QMM
-        nn.QuantizedLinear.__call__ = _LINEAR
-        _active.groups, _active.stash = {}, None
+        if groups:
+            nn.QuantizedLinear.__call__ = _LINEAR
+            _active.groups, _active.stash = {}, None
