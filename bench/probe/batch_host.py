@@ -83,6 +83,23 @@ def run_variant(model, name, ps, steps):
         C.BatchKVCache.make_mask = orig
 
 
+def check_parts():
+    """rows_qmv_parts against MLX's quantized_matmul on random 4-bit matrices (q/k/v and gate/up shapes)."""
+    for ns, K in (((2048, 512, 512), 2048), ((8192, 8192), 2048), ((4096, 1024, 1024), 4096)):
+        mats = []
+        for i, n in enumerate(ns):
+            w, s, b = mx.quantize(mx.random.normal((n, K), key=mx.random.key(i)), group_size=64, bits=4)
+            mats.append((w, s.astype(mx.bfloat16), b.astype(mx.bfloat16)))
+        for M in (2, 4, 8):
+            x = mx.random.normal((M, 1, K), key=mx.random.key(9)).astype(mx.bfloat16)
+            got = cuda_batch.rows_qmv_parts(x, mats, 64)
+            errs = []
+            for (w, s, b), g in zip(mats, got):
+                ref = cuda_batch._QMM(x, w, s, b, transpose=True, group_size=64, bits=4).astype(mx.float32)
+                errs.append((mx.abs(g.astype(mx.float32) - ref).max() / mx.abs(ref).max()).item())
+            print(f"parts {ns} K={K} M={M}: max rel err " + ", ".join(f"{e:.1e}" for e in errs), flush=True)
+
+
 def agree(model, prompts, sizes, names, steps=48):
     """How many of ``steps`` greedy batch steps of each variant give base's tokens in every row."""
     for b in sizes:
@@ -125,6 +142,8 @@ def main():
     sizes = [int(x) for x in a.sizes.split(",")]
     prompts = {b: [[int(x) for x in rng.integers(1, vocab - 2, a.prompt - 7 * i)] for i in range(b)] for b in sizes}
     if a.agree:
+        if cuda_batch.available():
+            check_parts()
         agree(model, prompts, sizes, names)
     t = time.perf_counter()
     for b in sizes:  # warm-up: every kernel of every size compiles
