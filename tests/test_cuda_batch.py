@@ -1,5 +1,6 @@
-"""worker/cuda_batch.py off CUDA: when its kernels apply, and that the model is untouched where they do not.
-(The kernels themselves run only on CUDA: bench/probe/batch_kernels.py checks them against MLX there.)"""
+"""worker/cuda_batch.py off CUDA: when its kernels apply, that the model is untouched where they do not, and
+the kernels' own arithmetic: their CUDA sources compile for sm_90 (nvcc) and, run by tests/cuda_emulator.py
+on the CPU, compute what MLX computes. On a GPU bench/probe/batch_host.py --agree checks them there."""
 
 import mlx.core as mx
 import pytest
@@ -247,3 +248,88 @@ def test_the_kernel_sources_compile_for_sm90(tmp_path):
     out = subprocess.run([nvcc, "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "k.o")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- the kernels' arithmetic, on the CPU
+
+def _emulator():
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ for the CUDA emulator")
+    from tests import cuda_emulator
+    return cuda_emulator
+
+
+def _close(got, ref, tol):
+    got, ref = got.astype(mx.float32), ref.astype(mx.float32)
+    err = (mx.abs(got - ref).max() / mx.abs(ref).max()).item()
+    assert err < tol, err
+
+
+def _quantized(n, k, dtype, seed):
+    w, s, b = mx.quantize(mx.random.normal((n, k), key=mx.random.key(seed)), group_size=64, bits=4)
+    return w, s.astype(dtype), b.astype(dtype)
+
+
+def _qmv_ref(x, w, s, b):
+    """MLX's float32 x @ dequantized(w).T, the reference the kernels' fp32 accumulation is held to."""
+    deq = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=64, bits=4)
+    return x.astype(mx.float32) @ deq.T
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_rows_qmv_computes_the_quantized_matmul(dtype):
+    """rows_qmv's source, run by the CPU emulator: 3 rows of a 4-bit matrix (N not a multiple of a block's
+    8 warps: the last warps have no row)."""
+    emu = _emulator()
+
+    M, K, N = 3, 512, 100
+    w, s, b = _quantized(N, K, dtype, 0)
+    x = mx.random.normal((M, 1, K), key=mx.random.key(1)).astype(dtype)
+    (out,) = emu.run(cuda_batch._QMV_SOURCE, "", [("x", x), ("w", w), ("scales", s), ("biases", b)],
+                     [("out", (M, 1, N), dtype)],
+                     [("T", dtype), ("M", M), ("K", K), ("GS", 64), ("BLOCK", cuda_batch.BLOCK)],
+                     grid=(-(-N // 8) * cuda_batch.BLOCK,), threadgroup=(cuda_batch.BLOCK,))
+    _close(out, _qmv_ref(x, w, s, b), 1e-2)
+
+
+@pytest.mark.parametrize("ns", [(96, 32, 32), (72, 72)])
+def test_rows_qmv_parts_computes_each_matrix(ns):
+    """rows_qmv_parts' source (q/k/v and gate/up shapes): every output of every matrix, none mixed up."""
+    emu = _emulator()
+
+    M, K, dtype = 4, 256, mx.bfloat16
+    mats = [_quantized(n, K, dtype, i) for i, n in enumerate(ns)]
+    x = mx.random.normal((M, 1, K), key=mx.random.key(7)).astype(dtype)
+    ins = [("x", x)] + [(f"{a}{p}", t) for p, m in enumerate(mats) for a, t in zip(("w", "scales", "biases"), m)]
+    outs = emu.run(cuda_batch._parts_source(len(ns)), "", ins,
+                   [(f"out{p}", (M, 1, n), dtype) for p, n in enumerate(ns)],
+                   [("T", dtype), ("M", M), ("K", K), ("GS", 64), ("BLOCK", cuda_batch.BLOCK)]
+                   + [(f"N{p}", n) for p, n in enumerate(ns)],
+                   grid=(-(-sum(ns) // 8) * cuda_batch.BLOCK,), threadgroup=(cuda_batch.BLOCK,))
+    for got, m in zip(outs, mats):
+        _close(got, _qmv_ref(x, *m), 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_decode_attention_is_masked_sdpa(dtype):
+    """decode_attention's source: left-padded rows (one fully padded but its last key), GQA, keys and
+    values read as strided views of larger cache buffers, against MLX's SDPA with the same mask."""
+    emu = _emulator()
+
+    B, Hq, Hk, L, cap, D = 3, 4, 2, 40, 64, 64
+    q = mx.random.normal((B, Hq, 1, D), key=mx.random.key(0)).astype(dtype)
+    kbuf, vbuf = (mx.random.normal((B, Hk, cap, D), key=mx.random.key(i)).astype(dtype) for i in (1, 2))
+    pad = mx.array([0, 5, L - 1])
+    mask = (mx.arange(L)[None] >= pad[:, None])[:, None, None, :]
+    scale = D ** -0.5
+    ref = mx.fast.scaled_dot_product_attention(q, kbuf[..., :L, :], vbuf[..., :L, :], scale=scale, mask=mask)
+    view = (Hk * cap * D, cap * D, D, 1)  # [..., :L, :] of the buffers: their strides, L keys
+    (out,) = emu.run(cuda_batch._SOURCE, cuda_batch._HEADER,
+                     [("q", q), ("k", kbuf), ("v", vbuf), ("mask", mask), ("scale", mx.array([scale]))],
+                     [("out", (B, Hq, 1, D), dtype)],
+                     [("T", dtype), ("D", D), ("BLOCK", cuda_batch.BLOCK)],
+                     grid=(B * Hq * cuda_batch.BLOCK,), threadgroup=(cuda_batch.BLOCK,),
+                     strides={"k": view, "v": view}, shapes={"k": (B, Hk, L, D), "v": (B, Hk, L, D)})
+    _close(out, ref, 2e-2 if dtype == mx.bfloat16 else 1e-5)

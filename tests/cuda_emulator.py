@@ -1,0 +1,139 @@
+"""Run a CUDA kernel source of worker/cuda_batch.py on the CPU, for its tests: the body, wrapped as
+``mx.fast.cuda_kernel`` wraps it, is compiled by g++ as host C++ and run with one std::thread per CUDA
+thread, blocks one after another; ``__shfl_xor_sync`` and ``__syncthreads`` are barriers of the warp and
+of the block. It checks the kernels' arithmetic and indexing, not the GPU's memory model or speed.
+"""
+
+import ctypes
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+PRELUDE = r"""
+#include <algorithm>
+#include <array>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+struct dim3_ { unsigned x = 0, y = 0, z = 0; };
+thread_local dim3_ threadIdx, blockIdx;
+struct uint4 { uint32_t x, y, z, w; };
+struct bf16 {
+  uint16_t v;
+  bf16() = default;
+  bf16(float f) { uint32_t u; std::memcpy(&u, &f, 4); u += 0x7fff + ((u >> 16) & 1); v = uint16_t(u >> 16); }
+  operator float() const { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+};
+using __nv_bfloat16 = bf16;
+using __half = _Float16;
+using Shape = std::array<int32_t, 8>;
+using Strides = std::array<int64_t, 8>;
+static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+#define __expf(x) std::exp(x)  // glibc declares an __expf it does not export
+struct Warp { std::barrier<> bar{32}; float vals[32]; };
+thread_local Warp* warp_ = nullptr;
+thread_local std::barrier<>* block_ = nullptr;
+static inline float __shfl_xor_sync(unsigned, float v, int o) {
+  const int lane = threadIdx.x % 32;
+  warp_->vals[lane] = v;
+  warp_->bar.arrive_and_wait();
+  const float r = warp_->vals[lane ^ o];
+  warp_->bar.arrive_and_wait();
+  return r;
+}
+static inline void __syncthreads() { block_->arrive_and_wait(); }
+#define __shared__ static
+"""
+
+CTYPE = {mx.bfloat16: "bf16", mx.float16: "__half", mx.float32: "float", mx.uint32: "uint32_t", mx.bool_: "bool"}
+
+
+def _numpy(a: mx.array) -> np.ndarray:
+    if a.dtype == mx.bfloat16:
+        return np.array(a.view(mx.uint16))
+    return np.array(a)
+
+
+def run(source, header, inputs, outputs, template, grid, threadgroup, strides=None, shapes=None):
+    """``inputs``: [(name, mx.array)]; ``outputs``: [(name, shape, dtype)]; ``template``: [(name, int or
+    dtype)]; ``grid``: total threads (as cuda_kernel's); ``shapes`` / ``strides``: {name: shape / element
+    strides} where an input is read as a view of its buffer (default: the array's shape, row-contiguous).
+    Returns the outputs as mx arrays."""
+    params, casts, keep, argv = [], [], [], []
+    for name, a in inputs:
+        t = CTYPE[a.dtype]
+        params.append(f"const {t}* {name}")
+        casts.append(f"(const {t}*)a[{len(argv)}]")
+        buf = _numpy(a)
+        keep.append(buf)
+        argv.append(buf.ctypes.data)
+        views = (("shape", "Shape", (shapes or {}).get(name) or a.shape),
+                 ("strides", "Strides", (strides or {}).get(name) or _contig(a.shape)))
+        for kind, ctype, values in views:
+            if f"{name}_{kind}" in source:
+                arr = np.zeros(8, dtype=np.int32 if kind == "shape" else np.int64)
+                arr[:len(values)] = values
+                keep.append(arr)
+                params.append(f"const {ctype} {name}_{kind}")
+                casts.append(f"*(const {ctype}*)a[{len(argv)}]")
+                argv.append(arr.ctypes.data)
+    outs = []
+    for name, shape, dtype in outputs:
+        buf = np.zeros(shape, dtype=np.uint16 if dtype == mx.bfloat16 else _numpy(mx.zeros(1, dtype)).dtype)
+        outs.append((buf, dtype))
+        params.append(f"{CTYPE[dtype]}* {name}")
+        casts.append(f"({CTYPE[dtype]}*)a[{len(argv)}]")
+        argv.append(buf.ctypes.data)
+    consts = "".join(f"  using {k} = {CTYPE[v]};\n" if isinstance(v, mx.Dtype) else f"  constexpr int {k} = {v};\n"
+                     for k, v in template)
+    code = (PRELUDE + header + f"\nstatic void kernel({', '.join(params)}) {{\n{consts}{source}\n}}\n"
+            + 'extern "C" void launch(void** a, int blocks, int threads) {\n'
+            + "  for (int b = 0; b < blocks; ++b) {\n"
+            + "    std::barrier<> bar(threads);\n"
+            + "    std::vector<std::unique_ptr<Warp>> warps;\n"
+            + "    for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Warp>());\n"
+            + "    std::vector<std::thread> ts;\n"
+            + "    for (int t = 0; t < threads; ++t) ts.emplace_back([&, t] {\n"
+            + "      threadIdx.x = t; blockIdx.x = b; warp_ = warps[t / 32].get(); block_ = &bar;\n"
+            + f"      kernel({', '.join(casts)});\n"
+            + "    });\n"
+            + "    for (auto& t : ts) t.join();\n"
+            + "  }\n}\n")
+    lib = _build(code)
+    arr = (ctypes.c_void_p * len(argv))(*argv)
+    lib.launch(arr, -(-grid[0] // threadgroup[0]), threadgroup[0])
+    return [mx.array(buf).view(mx.bfloat16) if dt == mx.bfloat16 else mx.array(buf) for buf, dt in outs]
+
+
+def _contig(shape):
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return tuple(reversed(out))
+
+
+_built: dict = {}
+
+
+def _build(code: str):
+    key = hashlib.sha1(code.encode()).hexdigest()[:16]
+    if key not in _built:
+        d = Path(f"/tmp/cuda_emulator_{key}")
+        d.mkdir(exist_ok=True)
+        (d / "k.cpp").write_text(code)
+        out = subprocess.run([shutil.which("g++") or "g++", "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread",
+                              "-o", str(d / "k.so"), str(d / "k.cpp")], capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"g++ failed on {d / 'k.cpp'}:\n{out.stderr[-3000:]}")
+        _built[key] = ctypes.CDLL(str(d / "k.so"))
+        _built[key].launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    return _built[key]
