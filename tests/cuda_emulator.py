@@ -1,6 +1,6 @@
 """Run a CUDA kernel source of worker/cuda_batch.py on the CPU, for its tests: the body, wrapped as
 ``mx.fast.cuda_kernel`` wraps it, is compiled by g++ as host C++ and run with one std::thread per CUDA
-thread, blocks one after another; ``__shfl_xor_sync`` and ``__syncthreads`` are barriers of the warp and
+thread of a block, the blocks one after another; ``__shfl_xor_sync`` and ``__syncthreads`` are barriers of the warp and
 of the block. It checks the kernels' arithmetic and indexing, not the GPU's memory model or speed.
 """
 
@@ -16,13 +16,12 @@ import numpy as np
 PRELUDE = r"""
 #include <algorithm>
 #include <array>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
+#include <ucontext.h>
 struct dim3_ { unsigned x = 0, y = 0, z = 0; };
 thread_local dim3_ threadIdx, blockIdx;
 struct uint4 { uint32_t x, y, z, w; };
@@ -38,18 +37,25 @@ using Shape = std::array<int32_t, 8>;
 using Strides = std::array<int64_t, 8>;
 static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 #define __expf(x) std::exp(x)  // glibc declares an __expf it does not export
-struct Warp { std::barrier<> bar{32}; float vals[32]; };
-thread_local Warp* warp_ = nullptr;
-thread_local std::barrier<>* block_ = nullptr;
+// Every CUDA thread of a block is a coroutine of one host thread, resumed in turn ("a round"); each
+// yields at a sync point. A shuffle posts its value, yields, reads its partner's, yields: the lanes of a
+// warp stay in step, so every lane has posted (and read) before any goes on. __syncthreads waits until
+// every live thread of the block waits, then all go on in the same round.
+struct Co { ucontext_t ctx; bool done = false, waiting = false; };
+static ucontext_t sched_;
+static std::vector<Co>* cos_;
+static int cur_;
+static float vals_[1024];
+static inline void yield_() { swapcontext(&(*cos_)[cur_].ctx, &sched_); }
 static inline float __shfl_xor_sync(unsigned, float v, int o) {
-  const int lane = threadIdx.x % 32;
-  warp_->vals[lane] = v;
-  warp_->bar.arrive_and_wait();
-  const float r = warp_->vals[lane ^ o];
-  warp_->bar.arrive_and_wait();
+  const int t = threadIdx.x;
+  vals_[t] = v;
+  yield_();
+  const float r = vals_[(t & ~31) | ((t & 31) ^ o)];
+  yield_();
   return r;
 }
-static inline void __syncthreads() { block_->arrive_and_wait(); }
+static inline void __syncthreads() { (*cos_)[cur_].waiting = true; yield_(); }
 #define __shared__ static
 """
 
@@ -95,17 +101,35 @@ def run(source, header, inputs, outputs, template, grid, threadgroup, strides=No
     consts = "".join(f"  using {k} = {CTYPE[v]};\n" if isinstance(v, mx.Dtype) else f"  constexpr int {k} = {v};\n"
                      for k, v in template)
     code = (PRELUDE + header + f"\nstatic void kernel({', '.join(params)}) {{\n{consts}{source}\n}}\n"
+            + "static void** args_;\n"
+            + f"static void entry() {{ void** a = args_; kernel({', '.join(casts)}); (*cos_)[cur_].done = true; }}\n"
             + 'extern "C" void launch(void** a, int blocks, int threads) {\n'
+            + "  std::vector<Co> cos(threads);\n"
+            + "  std::vector<std::vector<char>> stacks(threads, std::vector<char>(1 << 16));\n"
+            + "  cos_ = &cos;\n"
             + "  for (int b = 0; b < blocks; ++b) {\n"
-            + "    std::barrier<> bar(threads);\n"
-            + "    std::vector<std::unique_ptr<Warp>> warps;\n"
-            + "    for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Warp>());\n"
-            + "    std::vector<std::thread> ts;\n"
-            + "    for (int t = 0; t < threads; ++t) ts.emplace_back([&, t] {\n"
-            + "      threadIdx.x = t; blockIdx.x = b; warp_ = warps[t / 32].get(); block_ = &bar;\n"
-            + f"      kernel({', '.join(casts)});\n"
-            + "    });\n"
-            + "    for (auto& t : ts) t.join();\n"
+            + "    blockIdx.x = b;\n"
+            + "    for (int t = 0; t < threads; ++t) {\n"
+            + "      cos[t] = Co{};\n"
+            + "      getcontext(&cos[t].ctx);\n"
+            + "      cos[t].ctx.uc_stack.ss_sp = stacks[t].data();\n"
+            + "      cos[t].ctx.uc_stack.ss_size = stacks[t].size();\n"
+            + "      cos[t].ctx.uc_link = &sched_;\n"
+            + "      makecontext(&cos[t].ctx, (void (*)())entry, 0);\n"
+            + "    }\n"
+            + "    args_ = a;\n"
+            + "    for (bool live = true; live;) {\n"
+            + "      live = false;\n"
+            + "      bool all_wait = true;\n"
+            + "      for (int t = 0; t < threads; ++t) {\n"
+            + "        if (cos[t].done || cos[t].waiting) { all_wait &= cos[t].done || cos[t].waiting; live |= !cos[t].done; continue; }\n"
+            + "        cur_ = t; threadIdx.x = t;\n"
+            + "        swapcontext(&sched_, &cos[t].ctx);\n"
+            + "        live |= !cos[t].done;\n"
+            + "        all_wait &= cos[t].done || cos[t].waiting;\n"
+            + "      }\n"
+            + "      if (all_wait) for (auto& c : cos) c.waiting = false;\n"
+            + "    }\n"
             + "  }\n}\n")
     lib = _build(code)
     arr = (ctypes.c_void_p * len(argv))(*argv)
@@ -137,3 +161,12 @@ def _build(code: str):
         _built[key] = ctypes.CDLL(str(d / "k.so"))
         _built[key].launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     return _built[key]
+
+
+def cuda_kernel(name, input_names, output_names, source, header="", ensure_row_contiguous=True,
+                atomic_outputs=False):
+    """A stand-in for ``mx.fast.cuda_kernel`` whose kernels run here (inputs are evaluated first)."""
+    def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
+        return run(source, header, list(zip(input_names, inputs)),
+                   list(zip(output_names, output_shapes, output_dtypes)), template, grid, threadgroup)
+    return call

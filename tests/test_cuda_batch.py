@@ -129,15 +129,14 @@ def _cpu_parts(calls):
     return parts
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
-def test_fused_projections_give_the_model_s_logits(monkeypatch, family):
-    """A batched step with q/k/v and gate/up fused (one rows_qmv launch each) gives MLX's logits exactly,
-    on llama, qwen2 (biased q/k/v) and Gemma 3 (sliding-window layers, rotating caches past the window);
-    MLX's own QuantizedLinear outside a step."""
+FAMILIES = ["llama", "qwen2", "gemma3_text"]
+
+
+def _tiny(family, dtype=mx.float16):
+    """A 2-layer 4-bit model of ``family`` (Gemma 3: a 6-token window on every other layer)."""
     import importlib
 
     import mlx.nn as nn
-    from mlx_lm.models import cache as C
 
     arch = importlib.import_module(f"mlx_lm.models.{family}")
     extra = {"qwen2": {"tie_word_embeddings": False},
@@ -148,7 +147,30 @@ def test_fused_projections_give_the_model_s_logits(monkeypatch, family):
     mx.random.seed(1)
     model = arch.Model(args)
     nn.quantize(model, group_size=64, bits=4)
-    model.set_dtype(mx.float16)
+    model.set_dtype(dtype)
+    return arch, model
+
+
+def _batch(model):
+    """Three prefilled sequences (3, 6 and 9 tokens: past Gemma's window) merged into batch caches."""
+    from mlx_lm.models import cache as C
+
+    caches = []
+    for i in range(3):
+        c = C.make_prompt_cache(model)
+        model(mx.array([list(range(1, 4 + 3 * i))]), cache=c)
+        caches.append(c)
+    return [layer.merge([cs[i] for cs in caches]) for i, layer in enumerate(caches[0])]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_projections_give_the_model_s_logits(monkeypatch, family):
+    """A batched step with q/k/v and gate/up fused (one rows_qmv launch each) gives MLX's logits exactly,
+    on llama, qwen2 (biased q/k/v) and Gemma 3 (sliding-window layers, rotating caches past the window);
+    MLX's own QuantizedLinear outside a step."""
+    import mlx.nn as nn
+
+    _, model = _tiny(family)
     monkeypatch.setattr(cuda_batch, "available", lambda: True)
     calls = []
     monkeypatch.setattr(cuda_batch, "rows_qmv_parts", _cpu_parts(calls))
@@ -160,12 +182,7 @@ def test_fused_projections_give_the_model_s_logits(monkeypatch, family):
     assert len(groups) == 2 * 5  # per layer: q, k, v and gate, up
 
     def batch():
-        caches = []
-        for i in range(3):
-            c = C.make_prompt_cache(model)
-            model(mx.array([list(range(1, 4 + 3 * i))]), cache=c)  # 3, 6, 9: past gemma's window
-            caches.append(c)
-        return [layer.merge([cs[i] for cs in caches]) for i, layer in enumerate(caches[0])]
+        return _batch(model)
 
     y = mx.array([[5], [6], [7]])
     ref = model(y, cache=batch())
@@ -333,3 +350,33 @@ def test_decode_attention_is_masked_sdpa(dtype):
                      grid=(B * Hq * cuda_batch.BLOCK,), threadgroup=(cuda_batch.BLOCK,),
                      strides={"k": view, "v": view}, shapes={"k": (B, Hk, L, D), "v": (B, Hk, L, D)})
     _close(out, ref, 2e-2 if dtype == mx.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_batched_step_through_the_kernels_gives_mlx_s_logits(monkeypatch, family, fuse):
+    """The whole CUDA path of a batched step (attention wrapper, rows_qmv for every matrix, the fused
+    groups), its kernels run by the CPU emulator: MLX's logits and greedy tokens, on llama, qwen2 and
+    Gemma 3's rotating layers."""
+    from mlx_lm.models import base
+
+    emu = _emulator()
+    arch, model = _tiny(family)
+    y = mx.array([[5], [6], [7]])
+    ref = model(y, cache=_batch(model))
+    monkeypatch.setattr(cuda_batch, "available", lambda: True)
+    monkeypatch.setattr(mx.fast, "cuda_kernel", emu.cuda_kernel)
+    for name, empty in (("_kernel", None), ("_qmv", None), ("_parts", {}), ("_attn_args", {}),
+                        ("_qmv_args", {}), ("_parts_args", {}), ("_installed", set())):
+        monkeypatch.setattr(cuda_batch, name, empty)
+    monkeypatch.setattr(cuda_batch, "QMV_LEAST", {2: 0})  # every matrix, however small
+    monkeypatch.setattr(arch, "scaled_dot_product_attention", base.scaled_dot_product_attention)
+    launched = []
+    attention = cuda_batch.decode_attention
+    monkeypatch.setattr(cuda_batch, "decode_attention", lambda *a: launched.append(1) or attention(*a))
+    with cuda_batch.batch_kernels(model, fuse=fuse)(3):
+        got = model(y, cache=_batch(model))
+    assert len(launched) == 2  # every layer's attention went through the kernel
+    assert (cuda_batch._parts_args != {}) == fuse and cuda_batch._qmv_args
+    _close(got, ref, 1e-2)
+    assert mx.array_equal(mx.argmax(got, axis=-1), mx.argmax(ref, axis=-1))
