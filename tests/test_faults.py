@@ -194,6 +194,36 @@ def test_event_queue_is_bounded_in_process():
     assert [json.loads(x)["seq"] for x in total.splitlines()] == list(range(1, 10 * EVENT_QUEUE_SIZE + 1))
 
 
+def test_flush_waits_for_the_fatal_line_to_be_written(monkeypatch):
+    """The exit path's flush returns only once the last batch (errors, then `fatal`) is on the pipe, even
+    when it is called while that batch is being written (CI saw a worker exit 70 with neither)."""
+    from worker import writer as W
+    from worker.protocol import Error, Fatal
+
+    slow_write = os.write
+
+    def write(fd, data):
+        time.sleep(0.5)  # a writer thread the machine schedules late
+        return slow_write(fd, data)
+
+    monkeypatch.setattr(W.os, "write", write)
+    r, wfd = os.pipe()
+    writer = W.Writer(wfd, on_broken=lambda: None)
+    writer.start()
+    for rid in ("a", "b"):
+        writer.put(Error(id=rid, code="internal", number=-32603, message="the worker must exit"))
+    writer.put(Fatal(id=None, reason="the engine thread died"))
+    deadline = time.monotonic() + 5
+    while not writer.closed and time.monotonic() < deadline:  # the batch is encoded, not yet written
+        time.sleep(0.01)
+    assert writer.closed
+    writer.flush(5.0)
+    os.close(wfd)
+    with os.fdopen(r, "rb") as rf:
+        lines = [json.loads(x) for x in rf.read().splitlines()]
+    assert [(e["type"], e["id"]) for e in lines] == [("error", "a"), ("error", "b"), ("fatal", None)]
+
+
 # ---------------------------------------------------------------- signals
 
 def test_sigint_exits_cleanly(worker, llama_dir):

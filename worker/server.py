@@ -25,6 +25,7 @@ MAX_QUEUE = 256
 # stdin closing / SIGTERM: how long the running request may take to reach its next cancel check (the end
 # of a prefill chunk or a decode step) before the worker answers it itself and exits (PROTOCOL.md).
 EXIT_GRACE_S = 2.0
+FLUSH_S = 10.0  # at exit, for the last events to reach a host that reads slowly (or stopped reading)
 SHUTDOWN_GRACE_S = 60.0
 # Running requests of these types stop at their next cancel check; the others finish (they are short).
 CANCELLABLE_RUNNING = (Generate, Load, LoadDraft)
@@ -107,7 +108,7 @@ class Server:
                     job.emitting.release()
         if self.shutdown_job is not None:
             self.emit(Done(id=self.shutdown_job.req.id, request="shutdown"))
-        self.writer.flush(0.5)
+        self.writer.flush(FLUSH_S)
         return self.exit_code
 
     def _cancel_all(self) -> None:

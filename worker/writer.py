@@ -29,7 +29,8 @@ class Writer(threading.Thread):
         self.enc = msgspec.json.Encoder()
         self.pending = 0  # events put but not yet written
         self.cv = threading.Condition()
-        self.closed = False  # after `fatal` or a broken pipe
+        self.closed = False  # after `fatal` or a broken pipe: nothing more is written
+        self.broken = False  # stdout is gone: nothing can be written
 
     def put(self, event) -> None:
         with self.cv:
@@ -37,9 +38,11 @@ class Writer(threading.Thread):
         self.q.put(event)
 
     def flush(self, timeout: float) -> None:
-        """Wait until every event put so far has been written (or the timeout passes)."""
+        """Wait until every event put so far has been written or dropped (after `fatal`), until stdout
+        breaks, or until the timeout passes (a host that stopped reading). ``closed`` alone is not
+        enough: it is set when `fatal` is encoded, before its batch is written."""
         with self.cv:
-            self.cv.wait_for(lambda: self.pending == 0 or self.closed, timeout)
+            self.cv.wait_for(lambda: self.pending == 0 or self.broken, timeout)
 
     def run(self) -> None:
         buf = bytearray()
@@ -63,7 +66,7 @@ class Writer(threading.Thread):
                         while done < len(view):
                             done += os.write(self.fd, view[done:])
                 except OSError:
-                    self.closed = True
+                    self.closed = self.broken = True
                     self.on_broken()
             with self.cv:
                 self.pending -= len(batch)
