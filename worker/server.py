@@ -243,6 +243,10 @@ class Server:
                 self.queue.clear()
                 self.shutdown_job = None
             for job in lost:
+                with job.emitting:  # answered once: the exit path skips what is answered here
+                    if job.answered:
+                        continue
+                    job.answered = True
                 self.emit(Error(id=job.req.id, code="internal", number=-32603,
                                 message=f"the worker must exit: {reason}"))
             self.emit(Fatal(id=None, reason=reason))
