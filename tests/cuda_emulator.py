@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -149,17 +150,21 @@ _built: dict = {}
 
 
 def _build(code: str):
-    key = hashlib.sha1(code.encode()).hexdigest()[:16]
+    """The compiled kernel (once per source in this process), from a private folder removed after loading."""
+    key = hashlib.sha1(code.encode()).hexdigest()
     if key not in _built:
-        d = Path(f"/tmp/cuda_emulator_{key}")
-        d.mkdir(exist_ok=True)
-        (d / "k.cpp").write_text(code)
-        out = subprocess.run([shutil.which("g++") or "g++", "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread",
-                              "-o", str(d / "k.so"), str(d / "k.cpp")], capture_output=True, text=True)
-        if out.returncode:
-            raise RuntimeError(f"g++ failed on {d / 'k.cpp'}:\n{out.stderr[-3000:]}")
-        _built[key] = ctypes.CDLL(str(d / "k.so"))
-        _built[key].launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        d = Path(tempfile.mkdtemp(prefix="cuda_emulator_"))
+        try:
+            (d / "k.cpp").write_text(code)
+            out = subprocess.run([shutil.which("g++") or "g++", "-O1", "-std=c++20", "-shared", "-fPIC",
+                                  "-o", str(d / "k.so"), str(d / "k.cpp")], capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"g++ failed:\n{out.stderr[-3000:]}")
+            lib = ctypes.CDLL(str(d / "k.so"))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        lib.launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        _built[key] = lib
     return _built[key]
 
 
