@@ -5,7 +5,7 @@ on the CPU, compute what MLX computes. On a GPU bench/probe/batch_host.py --agre
 import mlx.core as mx
 import pytest
 
-from worker import cuda_batch
+from worker import cuda_batch, cuda_kernels
 
 
 def _qkv(B=3, Hq=4, Hk=2, L=10, D=64):
@@ -31,35 +31,24 @@ def test_attention_kernel_takes_one_token_rows_with_a_boolean_mask():
     assert not cuda_batch.fits(q, k, mx.ones((3, 1, 1, 9), dtype=mx.bool_))  # mask length differs
 
 
-@pytest.mark.parametrize("rows,bits,n,dtype", [(8, 8, 4096, mx.float16), (1, 4, 4096, mx.float16),
-                                               (8, 4, 256, mx.float16), (8, 4, 4096, mx.float32),
-                                               (9, 4, 4096, mx.float16)])
-def test_quantized_matmuls_the_kernel_does_not_take_are_mlx_s(monkeypatch, rows, bits, n, dtype):
-    """8-bit, one row, small matrices, fp32 and more than 8 rows go to MLX unchanged."""
-    called = []
-    monkeypatch.setattr(cuda_batch, "rows_qmv", lambda *a, **k: called.append(a))
-    w = mx.random.normal((n, 2048), key=mx.random.key(0))
-    wq, s, b = mx.quantize(w, group_size=64, bits=bits)
-    x = mx.random.normal((rows, 1, 2048), key=mx.random.key(1)).astype(dtype)
-    got = cuda_batch.rows_qmm(x, wq, s.astype(dtype), b.astype(dtype), transpose=True, group_size=64, bits=bits)
-    ref = mx.quantized_matmul(x, wq, s.astype(dtype), b.astype(dtype), transpose=True, group_size=64, bits=bits)
-    assert not called and mx.array_equal(got, ref)
+def _linear(n, k=2048, bits=4, dtype=mx.float16, group_size=64):
+    import mlx.nn as nn
+
+    m = nn.QuantizedLinear(k, n, bias=False, group_size=group_size, bits=bits)
+    m.set_dtype(dtype)
+    return m
 
 
-def test_large_4bit_matrices_of_2_to_8_rows_take_the_kernel(monkeypatch):
-    called = []
-    monkeypatch.setattr(cuda_batch, "rows_qmv", lambda x, w, s, b, gs: called.append((x.shape, gs)) or "ours")
-    wq, s32, b32 = mx.quantize(mx.random.normal((4096, 2048)), group_size=64, bits=4)
-    s, b = s32.astype(mx.float16), b32.astype(mx.float16)
-    x = mx.zeros((2, 1, 2048), dtype=mx.float16)
-    assert cuda_batch.rows_qmm(x, wq, s, b, transpose=True, group_size=64, bits=4) == "ours"
-    assert called == [((2, 1, 2048), 64)]
-    # scales of another dtype than the input's: MLX's (the kernel reads both as one type)
-    assert not isinstance(cuda_batch.rows_qmm(x, wq, s32, b32, transpose=True, group_size=64, bits=4), str)
-    assert len(called) == 1
-    monkeypatch.setattr(cuda_batch._active, "least", 1 << 26)  # a step whose policy takes the head only
-    assert not isinstance(cuda_batch.rows_qmm(x, wq, s, b, transpose=True, group_size=64, bits=4), str)
-    assert len(called) == 1
+def test_the_matrices_the_kernels_take():
+    """4-bit affine matrices of K a multiple of 256 with fp16/bf16 scales; 8-bit, fp32 and other K are MLX's."""
+    assert cuda_batch._matrix(_linear(4096)) is not None
+    assert cuda_batch._matrix(_linear(4096, dtype=mx.bfloat16)) is not None
+    assert cuda_batch._matrix(_linear(4096, bits=8)) is None
+    assert cuda_batch._matrix(_linear(4096, dtype=mx.float32)) is None
+    assert cuda_batch._matrix(_linear(4096, k=320)) is None
+    assert cuda_batch._matrix(_linear(4096, group_size=32)) is not None
+    import mlx.nn as nn
+    assert cuda_batch._matrix(nn.Linear(256, 256)) is None and cuda_batch._matrix(None) is None
 
 
 def test_the_rows_policy():
@@ -93,15 +82,49 @@ def test_no_kernels_off_cuda_and_the_model_is_unchanged(monkeypatch):
     assert mx.array_equal(model(ids), before)
 
 
+_CACHES = ("_kernel", "_qmv", "_parts", "_swiglu", "_attn_args", "_qmv_args", "_parts_args", "_swiglu_args")
+
+
+def _fresh_kernels(monkeypatch, factory):
+    """mx.fast.cuda_kernel replaced by ``factory`` and every kernel and argument cache emptied."""
+    monkeypatch.setattr(cuda_batch, "available", lambda: True)
+    monkeypatch.setattr(mx.fast, "cuda_kernel", factory)
+    for name in _CACHES:
+        monkeypatch.setattr(cuda_kernels, name, {} if name.endswith("args") or name == "_parts" else None)
+    monkeypatch.setattr(cuda_batch, "_installed", set())
+
+
+def _mlx_kernels(calls):
+    """A stand-in for ``mx.fast.cuda_kernel`` whose kernels MLX computes as the model would (exactly its
+    ops: quantized_matmul, swiglu, SDPA), recording each launch's kernel name."""
+    from mlx_lm.models.activations import swiglu
+
+    def factory(name, input_names, output_names, source, header="", **_):
+        def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
+            calls.append(name)
+            gs = dict(template).get("GS")
+            qmm = [cuda_batch._QMM(inputs[0], *inputs[i:i + 3], transpose=True, group_size=gs, bits=4)
+                   for i in range(1, len(inputs) - 2, 3)] if gs else None
+            if name == "worker_rows_qmv_swiglu":
+                return [swiglu(*qmm)]
+            if name.startswith("worker_rows_qmv"):
+                return qmm
+            q, k, v, mask, scale = inputs
+            return [mx.fast.scaled_dot_product_attention(q, k, v, scale=scale.item(), mask=mask)]
+        return call
+    return factory
+
+
 def test_a_step_patches_quantized_matmul_by_its_rows(monkeypatch):
     """The per-step context: attention active inside it only; quantized_matmul swapped only for a step of
-    2-8 rows, with that size's policy; everything restored after, also when the step raises."""
-    monkeypatch.setattr(cuda_batch, "available", lambda: True)
-    installed = []
-    monkeypatch.setattr(cuda_batch, "_install", installed.append)
+    2-8 rows, with that size's table; everything restored after, also when the step raises."""
     import mlx.nn as nn
 
+    _fresh_kernels(monkeypatch, _mlx_kernels([]))
+    installed = []
+    monkeypatch.setattr(cuda_batch, "_install", installed.append)
     model = nn.Module()
+    model.big, model.small = _linear(4096), _linear(1024)  # 8M and 2M weights
     kernels = cuda_batch.batch_kernels(model)
     assert installed == [model]  # once, when made: not per step
     original = mx.quantized_matmul
@@ -110,23 +133,54 @@ def test_a_step_patches_quantized_matmul_by_its_rows(monkeypatch):
     for rows in (2, 5, 8):
         with kernels(rows):
             assert mx.quantized_matmul is cuda_batch.rows_qmm
-            assert cuda_batch._active.least == cuda_batch.qmv_least(rows)
+            table = cuda_batch._active.qmv
+            assert id(model.big["weight"]) in table and id(model.small["weight"]) not in table
+            assert table[id(model.big["weight"])][2] == (rows, 1, 2048)
+    with kernels(9):
+        assert mx.quantized_matmul is original
     assert installed == [model]
-    try:
+    with pytest.raises(RuntimeError):
         with kernels(8):
             raise RuntimeError("step failed")
-    except RuntimeError:
-        pass
-    assert mx.quantized_matmul is original and not cuda_batch._active.on
+    assert mx.quantized_matmul is original and not cuda_batch._active.on and cuda_batch._active.qmv == {}
+    assert nn.QuantizedLinear.__call__ is cuda_batch._LINEAR
     assert cuda_batch.batch_kernels(model, attention=False, matmul=False) is None
 
 
-def _cpu_parts(calls):
-    """rows_qmv_parts computed by MLX on the CPU, recording each launch's matrix count."""
-    def parts(x, mats, group_size):
-        calls.append(len(mats))
-        return [cuda_batch._QMM(x, w, s, b, transpose=True, group_size=group_size, bits=4) for w, s, b in mats]
-    return parts
+def test_a_matrix_of_the_table_takes_the_kernel_only_for_the_step_s_rows(monkeypatch):
+    """In a step of 2 rows: the big matrix's call of 2 rows is rows_qmv; other rows, another matrix
+    (below the policy), or other scales than its own are MLX's, and every result is MLX's exactly."""
+    import mlx.nn as nn
+
+    calls = []
+    _fresh_kernels(monkeypatch, _mlx_kernels(calls))
+    model = nn.Module()
+    model.big, model.small = _linear(4096), _linear(1024)
+    x2, x3 = (mx.random.normal((n, 1, 2048), key=mx.random.key(n)).astype(mx.float16) for n in (2, 3))
+    ref = [model.big(x2), model.big(x3), model.small(x2)]
+    with cuda_batch.batch_kernels(model, attention=False)(2):
+        got = [model.big(x2), model.big(x3), model.small(x2)]
+        w = model.big
+        other = mx.quantized_matmul(x2, w["weight"], w["scales"] * 1, w["biases"], transpose=True,
+                                    group_size=64, bits=4)
+    assert calls == ["worker_rows_qmv"]
+    assert all(mx.array_equal(g, r) for g, r in zip(got, ref)) and mx.array_equal(other, ref[0])
+
+
+def test_the_swiglu_mlps_are_mlx_lm_s_of_that_pattern():
+    """llama's and qwen2's MLP (one __call__ bytecode) are fused; Gemma 3's (gelu) and a lookalike are not."""
+    import mlx.nn as nn
+    from mlx_lm.models import gemma3_text, llama, qwen2  # noqa: F401
+
+    classes = cuda_batch._swiglu_classes()
+    assert llama.MLP in classes and qwen2.MLP in classes
+    assert gemma3_text.MLP not in classes
+
+    class Lookalike(nn.Module):  # not an mlx-lm module, and another computation
+        def __call__(self, x):
+            return self.down_proj(self.gate_proj(x) * self.up_proj(x))
+
+    assert Lookalike not in classes
 
 
 FAMILIES = ["llama", "qwen2", "gemma3_text"]
@@ -163,49 +217,47 @@ def _batch(model):
     return [layer.merge([cs[i] for cs in caches]) for i, layer in enumerate(caches[0])]
 
 
+# per layer with every matrix through the kernels: q/k/v, o, then the MLP (swiglu in one: llama, qwen2)
+_LAUNCHES = {"llama": ["worker_rows_qmv3", "worker_rows_qmv", "worker_rows_qmv_swiglu", "worker_rows_qmv"],
+             "qwen2": ["worker_rows_qmv3", "worker_rows_qmv", "worker_rows_qmv_swiglu", "worker_rows_qmv"],
+             "gemma3_text": ["worker_rows_qmv3", "worker_rows_qmv"] + ["worker_rows_qmv"] * 3}
+
+
+@pytest.mark.parametrize("fuse", [False, True])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fused_projections_give_the_model_s_logits(monkeypatch, family):
-    """A batched step with q/k/v and gate/up fused (one rows_qmv launch each) gives MLX's logits exactly,
-    on llama, qwen2 (biased q/k/v) and Gemma 3 (sliding-window layers, rotating caches past the window);
-    MLX's own QuantizedLinear outside a step."""
+def test_a_batched_step_s_routing_gives_the_model_s_logits(monkeypatch, family, fuse):
+    """A batched step with every matrix routed to the kernels (each computed by MLX's own ops here) gives
+    MLX's logits exactly, on llama, qwen2 (biased q/k/v) and Gemma 3 (gelu MLP, rotating caches past the
+    window), with the launches expected per layer; the model's own modules outside the step."""
     import mlx.nn as nn
 
-    _, model = _tiny(family)
-    monkeypatch.setattr(cuda_batch, "available", lambda: True)
+    arch, model = _tiny(family)
     calls = []
-    monkeypatch.setattr(cuda_batch, "rows_qmv_parts", _cpu_parts(calls))
-    assert not cuda_batch.FUSE  # opt-in (MLX_WORKER_FUSE=1) until measured on a GPU
-    with cuda_batch.batch_kernels(model, attention=False)(3):
-        assert nn.QuantizedLinear.__call__ is cuda_batch._LINEAR
-    kernels = cuda_batch.batch_kernels(model, attention=False, fuse=True)
-    groups = cuda_batch.fused_groups(model)
-    assert len(groups) == 2 * 5  # per layer: q, k, v and gate, up
-
-    def batch():
-        return _batch(model)
-
+    _fresh_kernels(monkeypatch, _mlx_kernels(calls))
+    monkeypatch.setattr(cuda_batch, "QMV_LEAST", {2: 0})  # every matrix, however small
     y = mx.array([[5], [6], [7]])
-    ref = model(y, cache=batch())
-    assert calls == []
+    ref = model(y, cache=_batch(model))
+    mlp_call = arch.MLP.__call__
+    kernels = cuda_batch.batch_kernels(model, attention=False, fuse=fuse)
     with kernels(3):
-        got = model(y, cache=batch())
-    assert calls == [3, 2] * 2, calls  # per layer; down and head are below the policy's size: MLX's
+        got = model(y, cache=_batch(model))
+    per_layer = _LAUNCHES[family] if fuse else ["worker_rows_qmv"] * 7
+    assert calls == per_layer * 2 + ["worker_rows_qmv"], calls  # + the head
     assert mx.array_equal(got, ref)
-    assert nn.QuantizedLinear.__call__ is cuda_batch._LINEAR and cuda_batch._active.groups == {}
+    assert nn.QuantizedLinear.__call__ is cuda_batch._LINEAR and arch.MLP.__call__ is mlp_call
     with pytest.raises(RuntimeError):
         with kernels(3):
-            assert nn.QuantizedLinear.__call__ is cuda_batch._linear
             raise RuntimeError("step failed")
     assert nn.QuantizedLinear.__call__ is cuda_batch._LINEAR and cuda_batch._active.stash is None
+    assert arch.MLP.__call__ is mlp_call
 
 
 def test_a_fused_member_that_sees_another_input_is_computed_alone(monkeypatch):
     """k or v called on another array than q was (not the layers' pattern): MLX computes it, exactly."""
     import mlx.nn as nn
 
-    monkeypatch.setattr(cuda_batch, "available", lambda: True)
     calls = []
-    monkeypatch.setattr(cuda_batch, "rows_qmv_parts", _cpu_parts(calls))
+    _fresh_kernels(monkeypatch, _mlx_kernels(calls))
     layer = nn.Module()
     layer.q_proj, layer.k_proj, layer.v_proj = (nn.QuantizedLinear(256, n, bias=b, group_size=64, bits=4)
                                                 for n, b in ((256, False), (128, True), (128, False)))
@@ -214,7 +266,7 @@ def test_a_fused_member_that_sees_another_input_is_computed_alone(monkeypatch):
     ref = [layer.q_proj(x), layer.k_proj(other), layer.v_proj(x)]
     with cuda_batch.batch_kernels(layer, attention=False, fuse=True)(2):
         got = [layer.q_proj(x), layer.k_proj(other), layer.v_proj(x)]
-    assert calls == [3]  # q's launch computed all three; k saw another input, v took its part
+    assert calls == ["worker_rows_qmv3"]  # q's launch computed all three; k saw another input, v took its part
     assert all(mx.array_equal(g, r) for g, r in zip(got, ref))
 
 
@@ -244,22 +296,26 @@ def test_the_kernel_sources_compile_for_sm90(tmp_path):
         pytest.skip("no nvcc")
     pre = ("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n#include <cuda/std/array>\n"
            "using Shape = cuda::std::array<int32_t, 8>;\nusing Strides = cuda::std::array<int64_t, 8>;\n")
-    units = [pre + cuda_batch._HEADER]
+    units = [pre + cuda_kernels._HEADER]
     for t in ("__nv_bfloat16", "__half", "float"):
-        units.append(_mlx_style(f"attn_{t}", cuda_batch._SOURCE, "",
+        units.append(_mlx_style(f"attn_{t}", cuda_kernels._SOURCE, "",
                                 [("q", t), ("k", t), ("v", t), ("mask", "bool"), ("scale", "float")],
                                 [("out", t)], [("T", t), ("D", 128), ("BLOCK", cuda_batch.BLOCK)]))
     for t in ("__nv_bfloat16", "__half"):
-        units.append(_mlx_style(f"qmv_{t}", cuda_batch._QMV_SOURCE, "",
+        units.append(_mlx_style(f"qmv_{t}", cuda_kernels._QMV_SOURCE, "",
                                 [("x", t), ("w", "uint32_t"), ("scales", t), ("biases", t)], [("out", t)],
                                 [("T", t), ("M", 4), ("K", 2048), ("GS", 64), ("BLOCK", cuda_batch.BLOCK)]))
         for parts in (2, 3):
             ins = [("x", t)] + [(f"{a}{p}", "uint32_t" if a == "w" else t)
                                 for p in range(parts) for a in ("w", "scales", "biases")]
-            units.append(_mlx_style(f"parts{parts}_{t}", cuda_batch._parts_source(parts), "", ins,
+            units.append(_mlx_style(f"parts{parts}_{t}", cuda_kernels._parts_source(parts), "", ins,
                                     [(f"out{p}", t) for p in range(parts)],
                                     [("T", t), ("M", 8), ("K", 2048), ("GS", 64), ("BLOCK", cuda_batch.BLOCK)]
                                     + [(f"N{p}", 512 * (p + 1)) for p in range(parts)]))
+        units.append(_mlx_style(f"swiglu_{t}", cuda_kernels._SWIGLU_SOURCE, "",
+                                [("x", t)] + [(f"{a}{p}", "uint32_t" if a == "w" else t)
+                                              for p in ("g", "u") for a in ("w", "s", "b")], [("out", t)],
+                                [("T", t), ("M", 8), ("K", 2048), ("GS", 64), ("BLOCK", cuda_batch.BLOCK)]))
     src = tmp_path / "kernels.cu"
     src.write_text("\n".join(units))
     out = subprocess.run([nvcc, "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "k.o")],
@@ -304,7 +360,7 @@ def test_rows_qmv_computes_the_quantized_matmul(dtype):
     M, K, N = 3, 512, 100
     w, s, b = _quantized(N, K, dtype, 0)
     x = mx.random.normal((M, 1, K), key=mx.random.key(1)).astype(dtype)
-    (out,) = emu.run(cuda_batch._QMV_SOURCE, "", [("x", x), ("w", w), ("scales", s), ("biases", b)],
+    (out,) = emu.run(cuda_kernels._QMV_SOURCE, "", [("x", x), ("w", w), ("scales", s), ("biases", b)],
                      [("out", (M, 1, N), dtype)],
                      [("T", dtype), ("M", M), ("K", K), ("GS", 64), ("BLOCK", cuda_batch.BLOCK)],
                      grid=(-(-N // 8) * cuda_batch.BLOCK,), threadgroup=(cuda_batch.BLOCK,))
@@ -320,7 +376,7 @@ def test_rows_qmv_parts_computes_each_matrix(ns):
     mats = [_quantized(n, K, dtype, i) for i, n in enumerate(ns)]
     x = mx.random.normal((M, 1, K), key=mx.random.key(7)).astype(dtype)
     ins = [("x", x)] + [(f"{a}{p}", t) for p, m in enumerate(mats) for a, t in zip(("w", "scales", "biases"), m)]
-    outs = emu.run(cuda_batch._parts_source(len(ns)), "", ins,
+    outs = emu.run(cuda_kernels._parts_source(len(ns)), "", ins,
                    [(f"out{p}", (M, 1, n), dtype) for p, n in enumerate(ns)],
                    [("T", dtype), ("M", M), ("K", K), ("GS", 64), ("BLOCK", cuda_batch.BLOCK)]
                    + [(f"N{p}", n) for p, n in enumerate(ns)],
@@ -343,7 +399,7 @@ def test_decode_attention_is_masked_sdpa(dtype):
     scale = D ** -0.5
     ref = mx.fast.scaled_dot_product_attention(q, kbuf[..., :L, :], vbuf[..., :L, :], scale=scale, mask=mask)
     view = (Hk * cap * D, cap * D, D, 1)  # [..., :L, :] of the buffers: their strides, L keys
-    (out,) = emu.run(cuda_batch._SOURCE, cuda_batch._HEADER,
+    (out,) = emu.run(cuda_kernels._SOURCE, cuda_kernels._HEADER,
                      [("q", q), ("k", kbuf), ("v", vbuf), ("mask", mask), ("scale", mx.array([scale]))],
                      [("out", (B, Hq, 1, D), dtype)],
                      [("T", dtype), ("D", D), ("BLOCK", cuda_batch.BLOCK)],
@@ -356,19 +412,15 @@ def test_decode_attention_is_masked_sdpa(dtype):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_batched_step_through_the_kernels_gives_mlx_s_logits(monkeypatch, family, fuse):
     """The whole CUDA path of a batched step (attention wrapper, rows_qmv for every matrix, the fused
-    groups), its kernels run by the CPU emulator: MLX's logits and greedy tokens, on llama, qwen2 and
-    Gemma 3's rotating layers."""
+    q/k/v and swiglu), its kernels run by the CPU emulator: MLX's logits and greedy tokens, on llama,
+    qwen2 and Gemma 3's rotating layers."""
     from mlx_lm.models import base
 
     emu = _emulator()
     arch, model = _tiny(family)
     y = mx.array([[5], [6], [7]])
     ref = model(y, cache=_batch(model))
-    monkeypatch.setattr(cuda_batch, "available", lambda: True)
-    monkeypatch.setattr(mx.fast, "cuda_kernel", emu.cuda_kernel)
-    for name, empty in (("_kernel", None), ("_qmv", None), ("_parts", {}), ("_attn_args", {}),
-                        ("_qmv_args", {}), ("_parts_args", {}), ("_installed", set())):
-        monkeypatch.setattr(cuda_batch, name, empty)
+    _fresh_kernels(monkeypatch, emu.cuda_kernel)
     monkeypatch.setattr(cuda_batch, "QMV_LEAST", {2: 0})  # every matrix, however small
     monkeypatch.setattr(arch, "scaled_dot_product_attention", base.scaled_dot_product_attention)
     launched = []
@@ -377,6 +429,25 @@ def test_a_batched_step_through_the_kernels_gives_mlx_s_logits(monkeypatch, fami
     with cuda_batch.batch_kernels(model, fuse=fuse)(3):
         got = model(y, cache=_batch(model))
     assert len(launched) == 2  # every layer's attention went through the kernel
-    assert (cuda_batch._parts_args != {}) == fuse and cuda_batch._qmv_args
+    assert (cuda_kernels._parts_args != {}) == fuse and cuda_kernels._qmv_args
+    assert (cuda_kernels._swiglu_args != {}) == (fuse and family != "gemma3_text")
     _close(got, ref, 1e-2)
     assert mx.array_equal(mx.argmax(got, axis=-1), mx.argmax(ref, axis=-1))
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_rows_qmv_swiglu_computes_the_mlp_activation(dtype):
+    """rows_qmv_swiglu's source: silu(x Wg) * (x Wu) for 3 rows, N not a multiple of a block's warps."""
+    from mlx_lm.models.activations import swiglu
+
+    emu = _emulator()
+    M, K, N = 3, 512, 100
+    g, u = _quantized(N, K, dtype, 2), _quantized(N, K, dtype, 3)
+    x = mx.random.normal((M, 1, K), key=mx.random.key(4)).astype(dtype)
+    (out,) = emu.run(cuda_kernels._SWIGLU_SOURCE, "", [("x", x)] + [(f"{a}{p}", t) for p, m in (("g", g), ("u", u))
+                                                                 for a, t in zip(("w", "s", "b"), m)],
+                     [("out", (M, 1, N), dtype)],
+                     [("T", dtype), ("M", M), ("K", K), ("GS", 64), ("BLOCK", cuda_batch.BLOCK)],
+                     grid=(-(-N // 8) * cuda_batch.BLOCK,), threadgroup=(cuda_batch.BLOCK,))
+    ref = swiglu(_qmv_ref(x, *g).astype(dtype), _qmv_ref(x, *u).astype(dtype))
+    _close(out, ref, 2e-2)

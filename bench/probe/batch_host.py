@@ -7,7 +7,7 @@ worker/cuda_batch.py: ``base`` (MLX as is), ``attn`` (attention kernel only), ``
 rows_qmv for the output head only), ``both`` (attention + rows_qmv for every matrix of 8M+
 weights), ``allqmv`` (attention + rows_qmv for every quantized matmul of 2+ rows), ``policy`` (the
 worker's: cuda_batch.QMV_LEAST, MLX_WORKER_QMV_LEAST overrides it), ``fused`` (``both`` with q/k/v
-and gate/up one launch each), ``fusedo`` (``fused`` with the 4M-weight o_proj through rows_qmv too),
+one launch and gate, up and swiglu another), ``fusedo`` (``fused`` with the 4M-weight o_proj through rows_qmv too),
 and ``nomask`` (mask dropped, MLX as is: a floor, wrong output). Per step: ``build`` ms of Python building
 the graph, ``encode`` ms in async_eval (the host encoding the kernels), ``step`` ms between steps.
 Variants are interleaved per round so the machine's drift hits them alike; medians over rounds are printed.
@@ -97,6 +97,12 @@ def check_parts():
             for (w, s, b), g in zip(mats, got):
                 ref = cuda_batch._QMM(x, w, s, b, transpose=True, group_size=64, bits=4).astype(mx.float32)
                 errs.append((mx.abs(g.astype(mx.float32) - ref).max() / mx.abs(ref).max()).item())
+            if len(ns) == 2:  # gate and up: the MLP's swiglu in one launch
+                from mlx_lm.models.activations import swiglu
+                ref = swiglu(*(cuda_batch._QMM(x, *m, transpose=True, group_size=64, bits=4) for m in mats))
+                got = cuda_batch.rows_qmv_swiglu(x, *mats, 64).astype(mx.float32)
+                ref = ref.astype(mx.float32)
+                errs.append((mx.abs(got - ref).max() / mx.abs(ref).max()).item())
             print(f"parts {ns} K={K} M={M}: max rel err " + ", ".join(f"{e:.1e}" for e in errs), flush=True)
 
 
