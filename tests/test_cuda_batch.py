@@ -25,6 +25,10 @@ def test_attention_kernel_takes_one_token_rows_with_a_boolean_mask():
     assert not cuda_batch.fits(*_qkv(B=1)[:2], _qkv(B=1)[2])  # one row: never masked
     assert not cuda_batch.fits(*_qkv(D=48))  # head size not a multiple of 32
     assert not cuda_batch.fits(*_qkv(D=512))
+    assert not cuda_batch.fits(*_qkv(D=256))  # Gemma 3: MLX's own kernel computes rows as alone
+    assert cuda_batch.fits(*_qkv(D=96)) and cuda_batch.fits(*_qkv(D=128))
+    q, k, mask = _qkv()
+    assert not cuda_batch.fits(q, k.astype(mx.float16), mask)  # keys of another type than the queries
     q, k, mask = _qkv(Hq=3, Hk=2)
     assert not cuda_batch.fits(q, k, mask)  # query heads not a multiple of KV heads
     q, k, _ = _qkv()
