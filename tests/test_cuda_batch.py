@@ -105,13 +105,13 @@ def _mlx_kernels(calls):
 
     def factory(name, input_names, output_names, source, header="", **_):
         def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
-            calls.append(name)
+            calls.append(name.rsplit("_", 1)[0])  # less the source's hash
             gs = dict(template).get("GS")
             qmm = [cuda_batch._QMM(inputs[0], *inputs[i:i + 3], transpose=True, group_size=gs, bits=4)
                    for i in range(1, len(inputs) - 2, 3)] if gs else None
-            if name == "worker_rows_qmv_swiglu":
+            if calls[-1] == "worker_rows_qmv_swiglu":
                 return [swiglu(*qmm)]
-            if name.startswith("worker_rows_qmv"):
+            if calls[-1].startswith("worker_rows_qmv"):
                 return qmm
             q, k, v, mask, scale = inputs
             return [mx.fast.scaled_dot_product_attention(q, k, v, scale=scale.item(), mask=mask)]
@@ -169,6 +169,14 @@ def test_a_matrix_of_the_table_takes_the_kernel_only_for_the_step_s_rows(monkeyp
                                     group_size=64, bits=4)
     assert calls == ["worker_rows_qmv"]
     assert all(mx.array_equal(g, r) for g, r in zip(got, ref)) and mx.array_equal(other, ref[0])
+
+
+def test_kernel_names_carry_their_source_s_hash():
+    """MLX caches compiled kernels on disk by name: an edited source gets a new name, never an old build."""
+    from worker.cuda_kernels import _named
+
+    a, b = _named("worker_rows_qmv", "x"), _named("worker_rows_qmv", "y")
+    assert a != b and a.startswith("worker_rows_qmv_") and a == _named("worker_rows_qmv", "x")
 
 
 def test_the_swiglu_mlps_are_mlx_lm_s_of_that_pattern():

@@ -13,9 +13,17 @@
 Every launcher builds its call's arguments once per shape: a call is on the host's critical path.
 """
 
+import hashlib
+
 import mlx.core as mx
 
 BLOCK = 256
+
+
+def _named(name: str, source: str) -> str:
+    """A kernel's name with its source's hash: MLX caches compiled kernels on disk by name
+    (``MLX_PTX_CACHE_DIR``, else /tmp/mlx), so a changed source must not reuse an old build."""
+    return f"{name}_{hashlib.sha1(source.encode()).hexdigest()[:10]}"
 
 _HEADER = "#define WK_INF __int_as_float(0x7f800000)\n"
 
@@ -76,7 +84,7 @@ _kernel = None
 def _attention_kernel():
     global _kernel
     if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="worker_decode_attention", input_names=["q", "k", "v", "mask", "scale"],
+        _kernel = mx.fast.cuda_kernel(name=_named("worker_decode_attention", _HEADER + _SOURCE), input_names=["q", "k", "v", "mask", "scale"],
                                       output_names=["out"], source=_SOURCE, header=_HEADER,
                                       ensure_row_contiguous=False)
     return _kernel
@@ -113,13 +121,16 @@ def decode_attention(queries, keys, values, scale: float, mask) -> mx.array:
     return _attention_kernel()(inputs=[queries, keys, values, mask, args[0]], **args[1])[0]
 
 
-_QMV_SOURCE = """
+# One warp per output row n of an [N, K/8] matrix named W (the kernels below start so).
+_ROW = """
     constexpr int KW = K / 8;
-    const int N = w_shape[0];
+    const int N = {W}_shape[0];
     const int lane = threadIdx.x % 32;
     const int n = blockIdx.x * (BLOCK / 32) + threadIdx.x / 32;
     if (n >= N) return;
-    const uint32_t* wr = w + (size_t)n * KW;
+"""
+
+_QMV_SOURCE = _ROW.format(W="w") + """    const uint32_t* wr = w + (size_t)n * KW;
     const T* sr = scales + (size_t)n * (K / GS);
     const T* br = biases + (size_t)n * (K / GS);
     float acc[M];
@@ -151,7 +162,7 @@ _qmv = None
 def _qmv_kernel():
     global _qmv
     if _qmv is None:
-        _qmv = mx.fast.cuda_kernel(name="worker_rows_qmv", input_names=["x", "w", "scales", "biases"],
+        _qmv = mx.fast.cuda_kernel(name=_named("worker_rows_qmv", _QMV_SOURCE), input_names=["x", "w", "scales", "biases"],
                                    output_names=["out"], source=_QMV_SOURCE)
     return _qmv
 
@@ -212,7 +223,7 @@ def parts_launch(M: int, K: int, ns: tuple, group_size: int, dtype):
     if args is None:
         if len(ns) not in _parts:
             _parts[len(ns)] = mx.fast.cuda_kernel(
-                name=f"worker_rows_qmv{len(ns)}", output_names=[f"out{p}" for p in range(len(ns))],
+                name=_named(f"worker_rows_qmv{len(ns)}", _parts_source(len(ns))), output_names=[f"out{p}" for p in range(len(ns))],
                 input_names=["x", *(f"{a}{p}" for p in range(len(ns)) for a in ("w", "scales", "biases"))],
                 source=_parts_source(len(ns)))
         args = _parts_args[key] = (_parts[len(ns)], dict(
@@ -233,13 +244,7 @@ def rows_qmv_parts(x, mats, group_size: int) -> list:
 # silu(x Wg) * (x Wu): the warp of output n reads row n of both matrices. As MLX computes the MLP (two
 # quantized matmuls, then mlx-lm's compiled swiglu), each result is rounded to T: the two products,
 # sigmoid(g), g * sigmoid(g), and the product with u.
-_SWIGLU_SOURCE = """
-    constexpr int KW = K / 8;
-    const int N = wg_shape[0];
-    const int lane = threadIdx.x % 32;
-    const int n = blockIdx.x * (BLOCK / 32) + threadIdx.x / 32;
-    if (n >= N) return;
-    const uint32_t* gr = wg + (size_t)n * KW;
+_SWIGLU_SOURCE = _ROW.format(W="wg") + """    const uint32_t* gr = wg + (size_t)n * KW;
     const uint32_t* ur = wu + (size_t)n * KW;
     const T* gs = sg + (size_t)n * (K / GS);
     const T* gb = bg + (size_t)n * (K / GS);
@@ -298,7 +303,7 @@ def swiglu_launch(M: int, K: int, N: int, group_size: int, dtype):
     args = _swiglu_args.get(key)
     if args is None:
         if _swiglu is None:
-            _swiglu = mx.fast.cuda_kernel(name="worker_rows_qmv_swiglu", output_names=["out"],
+            _swiglu = mx.fast.cuda_kernel(name=_named("worker_rows_qmv_swiglu", _SWIGLU_SOURCE), output_names=["out"],
                                           input_names=["x", "wg", "sg", "bg", "wu", "su", "bu"],
                                           source=_SWIGLU_SOURCE)
         args = _swiglu_args[key] = (_swiglu, dict(
