@@ -60,7 +60,8 @@ def _matrix(m):
     if "biases" not in m or m.group_size not in (32, 64, 128):
         return None
     w, s = m["weight"], m["scales"]
-    if w.ndim != 2 or (w.shape[1] * 8) % 256 or s.dtype not in (mx.bfloat16, mx.float16) or m["biases"].dtype != s.dtype:
+    if (w.ndim != 2 or (w.shape[1] * 8) % 256 or s.dtype not in (mx.bfloat16, mx.float16)
+            or m["biases"].dtype != s.dtype):
         return None
     return w, s, m["biases"], m.group_size
 

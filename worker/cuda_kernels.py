@@ -84,7 +84,8 @@ _kernel = None
 def _attention_kernel():
     global _kernel
     if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name=_named("worker_decode_attention", _HEADER + _SOURCE), input_names=["q", "k", "v", "mask", "scale"],
+        _kernel = mx.fast.cuda_kernel(name=_named("worker_decode_attention", _HEADER + _SOURCE),
+                                      input_names=["q", "k", "v", "mask", "scale"],
                                       output_names=["out"], source=_SOURCE, header=_HEADER,
                                       ensure_row_contiguous=False)
     return _kernel
@@ -162,7 +163,8 @@ _qmv = None
 def _qmv_kernel():
     global _qmv
     if _qmv is None:
-        _qmv = mx.fast.cuda_kernel(name=_named("worker_rows_qmv", _QMV_SOURCE), input_names=["x", "w", "scales", "biases"],
+        _qmv = mx.fast.cuda_kernel(name=_named("worker_rows_qmv", _QMV_SOURCE),
+                                   input_names=["x", "w", "scales", "biases"],
                                    output_names=["out"], source=_QMV_SOURCE)
     return _qmv
 
@@ -223,7 +225,8 @@ def parts_launch(M: int, K: int, ns: tuple, group_size: int, dtype):
     if args is None:
         if len(ns) not in _parts:
             _parts[len(ns)] = mx.fast.cuda_kernel(
-                name=_named(f"worker_rows_qmv{len(ns)}", _parts_source(len(ns))), output_names=[f"out{p}" for p in range(len(ns))],
+                name=_named(f"worker_rows_qmv{len(ns)}", _parts_source(len(ns))),
+                output_names=[f"out{p}" for p in range(len(ns))],
                 input_names=["x", *(f"{a}{p}" for p in range(len(ns)) for a in ("w", "scales", "biases"))],
                 source=_parts_source(len(ns)))
         args = _parts_args[key] = (_parts[len(ns)], dict(

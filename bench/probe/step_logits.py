@@ -5,7 +5,8 @@
 Greedy tokens of a random-weight model can flip on a near tie, so counting equal tokens (batch_host.py
 --agree) cannot tell a rounding difference from a wrong kernel. Per row this prints, for one step from the
 same prefilled caches: the largest logit difference of each variant (``base``: MLX's batch path;
-``attn``: + decode_attention, ``attn_win`` / ``attn_full``: on the sliding-window layers only / the others; ``qmv``: + rows_qmv on 8M+ matrices; ``both``; ``fused``: + q/k/v and
+``attn``: + decode_attention, ``attn_win`` / ``attn_full``: on the sliding-window layers only / on
+the others; ``qmv``: + rows_qmv on 8M+ matrices; ``both``; ``fused``: + q/k/v and
 swiglu in one launch each) against the row run alone on its own cache (what the worker gives it alone),
 relative to the logits' range, whether its argmax is the same, and the alone run's top-2 margin. First,
 decode_attention alone against MLX's SDPA on random inputs of each model family's head shapes.
