@@ -264,6 +264,33 @@ def test_a_batched_step_s_routing_gives_the_model_s_logits(monkeypatch, family, 
     assert arch.MLP.__call__ is mlp_call
 
 
+def test_an_mlp_the_step_does_not_fuse_runs_as_mlx_lm_wrote_it(monkeypatch):
+    """Inside a step the swiglu class is patched: an instance of it (or of a subclass) that is not in the
+    step's table, e.g. not quantized, computes mlx-lm's MLP exactly."""
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+
+    class Sub(llama.MLP):
+        pass
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=256, num_hidden_layers=1, intermediate_size=512,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=64)
+    model = nn.Module()
+    model.fused, model.plain, model.sub = llama.MLP(args), llama.MLP(args), Sub(args)
+    nn.quantize(model.fused, group_size=64, bits=4)
+    model.set_dtype(mx.float16)
+    calls = []
+    _fresh_kernels(monkeypatch, _mlx_kernels(calls))
+    x = mx.random.normal((2, 1, 256), key=mx.random.key(3)).astype(mx.float16)
+    ref = [model.fused(x), model.plain(x), model.sub(x)]
+    with cuda_batch.batch_kernels(model, attention=False)(2):
+        assert llama.MLP.__call__ is cuda_batch._mlp
+        got = [model.fused(x), model.plain(x), model.sub(x)]
+    assert calls[0] == "worker_rows_qmv_swiglu" and calls.count("worker_rows_qmv_swiglu") == 1
+    assert all(mx.array_equal(g, r) for g, r in zip(got, ref))
+    assert llama.MLP.__call__ is not cuda_batch._mlp
+
+
 def test_a_fused_member_that_sees_another_input_is_computed_alone(monkeypatch):
     """k or v called on another array than q was (not the layers' pattern): MLX computes it, exactly."""
     import mlx.nn as nn

@@ -146,7 +146,8 @@ def rows_qmm(x, w, scales, biases=None, transpose=True, group_size=64, bits=4, m
     """``mx.quantized_matmul`` in a batched step: a matrix of the step's table (one of the model's 4-bit
     matrices, large enough) and an input of the step's rows go to ``rows_qmv``; anything else to MLX."""
     p = _active.qmv.get(id(w))
-    if p is not None and p[0] is w and p[1] is scales and transpose and not kw and x.shape == p[2] and x.dtype == p[3]:
+    if (p is not None and p[0] is w and p[1] is scales and transpose and not kw and x.shape == p[2]
+            and x.dtype == p[3]):
         return p[4](inputs=[x, w, scales, biases], **p[5])[0]
     return _QMM(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits, mode=mode, **kw)
 
@@ -177,7 +178,8 @@ def _mlp(self, x):
     """A swiglu MLP's __call__ in a batched step: gate, up and swiglu in one launch, then down_proj."""
     p = _active.mlp.get(id(self))
     if p is None or p[0] is not self or x.shape != p[1] or x.dtype != p[2]:
-        return _MLP_CALLS[type(self)](self, x)
+        # its class's own __call__ (a subclass of a patched class inherits the patch)
+        return next(_MLP_CALLS[c] for c in type(self).__mro__ if c in _MLP_CALLS)(self, x)
     return self.down_proj(p[3](inputs=[x, *p[5]], **p[4])[0])
 
 
