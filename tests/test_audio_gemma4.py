@@ -1,9 +1,11 @@
 """Gemma 4 audio through the real worker (tiny towers), against mlx-vlm's own generate.
 
 The "e2b" fixture with an audio tower (tests/vlm_fixtures_gemma4.py --audio); clips are WAV tones made
-by tests.vlm_fixtures_gemma3n.wav_bytes. mlx-vlm encodes several clips as one padded batch and scatters
-the flattened frames, so its clips after a shorter one read that one's padding: the worker encodes each
-clip alone, and two clips are compared with mlx-vlm longest first (where the two agree).
+by tests.vlm_fixtures_gemma3n.wav_bytes. Several clips: mlx-vlm 0.7.10 encodes them as one batch padded
+to the longest and scatters the flattened frames, so a clip after a shorter one reads that one's padding
+frames instead of its own (pinned below); the worker encodes each clip alone, and two clips, in both
+orders, are compared with mlx-vlm's generate where each clip's tokens hold its own soft tokens
+(``vlm_generate_clips_alone``).
 """
 
 import os
@@ -15,8 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tests import reference  # noqa: E402
 from tests.client import Worker, generated_tokens  # noqa: E402
 from tests.test_batching import _compare, _stats, run_all  # noqa: E402
+from tests.prompts import assert_varied  # noqa: E402
 from tests.test_vision import chat, images, stats  # noqa: E402,F401 (images: a fixture)
-from tests.vlm_fixtures_gemma3n import vlm_generate, wav_bytes  # noqa: E402
+from tests.vlm_fixtures_gemma3n import (  # noqa: E402
+    audio_runs, clip_alone, vlm_generate, vlm_generate_clips_alone, vlm_merge, wav_bytes,
+)
 from tests.vlm_fixtures_gemma4 import gemma4_fixture_dir  # noqa: E402
 
 MAX = 12
@@ -51,6 +56,10 @@ def worker():
 def user(clip_paths, image_paths=(), question=QUESTION):
     return {"role": "user", "content": [{"type": "image", "path": p} for p in image_paths]
             + [{"type": "audio", "path": p} for p in clip_paths] + [{"type": "text", "text": question}]}
+
+
+def ref_user(n_clips=1):
+    return {"role": "user", "content": [{"type": "audio"}] * n_clips + [{"type": "text", "text": QUESTION}]}
 
 
 def reference_tokens(path, clip_paths, image_paths=(), max_tokens=MAX):
@@ -88,8 +97,15 @@ def test_audio_parity_and_cache(worker, root, clips, images):
     assert one == reference_tokens(path, [clips["a"]])
     other = generated_tokens(chat(worker, "ab", [user([clips["b"]])], MAX))
     assert other == reference_tokens(path, [clips["b"]]) and other != one  # the clip reaches the model
-    two = generated_tokens(chat(worker, "a2", [user([clips["a"], clips["short"]])], MAX))
-    assert two == reference_tokens(path, [clips["a"], clips["short"]])
+    # two clips of different lengths, in both orders: each clip's own soft tokens (mlx-vlm agrees only
+    # longest first)
+    for rid, order in (("long-first", ["a", "short"]), ("short-first", ["short", "a"])):
+        paths = [clips[k] for k in order]
+        ref = vlm_generate_clips_alone(path, [ref_user(len(paths))], paths, MAX)
+        assert_varied(ref, 4, what=f"{rid} reference")
+        assert generated_tokens(chat(worker, rid, [user(paths)], MAX)) == ref, rid
+        if rid == "long-first":
+            assert ref == reference_tokens(path, paths)
     st = generated_tokens(chat(worker, "ast", [user([clips["stereo44k"]])], MAX))
     assert st == reference_tokens(path, [clips["stereo44k"]])  # downmixed and resampled as mlx-vlm's
     both = _distinct(generated_tokens(chat(worker, "ai", [user([clips["b"]], [images["a"]])], MAX)))
@@ -112,6 +128,40 @@ def test_audio_parity_and_cache(worker, root, clips, images):
     changed = [user([clips["b"]])] + follow[1:]
     ch = chat(worker, "f4", changed, MAX)
     assert stats(ch)["cached_tokens"] <= audio_positions(path, clips["b"])[0]
+
+
+def test_mlx_vlm_reads_a_shorter_clips_padding(root, clips):
+    """Upstream pinned (fails once mlx-vlm merges each clip's own frames): transformers' feature extractor
+    pads the clips to the longest, and each row's own frames, through the audio tower, are that clip's
+    soft tokens alone; mlx-vlm 0.7.10's merge scatters the flattened rows, so a clip after a shorter one
+    reads the shorter one's padding frames (longest first happens to be right)."""
+    import mlx.core as mx
+    from mlx_vlm.utils import load_audio
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    from tests.vlm_fixtures_gemma3n import _loaded
+
+    path = gemma4_fixture_dir(root, audio=True)
+    model = _loaded(path)[0]
+    own = {k: clip_alone(path, clips[k]) for k in ("a", "short")}
+    n = {k: v.shape[0] for k, v in own.items()}
+    assert n["short"] < n["a"]
+    fe = Gemma4AudioFeatureExtractor()  # the checkpoint has no feature-extractor config: its defaults
+    for order in (["a", "short"], ["short", "a"]):
+        batch = fe([load_audio(clips[k], sr=16000) for k in order], sampling_rate=16000,
+                   return_attention_mask=True, return_tensors="np")
+        frames, _ = model.audio_tower(mx.array(batch["input_features"]),
+                                      ~mx.array(batch["input_features_mask"]).astype(mx.bool_))
+        frames = model.embed_audio(frames)  # [2, longest, hidden]
+        for i, k in enumerate(order):
+            assert mx.allclose(frames[i, :n[k]], own[k], atol=1e-4).item(), (order, k)
+        ids, merged = vlm_merge(path, [ref_user(2)], [clips[k] for k in order])
+        rows = [merged.inputs_embeds[0, r[0]:r[-1] + 1] for r in audio_runs(path, ids)]
+        assert [r.shape[0] for r in rows] == [n[k] for k in order]
+        flat = frames.reshape(-1, frames.shape[-1])
+        assert mx.allclose(rows[1], flat[n[order[0]]:n[order[0]] + n[order[1]]], atol=1e-4).item()
+        right = [mx.array_equal(r, own[k]).item() for r, k in zip(rows, order)]
+        assert right == ([True, True] if order[0] == "a" else [True, False]), order
 
 
 def test_long_clip_and_no_audio_tower(worker, root, clips):

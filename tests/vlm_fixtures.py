@@ -57,7 +57,7 @@ TOKENIZER_OF = {"gemma3": "gemma3", "qwen2_vl": "qwen", "qwen2_5_vl": "qwen", "p
                 "mistral3": "mistral"}
 
 
-def _tokenizer(kind: str):
+def _tokenizer(kind: str, add_bos: bool = False):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     spec = TOKENIZERS[kind]
@@ -70,20 +70,27 @@ def _tokenizer(kind: str):
                                   special_tokens=spec["specials"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(F._corpus(), trainer=trainer)
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # the template owns BOS
+    if add_bos:  # as the real Gemma 3 / Mistral tokenizers: BOS added unless add_special_tokens=False
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{spec['bos']} $A", pair=f"{spec['bos']} $A {spec['bos']} $B",
+            special_tokens=[(spec["bos"], tok.token_to_id(spec["bos"]))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)  # the template owns BOS
     return tok
 
 
-def _write_tokenizer(kind: str, path: Path):
+def _write_tokenizer(kind: str, path: Path, add_bos: bool = False):
     spec = TOKENIZERS[kind]
-    tok = _tokenizer(kind)
+    if add_bos and not spec["bos"]:
+        raise ValueError(f"the {kind} tokenizer has no BOS token")
+    tok = _tokenizer(kind, add_bos)
     (path / "tokenizer.json").write_text(tok.to_str(pretty=True) + "\n", encoding="utf-8")
     added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                        "single_word": False, "special": True} for t in spec["specials"]}
     smap = {k: spec[k] for k in ("bos", "eos", "pad", "unk") if spec[k]}
     smap = {f"{k}_token": v for k, v in smap.items()}
     cfg = {"tokenizer_class": spec["cls"], "added_tokens_decoder": added, **smap,
-           "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+           "add_bos_token": add_bos, "add_eos_token": False, "clean_up_tokenization_spaces": False,
            "model_max_length": F.MAX_POSITIONS, "chat_template": spec["template"]}
     if spec["extra"]:
         cfg["extra_special_tokens"] = spec["extra"]
@@ -212,16 +219,18 @@ def _weights(family: str, cfg: dict, seed: int, suppressed: list[int]) -> dict:
 
 
 def build_vlm_fixture(family: str, path, seed: int = 0, text_overrides: dict | None = None,
-                      overrides: dict | None = None, dtype: str = "float32") -> Path:
+                      overrides: dict | None = None, dtype: str = "float32", add_bos: bool = False) -> Path:
     """``overrides``: {"config": {...}, "vision": {...}, "processor": {...}, "preprocessor": {...}}
-    merged into the generated files (for benchmark-sized models); ``dtype`` of the saved weights."""
+    merged into the generated files (for benchmark-sized models); ``dtype`` of the saved weights.
+    ``add_bos``: the tokenizer adds BOS itself (as the real Gemma 3 and Mistral tokenizers do) while the
+    chat template writes it too (gemma3, pixtral, mistral3); the weights do not change."""
     import mlx.core as mx
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    ids, suppressed = _write_tokenizer(TOKENIZER_OF[family], path)
+    ids, suppressed = _write_tokenizer(TOKENIZER_OF[family], path, add_bos)
     cfg, proc, pre = _config(family, ids)
     if text_overrides:
         (cfg["text_config"] if "text_config" in cfg else cfg).update(text_overrides)  # Qwen's is top-level
@@ -242,8 +251,9 @@ def build_vlm_fixture(family: str, path, seed: int = 0, text_overrides: dict | N
     return path
 
 
-def vlm_fixture_dir(family: str, root, seed: int = 0) -> Path:
-    return F.build_once(Path(root) / f"vlm-{family}-seed{seed}", lambda tmp: build_vlm_fixture(family, tmp, seed))
+def vlm_fixture_dir(family: str, root, seed: int = 0, add_bos: bool = False) -> Path:
+    name = f"vlm-{family}-seed{seed}" + ("-bos" if add_bos else "")
+    return F.build_once(Path(root) / name, lambda tmp: build_vlm_fixture(family, tmp, seed, add_bos=add_bos))
 
 
 def main(argv=None) -> None:
@@ -251,8 +261,9 @@ def main(argv=None) -> None:
     p.add_argument("family", choices=FAMILIES)
     p.add_argument("path")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--add-bos", action="store_true", help="the tokenizer adds BOS (as real Gemma 3 / Mistral)")
     a = p.parse_args(argv)
-    print(build_vlm_fixture(a.family, a.path, a.seed))
+    print(build_vlm_fixture(a.family, a.path, a.seed, add_bos=a.add_bos))
 
 
 if __name__ == "__main__":

@@ -135,6 +135,81 @@ def vlm_generate(path, messages, images=(), audio=(), max_tokens=8):
 _LOADED = {}
 
 
+def _loaded(path):
+    from mlx_vlm import load
+
+    patch_mlx_vlm()
+    return _LOADED.get(str(path)) or _LOADED.setdefault(str(path), load(str(path)))
+
+
+def vlm_merge(path, messages, audio):
+    """(prompt ids, mlx-vlm's ``get_input_embeddings`` output) for a chat with these clips: its processor
+    over the whole prompt (clips padded to the longest, as its generate does), then its merge."""
+    import mlx.core as mx
+    from mlx_vlm.utils import load_audio, prepare_inputs
+
+    model, proc = _loaded(path)
+    prompt = proc.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rate = proc.feature_extractor.sampling_rate
+    inp = prepare_inputs(proc, audio=[load_audio(c, sr=rate) for c in audio], prompts=prompt,
+                         add_special_tokens=False)
+    out = model.get_input_embeddings(inp["input_ids"], None, input_features=inp["input_features"],
+                                     input_features_mask=inp["input_features_mask"])
+    mx.eval(out.inputs_embeds)
+    return inp["input_ids"].reshape(-1).tolist(), out
+
+
+def audio_runs(path, ids):
+    """The audio-token positions of ``ids``, one list per clip (each clip's tokens are consecutive)."""
+    token = _loaded(path)[0].config.audio_token_id
+    runs = []
+    for i, t in enumerate(ids):
+        if t == token:
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+    return runs
+
+
+def clip_alone(path, clip):
+    """A clip's soft tokens as mlx-vlm makes them for a prompt with that clip alone: [count, hidden]."""
+    msgs = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "?"}]}]
+    ids, out = vlm_merge(path, msgs, [clip])
+    (run,) = audio_runs(path, ids)
+    return out.inputs_embeds[0, run[0]:run[-1] + 1]
+
+
+def vlm_generate_clips_alone(path, messages, audio, max_tokens=8):
+    """The corrected reference for several clips: mlx-vlm's generate (patched as ``vlm_generate``) on its
+    own prompt ids and merge, except that each clip's audio tokens hold that clip's own soft tokens
+    (``clip_alone``), not what mlx-vlm's merge of the padded batch puts there; cut at EOS."""
+    import mlx.core as mx
+    from mlx_vlm.generate import generate_step
+
+    model, _ = _loaded(path)
+    ids, merged = vlm_merge(path, messages, audio)
+    runs = audio_runs(path, ids)
+    assert len(runs) == len(audio), (len(runs), len(audio))
+    emb = merged.inputs_embeds
+    for run, clip in zip(runs, audio):
+        own = clip_alone(path, clip)
+        assert own.shape[0] == len(run), (own.shape, len(run))
+        emb[0, run[0]:run[-1] + 1] = own
+    fixed = type(merged)(inputs_embeds=emb, per_layer_inputs=merged.per_layer_inputs)
+    cls = type(model)
+    original = cls.get_input_embeddings
+    cls.get_input_embeddings = lambda self, *a, **k: fixed
+    try:
+        out = []
+        for token, _ in generate_step(mx.array([ids]), model, None, None, max_tokens=max_tokens, temperature=0.0):
+            out.append(int(token))
+    finally:
+        cls.get_input_embeddings = original
+    eos = set(model.config.eos_token_id)
+    return next((out[:i] for i, t in enumerate(out) if t in eos), out)
+
+
 def _tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
