@@ -12,9 +12,10 @@ A family with audio mixes ``AudioAddOn`` in before ``VisionAddOn`` (``class F(Au
 VisionAddOn)``) and implements ``encode_audio`` (one clip's features, memoized by the sha256 of its
 encoded bytes) and ``merge`` (the input embeddings of a prompt with images and clips). Each clip is
 processed alone; its placeholder expands to the text the processor gave it, and its audio-token
-positions get content-specific cache keys, as images do. (mlx-vlm processes a prompt's clips as one
-batch padded to the longest: for clips of different lengths the last audio token of a shorter clip
-then differs from the clip alone; everything else is the same.)
+positions get content-specific cache keys, as images do. (mlx-vlm 0.7.10 processes a prompt's clips as
+one batch padded to the longest: on Gemma 3n the last audio token of a shorter clip then differs from
+the clip alone; on Gemma 4 it merges the flattened padded batch, so a clip after a shorter one reads
+that clip's padding frames throughout. tests/test_audio*.py pin both.)
 """
 
 import functools
