@@ -1,14 +1,16 @@
 """Continuous batching through the real worker: concurrent requests give the tokens they give alone.
 
-Each test runs the same requests twice, in two worker processes: with ``max_concurrent: 1`` (one at a
-time, FIFO: each request alone) and with batching (all sent at once, decoded together), and compares
-them request by request. The requests mix prompt lengths, a stop string, a seeded sampled one,
-logprobs with a repetition penalty, a JSON schema, an image, and one cancelled midway.
+Requests sent at once to a batching worker (decoded together) are compared request by request with raw
+mlx-lm run on each alone (greedy, seeded, penalized with logprobs, a stop string, one cancelled midway),
+or, where the reference would be another library's pipeline (JSON schema, images, tools), with the same
+requests run one at a time (``max_concurrent: 1``) in another worker process. Unseeded sampling in the
+batch is checked against the greedy path it must leave, and cancels against the one late token event
+the protocol allows.
 """
 
 import json
+import math
 import os
-import random
 
 import pytest
 
@@ -16,11 +18,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests import reference as ref  # noqa: E402
 from tests.client import Worker, generated_text, generated_tokens  # noqa: E402
+from tests.prompts import assert_varied, random_ids  # noqa: E402
 from tests.vlm_fixtures import vlm_fixture_dir  # noqa: E402
 
-
-def _ids(n, seed):
-    return [random.Random(seed).randrange(20, 400) for _ in range(n)]
+# The cancel flag is set before the cancel's `done` is written, and a running request checks it right after
+# each token it releases: after the acknowledgement comes at most the token being released when the
+# cancel landed (or, if that token's text was held back, e.g. half a UTF-8 character, its flush at the end).
+LATE_TOKEN_EVENTS = 1
 
 
 def _stats(events):
@@ -68,14 +72,14 @@ def _mixed(path):
     text = ref.decode(path, ref.generate(path, ref.text_ids(path, "once upon a time"), 40))
     stop = text[len(text) // 2:len(text) // 2 + 3]
     return [
-        {"id": "short", "prompt": {"tokens": [3, 4, 5]}, "params": {"max_tokens": 30}},
-        {"id": "long", "prompt": {"tokens": _ids(150, 1)}, "params": {"max_tokens": 12}},
+        {"id": "short", "prompt": {"tokens": random_ids(3, 5)}, "params": {"max_tokens": 30}},
+        {"id": "long", "prompt": {"tokens": random_ids(150, 1)}, "params": {"max_tokens": 12}},
         {"id": "stop", "prompt": {"text": "once upon a time"}, "params": {"max_tokens": 40, "stop": [stop]}},
-        {"id": "seeded", "prompt": {"tokens": _ids(20, 2)},
+        {"id": "seeded", "prompt": {"tokens": random_ids(20, 2)},
          "params": {"max_tokens": 24, "temperature": 0.9, "top_p": 0.9, "seed": 7}},
-        {"id": "logprobs", "prompt": {"tokens": _ids(33, 3)},
+        {"id": "logprobs", "prompt": {"tokens": random_ids(33, 3)},
          "params": {"max_tokens": 16, "top_logprobs": 3, "repetition_penalty": 1.3}},
-        {"id": "cancelled", "prompt": {"tokens": _ids(40, 4)}, "params": {"max_tokens": 400}},
+        {"id": "cancelled", "prompt": {"tokens": random_ids(40, 4)}, "params": {"max_tokens": 400}},
     ]
 
 
@@ -101,51 +105,205 @@ def _compare(alone, together, cancelled="cancelled"):
             assert [t["id"] for t in a["top"]] == [t["id"] for t in b["top"]]
 
 
+def _mlx_lm_penalized(path, ids, n, k, **processors):
+    """Raw mlx-lm's generate_step (greedy) with its own logits processors: [(token, its logprob, top k ids)]."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model, tok = ref.load_model(path)
+    out = []
+    for t, lp in generate_step(mx.array(ids), model, max_tokens=n,
+                               logits_processors=make_logits_processors(**processors)):
+        if t in tok.eos_token_ids:
+            break
+        out.append((t, lp[t].item(), mx.argsort(-lp)[:k].tolist()))
+    return out
+
+
+def _check_against_mlx_lm(path, reqs, together):
+    """Each batched stream against raw mlx-lm run on its request alone: the greedy ones (tokens, text, stop
+    reason), the stop string, the seeded one (mlx-lm seeded with ``mx.random.seed``), the penalized one's
+    tokens and logprobs, the cancelled one's prefix. Each reference is checked not to be degenerate."""
+    by_id = {r["id"]: r for r in reqs}
+    for rid in ("short", "long", "cancelled"):
+        r, got = by_id[rid], generated_tokens(together[rid])
+        n = r["params"]["max_tokens"] if rid != "cancelled" else len(got)
+        want = ref.generate(path, r["prompt"]["tokens"], n)
+        assert_varied(want, 4, what=f"mlx-lm's greedy output for {rid!r}")
+        assert got == want, rid
+        assert together[rid][-1]["text"] == ref.decode(path, want), rid
+        assert together[rid][-1]["stop_reason"] == ("cancelled" if rid == "cancelled" else
+                                                     "max_tokens" if len(want) == n else "eos"), rid
+
+    want = ref.generate(path, ref.text_ids(path, "once upon a time"), 40)
+    assert_varied(want, 4, what="mlx-lm's greedy output for 'stop'")
+    text, stop = ref.decode(path, want), by_id["stop"]["params"]["stop"][0]
+    assert together["stop"][-1]["stop_reason"] == "stop_string"
+    assert together["stop"][-1]["text"] == text[:text.index(stop)]
+    assert generated_tokens(together["stop"]) == want[:len(generated_tokens(together["stop"]))]
+
+    seeded = by_id["seeded"]
+    ids, p = seeded["prompt"]["tokens"], seeded["params"]
+    sample = ref.generate(path, ids, p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"], seed=p["seed"])
+    # the seeded stream is told apart from what an unseeded or differently seeded one gives
+    assert_varied(sample, 4, what="mlx-lm's seeded sample")
+    assert sample != ref.generate(path, ids, p["max_tokens"]), "the seeded sample is the greedy output"
+    assert sample != ref.generate(path, ids, p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
+                                  seed=p["seed"] + 1), "another seed gives the same sample"
+    assert generated_tokens(together["seeded"]) == sample
+
+    pen = by_id["logprobs"]
+    k = pen["params"]["top_logprobs"]
+    want = _mlx_lm_penalized(path, pen["prompt"]["tokens"], pen["params"]["max_tokens"], k,
+                             repetition_penalty=pen["params"]["repetition_penalty"])
+    assert_varied([t for t, _, _ in want], 4, what="mlx-lm's penalized output")
+    got = [lp for e in together["logprobs"] if e["type"] == "token" for lp in e["logprobs"]]
+    assert [lp["id"] for lp in got] == [t for t, _, _ in want] == generated_tokens(together["logprobs"])
+    for lp, (_, logprob, top) in zip(got, want):
+        assert abs(lp["logprob"] - logprob) < 1e-4 and [t["id"] for t in lp["top"]] == top, (lp, logprob, top)
+
+    for r in reqs:
+        assert _stats(together[r["id"]])["batching"] == "on", r["id"]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_w64"])
 def test_concurrent_requests_give_their_tokens_alone(family, family_dirs, gemma3_w64_dir):
     """Gemma 3 with a 64-token window: the prompts here wrap its rotating layers."""
     path = gemma3_w64_dir if family == "gemma3_w64" else family_dirs[family]
     reqs = _mixed(path)
-    alone, _ = run_all(path, reqs, 1)
     together, late = run_all(path, reqs, 8, cancel="cancelled")
-    _compare(alone, together)
+    _check_against_mlx_lm(path, reqs, together)
     assert max(_stats(together[r["id"]])["concurrent"] for r in reqs if r["id"] != "cancelled") >= 4
-    assert late <= 2, f"{late} token events of the cancelled stream after the cancel was acknowledged"
-    # the stop string really stopped it, the seeded one really sampled
-    assert together["stop"][-1]["stop_reason"] == "stop_string"
-    greedy = ref.generate(path, _ids(20, 2), 24)
-    assert generated_tokens(together["seeded"]) != greedy
+    assert late <= LATE_TOKEN_EVENTS, f"{late} token events of the cancelled stream after the cancel's ack"
 
 
-def test_json_schema_and_follow_ups_in_the_batch(llama_dir):
-    """Two conversations and their follow-ups, and a JSON-schema request, decoded together: each
-    follow-up reuses its own conversation's cache exactly as alone, the JSON is the same valid JSON."""
+@pytest.fixture(scope="module")
+def batch_worker(llama_dir):
+    """One llama worker batching up to 8 requests, shared by the tests that leave it idle."""
+    w = Worker()
+    w.load(llama_dir, max_concurrent=8)
+    yield w
+    w.close()
+
+
+def _logprob_of(path, ids, continuation, temperature):
+    """log P(continuation | ids) under raw mlx-lm's model, sampling at ``temperature`` (no top-p/k)."""
+    import mlx.core as mx
+
+    if not continuation:
+        return 0.0
+    model, _ = ref.load_model(path)
+    logits = model(mx.array(ids + continuation)[None])[0, len(ids) - 1:-1].astype(mx.float32) / temperature
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sum(lp[i, t].item() for i, t in enumerate(continuation))
+
+
+def test_unseeded_and_seeded_sampling_in_the_batch(batch_worker, llama_dir):
+    """Unseeded sampled requests decoded together sample every token (not only the first), each its own
+    draws: none follows the greedy path after its first token, no two agree, not even across two batches.
+    The llama fixture's next-token distribution is flat (the chance that a right sampler follows any one
+    path is computed from raw mlx-lm's logits and asserted negligible). A seeded request in the same batch
+    gives mlx-lm's own seeded sample."""
+    ids, n, temp, runs, per_run = random_ids(16, 21), 12, 1.0, 2, 4
+    seed_params = {"max_tokens": n, "temperature": temp, "seed": 11}
+    seeded_ref = ref.generate(llama_dir, ids, n, temperature=temp, seed=11)
+    assert_varied(seeded_ref, 4, what="mlx-lm's seeded sample")
+    assert seeded_ref != ref.generate(llama_dir, ids, n), "the seeded sample is the greedy output"
+    outs = []
+    for run in range(runs):  # the first batch all unseeded, the second with the seeded one beside them
+        rids = [f"u{run}-{i}" for i in range(per_run)] + ([f"s{run}"] if run else [])
+        for rid in rids:
+            params = seed_params if rid.startswith("s") else {"max_tokens": n, "temperature": temp}
+            batch_worker.send({"type": "generate", "id": rid, "prompt": {"tokens": ids}, "params": params})
+        got = {rid: batch_worker.collect(rid) for rid in rids}
+        assert all(_stats(evs)["batching"] == "on" for evs in got.values())
+        assert max(_stats(evs)["concurrent"] for evs in got.values()) >= 4, [_stats(e) for e in got.values()]
+        if run:
+            assert generated_tokens(got.pop(f"s{run}")) == seeded_ref, "the seeded row in the batch"
+        outs += [generated_tokens(evs) for evs in got.values()]
+    tested = 0
+    for out in outs:
+        # what a row that decodes greedily after its sampled first token would give
+        greedy_after = ref.generate(llama_dir, ids + out[:1], len(out) - 1)
+        chance = _logprob_of(llama_dir, ids + out[:1], greedy_after, temp)
+        if chance > math.log(1e-9):  # a row that sampled EOS at once: too short to tell
+            continue
+        tested += 1
+        assert out[1:] != greedy_after, f"sampled only the first token: {out}"
+        # the chance that another request draws this very sequence
+        assert _logprob_of(llama_dir, ids, out, temp) < math.log(1e-9), out
+    assert tested >= len(outs) - 2, outs
+    assert len({tuple(o) for o in outs}) == len(outs), f"unseeded requests gave the same tokens: {outs}"
+
+
+def test_a_cancel_in_the_batch_ends_it_at_the_next_step(batch_worker):
+    """Six long requests decoded together, cancelled one by one at staggered points: each ends
+    ``cancelled`` with at most LATE_TOKEN_EVENTS token event after its cancel's acknowledgement (by
+    ``seq``), and the others decode on meanwhile."""
+    k = 6
+    rids = [f"long{i}" for i in range(k)]
+    cancel_at = {rid: 16 + i for i, rid in enumerate(rids)}  # token events before its cancel: all have joined
+    for i, rid in enumerate(rids):
+        batch_worker.send({"type": "generate", "id": rid, "prompt": {"tokens": random_ids(12, 40 + i)},
+                           "params": {"max_tokens": 100000}})
+    events, seen, ends = [], {rid: 0 for rid in rids}, {}
+    while len(ends) < 2 * k:  # each target's terminal and each cancel's ack
+        ev = batch_worker.next_event(timeout=60)
+        events.append(ev)
+        rid = ev.get("id")
+        if ev["type"] == "token" and rid in seen:
+            seen[rid] += 1
+            if seen[rid] == cancel_at[rid]:
+                batch_worker.send({"type": "cancel", "id": f"x-{rid}", "target": rid})
+        elif ev["type"] in ("done", "error"):
+            ends[rid] = ev
+    for rid in rids:
+        assert ends[rid]["type"] == "done" and ends[rid]["stop_reason"] == "cancelled", ends[rid]
+        ack = ends[f"x-{rid}"]
+        assert ack["cancelled"] is True, ack
+        late = [e for e in events if e.get("id") == rid and e["type"] == "token" and e["seq"] > ack["seq"]]
+        assert len(late) <= LATE_TOKEN_EVENTS, (rid, late)
+        stats = next(e for e in events if e.get("id") == rid and e["type"] == "stats")
+        assert stats["concurrent"] == k, stats
+    # the last one decoded on while the others were cancelled
+    assert seen[rids[-1]] >= cancel_at[rids[-1]]
+
+
+def test_json_schema_and_follow_ups_in_the_batch(batch_worker, llama_dir):
+    """Three conversations and a JSON-schema request decoded together, then the three follow-ups: each
+    conversation gives mlx-lm's tokens, each follow-up reuses exactly its own first turn, and the JSON is
+    what the request gives alone (``max_concurrent: 1``)."""
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    first = [{"id": f"c{i}", "prompt": {"tokens": _ids(60, 10 + i)}, "params": {"max_tokens": 10}}
+    first = [{"id": f"c{i}", "prompt": {"tokens": random_ids(60, 10 + i)}, "params": {"max_tokens": 10}}
              for i in range(3)]
     first.append({"id": "json", "prompt": {"text": "a number:"}, "params": {"max_tokens": 30, "json_schema": schema}})
-    alone, _ = run_all(llama_dir, first, 1)
-    together, _ = run_all(llama_dir, first, 4)
+    alone, _ = run_all(llama_dir, first[3:], 1)
+    for r in first:
+        batch_worker.send({"type": "generate", **r})
+    together = {r["id"]: batch_worker.collect(r["id"]) for r in first}
     _compare(alone, together, cancelled=None)
     assert json.loads(together["json"][-1]["text"])["n"] is not None
+    assert max(_stats(evs)["concurrent"] for evs in together.values()) == 4
+    answers = {}
+    for r in first[:3]:
+        want = ref.generate(llama_dir, r["prompt"]["tokens"], 10)
+        assert_varied(want, 4, what=f"mlx-lm's output for {r['id']}")
+        answers[r["id"]] = generated_tokens(together[r["id"]])
+        assert answers[r["id"]] == want, r["id"]
 
-    w = Worker()
-    try:
-        w.load(llama_dir, max_concurrent=4)
-        for r in first[:3]:
-            w.send({"type": "generate", **r})
-        answers = {r["id"]: generated_tokens(w.collect(r["id"])) for r in first[:3]}
-        follow = [{"id": f"f{i}", "prompt": {"tokens": r["prompt"]["tokens"] + answers[r["id"]] + _ids(9, 50 + i)},
-                   "params": {"max_tokens": 8}} for i, r in enumerate(first[:3])]
-        for r in follow:
-            w.send({"type": "generate", **r})
-        got = {r["id"]: w.collect(r["id"]) for r in follow}
-    finally:
-        w.close()
+    follow = [{"id": f"f{i}", "prompt": {"tokens": r["prompt"]["tokens"] + answers[r["id"]] + random_ids(9, 50 + i)},
+               "params": {"max_tokens": 8}} for i, r in enumerate(first[:3])]
+    for r in follow:
+        batch_worker.send({"type": "generate", **r})
+    got = {r["id"]: batch_worker.collect(r["id"]) for r in follow}
     for r in follow:
         st = _stats(got[r["id"]])
-        assert st["cached_tokens"] >= len(r["prompt"]["tokens"]) - 9 - 1, st
-        assert generated_tokens(got[r["id"]]) == ref.generate(llama_dir, r["prompt"]["tokens"], 8)
+        # the whole first turn: its prompt and every answer token (each was fed before it was reported)
+        assert st["cached_tokens"] == len(r["prompt"]["tokens"]) - 9, st
+        want = ref.generate(llama_dir, r["prompt"]["tokens"], 8)
+        assert_varied(want, 4, what=f"mlx-lm's output for {r['id']}")
+        assert generated_tokens(got[r["id"]]) == want
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen2_vl"])
@@ -165,17 +323,22 @@ def test_an_image_request_in_the_batch(family, tmp_path_factory):
     reqs = [
         {"id": "image", "prompt": {"messages": image_msg}, "params": {"max_tokens": 12}},
         {"id": "text", "prompt": {"messages": story}, "params": {"max_tokens": 16}},
-        {"id": "tokens", "prompt": {"tokens": _ids(30, 6)}, "params": {"max_tokens": 20}},
-        {"id": "cancelled", "prompt": {"tokens": _ids(25, 7)}, "params": {"max_tokens": 400}},
+        {"id": "tokens", "prompt": {"tokens": random_ids(30, 6)}, "params": {"max_tokens": 20}},
+        {"id": "cancelled", "prompt": {"tokens": random_ids(25, 7)}, "params": {"max_tokens": 400}},
     ]
-    first, _ = run_all(path, reqs[1:2], 1)
-    text = first["text"][-1]["text"]
-    reqs.append({"id": "stop", "prompt": {"messages": story},
-                 "params": {"max_tokens": 16, "stop": [text[len(text) // 2:len(text) // 2 + 2]]}})
     alone, _ = run_all(path, reqs, 1)
+    for rid in ("image", "text", "tokens"):
+        assert_varied(generated_tokens(alone[rid]), 3, what=f"the {rid!r} request's output alone")
+    text = alone["text"][-1]["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    reqs.append({"id": "stop", "prompt": {"messages": story}, "params": {"max_tokens": 16, "stop": [stop]}})
     together, late = run_all(path, reqs, 8, cancel="cancelled")
     _compare(alone, together)
-    assert together["stop"][-1]["stop_reason"] == "stop_string" and late <= 2
+    # the "text" request with a stop string: alone it would end where its text first holds the stop string
+    got = together["stop"]
+    assert got[-1]["stop_reason"] == "stop_string" and got[-1]["text"] == text[:text.index(stop)]
+    assert generated_tokens(alone["text"])[:len(generated_tokens(got))] == generated_tokens(got)
+    assert late <= LATE_TOKEN_EVENTS, f"{late} token events of the cancelled stream after the cancel's ack"
     assert _stats(together["image"])["concurrent"] >= 2
 
 
@@ -204,14 +367,17 @@ def test_bad_requests_fail_alone_in_a_running_batch(llama_dir):
     w = Worker()
     try:
         w.load(llama_dir, max_concurrent=4)
-        w.send({"type": "generate", "id": "ok", "prompt": {"tokens": [3, 4, 5]}, "params": {"max_tokens": 40}})
+        ids = random_ids(5, 60)
+        w.send({"type": "generate", "id": "ok", "prompt": {"tokens": ids}, "params": {"max_tokens": 40}})
         first = w.wait_for("ok", lambda e: e["type"] == "token")
         bad = w.request({"type": "generate", "id": "bad", "prompt": {"tokens": [3, 10 ** 6]}})
         assert bad[-1]["type"] == "error" and bad[-1]["code"] == "invalid_params"
         assert "prompt.tokens" in bad[-1]["message"]
         ok = [first] + w.collect("ok")
         assert ok[-1]["type"] == "done"
-        assert generated_tokens(ok) == ref.generate(llama_dir, [3, 4, 5], 40)
+        want = ref.generate(llama_dir, ids, 40)
+        assert_varied(want, 4, what="mlx-lm's output")
+        assert generated_tokens(ok) == want
         for value in (0, 65, "4"):
             err = w.request({"type": "load", "id": f"l{value}", "model_path": str(llama_dir),
                              "options": {"max_concurrent": value}})[-1]
@@ -233,12 +399,15 @@ def test_requests_that_cannot_batch_run_alone_and_say_why(llama_dir):
                           "options": {"max_concurrent": 4, "draft_model_path": str(llama_dir)}})[-1]
         assert done["model"]["max_concurrent"] == 4
         w.send({"type": "generate", "id": "spec", "prompt": {"tokens": [3, 4]}, "params": {"max_tokens": 20}})
-        w.send({"type": "generate", "id": "plain", "prompt": {"tokens": [3, 5]},
+        ids = random_ids(4, 61)
+        w.send({"type": "generate", "id": "plain", "prompt": {"tokens": ids},
                 "params": {"max_tokens": 20, "speculative": False}})
         spec, plain = w.collect("spec"), w.collect("plain")
         assert _stats(spec)["batching"] == "off: speculative" and _stats(spec)["speculative"] == "on"
         assert _stats(plain)["batching"] == "on"
-        assert generated_tokens(plain) == ref.generate(llama_dir, [3, 5], 20)
+        want = ref.generate(llama_dir, ids, 20)
+        assert_varied(want, 4, what="mlx-lm's output")
+        assert generated_tokens(plain) == want
     finally:
         w.close()
 
