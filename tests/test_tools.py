@@ -189,6 +189,52 @@ def test_json_schema_applies_to_the_answer_only(thinker):
     assert set(value) == {"n"} and 0 <= value["n"] <= 9
 
 
+@pytest.fixture(scope="module")
+def garbled(dirs, tmp_path_factory):
+    """The Hermes fixture driven to open a tool call where it would emit one token, and to close it where
+    it would emit a later one: in auto mode it writes calls whose text is no JSON (one closed, one still
+    open when ``max_tokens`` ends it)."""
+    src = dirs["hermes"]
+    _, tok = reference.load_model(src)
+    prompt = tok.apply_chat_template(ASK, tools=TOOLS, add_generation_prompt=True)
+    plain = reference.generate(src, prompt, 30)
+    special = set(tok.all_special_ids)
+    x = next(t for t in plain[3:] if t not in special and plain.index(t) >= 3)
+    root = tmp_path_factory.mktemp("garbled")
+    opened = drive_marker(src, root / "open", "<tool_call>", x)
+    out = reference.generate(opened, prompt, 30)
+    i = out.index(tok.convert_tokens_to_ids("<tool_call>"))
+    y = next(t for t in out[i + 3:] if t not in special and t not in out[:i + 3])
+    path = drive_marker(opened, root / "close", "</tool_call>", y)
+    w = Worker()
+    w.load(path)
+    yield w, path, prompt
+    w.close()
+
+
+def test_a_tool_call_that_does_not_parse_is_kept_as_answer_text(garbled):
+    """channels.py: a call that does not parse is released as answer text, markers included. The answer is
+    then mlx-lm's own decoding of every generated token, and no call is reported."""
+    from mlx_lm.tool_parsers import json_tools
+
+    w, path, prompt = garbled
+    ids = reference.generate(path, prompt, 30)
+    text = reference.decode(path, ids)
+    # what makes this test: a closed call and an open one, neither of them parsable by mlx-lm's parser
+    assert text.count("<tool_call>") == 2 and text.count("</tool_call>") == 1, text
+    closed, still_open = text.split("<tool_call>")[1].split("</tool_call>")[0], text.split("<tool_call>")[2]
+    for call in (closed, still_open):
+        assert call.strip(), text
+        with pytest.raises(Exception):
+            json_tools.parse_tool_call(call, TOOLS)
+    evs = _gen(w, "garbled", ASK, max_tokens=30, tools=TOOLS)
+    done, toks = evs[-1], [e for e in evs if e["type"] == "token"]
+    assert not [e for e in evs if e["type"] == "tool_call"] and "tool_calls" not in done, done
+    assert done["stop_reason"] == "max_tokens" and done["text"] == text
+    assert "".join(e["text"] for e in toks) == text and all(e["channel"] == "answer" for e in toks)
+    assert _ids(evs) == ids
+
+
 def test_a_marker_split_across_tokens_still_splits_the_channels(dirs):
     """In process, with the fixture's real detokenizer: ``</think>`` and ``<tool_call>`` spelled in pieces."""
     from mlx_lm.tool_parsers import json_tools
