@@ -5,19 +5,24 @@ Each client has one request in flight at a time and sends its next one when it e
 and kinds (tokens, text, chat, a follow-up of its own conversation), greedy and seeded sampling, stop
 strings, logprobs, ``max_tokens`` 1-40; a quarter are cancelled (before their first token, or after a few).
 Checks: every request gets exactly one terminal event and nothing after it, cancelled ones end
-``cancelled``, `seq` is consecutive, the batch really ran several at once, and the worker's RSS after the
-run is within 10% of its RSS after a warm-up of the same mix.
+``cancelled``, `seq` is consecutive, the batch really ran several at once, and the worker's RSS does not
+grow: measured idle (prompt cache emptied) after a warm-up of the same mix and after each of WINDOWS equal
+windows of the run, the lowest of the last three is within 2% of the median of the first three. A leak
+raises every later figure (the check catches ~13 KB a request; a request's KV cache kept is megabytes);
+a transient bump of one figure (seen: +20 MB once, gone by the next window) moves neither statistic.
 """
 
 import collections
 import queue
 import random
+import statistics
 import time
 
 from tests.client import TERMINAL, Worker, rss_kb
 
 CLIENTS = 8
-WARMUP, REQUESTS = 120, 500
+WARMUP, REQUESTS, WINDOWS = 120, 500, 5
+RSS_GROWTH = 0.02  # most the RSS may grow from the first three idle figures to the last three
 
 
 class Client:
@@ -110,19 +115,23 @@ class Soak:
                     busy.discard(c.n)
 
     def rss_idle(self) -> int:
-        """RSS in the same state after each phase: idle, prompt cache emptied."""
+        """RSS in the same state after each phase: idle, prompt cache emptied (the median of three reads)."""
         assert self.w.request({"type": "cache_clear", "id": f"cc{self.sent}"})[-1]["type"] == "done"
-        time.sleep(0.3)
-        return rss_kb(self.w.proc.pid)
+        reads = []
+        for _ in range(3):
+            time.sleep(0.1)
+            reads.append(rss_kb(self.w.proc.pid))
+        return statistics.median(reads)
 
 
 def test_500_requests_from_8_clients_with_random_cancels(llama_dir):
     s = Soak(llama_dir)
     try:
         s.phase(WARMUP)
-        warm = s.rss_idle()
-        s.phase(REQUESTS)
-        end = s.rss_idle()
+        rss = [s.rss_idle()]
+        for _ in range(WINDOWS):
+            s.phase(REQUESTS // WINDOWS)
+            rss.append(s.rss_idle())
         status = s.w.request({"type": "status", "id": "final"})[-1]
     finally:
         s.w.close()
@@ -137,5 +146,6 @@ def test_500_requests_from_8_clients_with_random_cancels(llama_dir):
     assert all(b > a for a, b in zip(seqs, seqs[1:]))  # (cache_clear and status lines are not in it)
     assert max(peers) >= 6 and sum(p >= 4 for p in peers) >= len(peers) // 4, collections.Counter(peers)
     assert status["state"] == "idle" and status["running"] == [] and status["queue"] == []
-    assert abs(end - warm) <= 0.10 * warm, (warm, end)
+    first, last = statistics.median(rss[:3]), min(rss[-3:])
+    assert last - first <= RSS_GROWTH * first, f"RSS (KB) after the warm-up and after each window: {rss}"
     assert s.w.proc.returncode == 0
