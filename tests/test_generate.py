@@ -3,7 +3,28 @@
 import pytest
 
 from tests import reference as ref
-from tests.client import generated_text, generated_tokens
+from tests.client import Worker, generated_text, generated_tokens
+from tests.prompts import assert_varied, random_ids
+
+
+@pytest.fixture(scope="module")
+def shared():
+    """One worker process for the module: each test loads the model and options it needs (a load of a
+    fixture takes a fraction of a second, a new process several)."""
+    w = Worker()
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def worker(shared):
+    return shared
+
+
+@pytest.fixture
+def llama_worker(shared, llama_dir):
+    shared.load(llama_dir)
+    return shared
 
 FAMILIES = ["llama", "qwen2", "gemma3_text"]
 MESSAGES = [{"role": "system", "content": "You are terse."},
@@ -18,7 +39,7 @@ def test_greedy_matches_mlx_lm(worker, family_dirs, family):
     cases = {
         "text": ({"text": "the lazy dog jumps"}, ref.text_ids(path, "the lazy dog jumps")),
         "messages": ({"messages": MESSAGES}, ref.chat_ids(path, MESSAGES)),
-        "tokens": ({"tokens": [5, 17, 42, 99, 7]}, [5, 17, 42, 99, 7]),
+        "tokens": ({"tokens": random_ids(5, 8)}, random_ids(5, 8)),
     }
     for name, (prompt, ids) in cases.items():
         events = worker.request({"type": "generate", "id": f"{family}-{name}", "prompt": prompt,
@@ -26,6 +47,7 @@ def test_greedy_matches_mlx_lm(worker, family_dirs, family):
         done = events[-1]
         assert done["type"] == "done", done
         expected = ref.generate(path, ids, 24)
+        assert_varied(expected, 4, what=f"mlx-lm's output for the {name} prompt")
         assert generated_tokens(events) == expected, name
         assert done["text"] == generated_text(events) == ref.decode(path, expected)
         stats = [e for e in events if e["type"] == "stats"]
@@ -75,15 +97,13 @@ def test_max_tokens_zero_and_context_full(worker, llama_dir):
     events = worker.request({"type": "generate", "id": "zero", "prompt": {"text": "abc"},
                              "params": {"max_tokens": 0}})
     assert events[-1]["stop_reason"] == "max_tokens" and events[-1]["text"] == ""
-    ctx = worker.request({"type": "status", "id": "st"})[-1]["model"]["context_length"]
-    long_prompt = {"tokens": [7] * (ctx - 3)}
-    events = worker.request({"type": "generate", "id": "full", "prompt": long_prompt,
-                             "params": {"max_tokens": 50}}, timeout=300)
-    done = events[-1]
-    generated = len(generated_tokens(events))
-    assert done["stop_reason"] in ("context_full", "eos")
-    if done["stop_reason"] == "context_full":
-        assert generated == 3
+    model = worker.request({"type": "status", "id": "st"})[-1]["model"]
+    ctx = model["context_length"]
+    no_eos = {str(t): -100.0 for t in model["eos_token_ids"]}  # so that only the context can end it
+    events = worker.request({"type": "generate", "id": "full", "prompt": {"tokens": random_ids(ctx - 3, 9)},
+                             "params": {"max_tokens": 50, "logit_bias": no_eos}}, timeout=300)
+    assert events[-1]["stop_reason"] == "context_full", events[-1]
+    assert len(generated_tokens(events)) == 3  # the context holds 3 more tokens
 
 
 def test_tokenize_matches_tokenizer(llama_worker, llama_dir):
@@ -105,6 +125,7 @@ def test_warmup_option(worker, llama_dir):
     assert info["warmup_s"] > 0
     events = worker.request({"type": "generate", "id": "after-warmup", "prompt": {"text": "the lazy dog"},
                              "params": {"max_tokens": 8}})
-    path = llama_dir
-    assert generated_tokens(events) == ref.generate(path, ref.text_ids(path, "the lazy dog"), 8)
+    want = ref.generate(llama_dir, ref.text_ids(llama_dir, "the lazy dog"), 8)
+    assert_varied(want, 4, what="mlx-lm's output")
+    assert generated_tokens(events) == want
     assert "warmup_s" not in worker.load(llama_dir, warmup=False)
