@@ -2,6 +2,7 @@
 JSON and Mistral ``[TOOL_CALLS]``), constrained calls, the events against mlx-lm's own parsers, the prompt
 cache across a tool round trip, thinking channels, and every bad input."""
 
+import contextlib
 import importlib
 import json
 
@@ -38,6 +39,18 @@ def workers(dirs):
     yield ws
     for w in ws.values():
         w.close()
+
+
+@contextlib.contextmanager
+def _serving(workers, dirs, family, path, **options):
+    """The family's shared worker with another model (or options) loaded, its own model back afterwards
+    (a load takes a fraction of a second, a new worker process several)."""
+    w = workers[family]
+    w.load(path, **options)
+    try:
+        yield w
+    finally:
+        w.load(dirs[family])
 
 
 def _gen(w, rid, messages, max_tokens=150, params=None, **prompt):
@@ -126,7 +139,7 @@ def test_a_tool_round_trip_reuses_the_whole_call(workers, dirs):
 
 
 @pytest.fixture(scope="module")
-def thinker(dirs, tmp_path_factory):
+def thinker_dir(dirs, tmp_path_factory):
     """The Hermes fixture driven to close its thinking block where it would emit some mid-answer token."""
     src = dirs["hermes"]
     _, tok = reference.load_model(src)
@@ -134,11 +147,13 @@ def thinker(dirs, tmp_path_factory):
     plain = reference.generate(src, prompt, 30)
     special = set(tok.all_special_ids)
     x = next(t for t in plain[6:] if t not in special and plain.index(t) >= 6)
-    path = drive_marker(src, tmp_path_factory.mktemp("thinker") / "m", "</think>", x)
-    w = Worker()
-    w.load(path)
-    yield w, path
-    w.close()
+    return drive_marker(src, tmp_path_factory.mktemp("thinker") / "m", "</think>", x)
+
+
+@pytest.fixture
+def thinker(workers, dirs, thinker_dir):
+    with _serving(workers, dirs, "hermes", thinker_dir) as w:
+        yield w, thinker_dir
 
 
 def _split_reference(path, max_tokens=30):
@@ -190,7 +205,7 @@ def test_json_schema_applies_to_the_answer_only(thinker):
 
 
 @pytest.fixture(scope="module")
-def garbled(dirs, tmp_path_factory):
+def garbled_dir(dirs, tmp_path_factory):
     """The Hermes fixture driven to open a tool call where it would emit one token, and to close it where
     it would emit a later one: in auto mode it writes calls whose text is no JSON (one closed, one still
     open when ``max_tokens`` ends it)."""
@@ -205,20 +220,17 @@ def garbled(dirs, tmp_path_factory):
     out = reference.generate(opened, prompt, 30)
     i = out.index(tok.convert_tokens_to_ids("<tool_call>"))
     y = next(t for t in out[i + 3:] if t not in special and t not in out[:i + 3])
-    path = drive_marker(opened, root / "close", "</tool_call>", y)
-    w = Worker()
-    w.load(path)
-    yield w, path, prompt
-    w.close()
+    return drive_marker(opened, root / "close", "</tool_call>", y)
 
 
-def test_a_tool_call_that_does_not_parse_is_kept_as_answer_text(garbled):
+def test_a_tool_call_that_does_not_parse_is_kept_as_answer_text(workers, dirs, garbled_dir):
     """channels.py: a call that does not parse is released as answer text, markers included. The answer is
     then mlx-lm's own decoding of every generated token, and no call is reported."""
     from mlx_lm.tool_parsers import json_tools
 
-    w, path, prompt = garbled
-    ids = reference.generate(path, prompt, 30)
+    path = garbled_dir
+    _, tok = reference.load_model(path)
+    ids = reference.generate(path, tok.apply_chat_template(ASK, tools=TOOLS, add_generation_prompt=True), 30)
     text = reference.decode(path, ids)
     # what makes this test: a closed call and an open one, neither of them parsable by mlx-lm's parser
     assert text.count("<tool_call>") == 2 and text.count("</tool_call>") == 1, text
@@ -227,7 +239,8 @@ def test_a_tool_call_that_does_not_parse_is_kept_as_answer_text(garbled):
         assert call.strip(), text
         with pytest.raises(Exception):
             json_tools.parse_tool_call(call, TOOLS)
-    evs = _gen(w, "garbled", ASK, max_tokens=30, tools=TOOLS)
+    with _serving(workers, dirs, "hermes", path) as w:
+        evs = _gen(w, "garbled", ASK, max_tokens=30, tools=TOOLS)
     done, toks = evs[-1], [e for e in evs if e["type"] == "token"]
     assert not [e for e in evs if e["type"] == "tool_call"] and "tool_calls" not in done, done
     assert done["stop_reason"] == "max_tokens" and done["text"] == text
@@ -333,14 +346,11 @@ def test_tool_choice_none_renders_no_tools_and_parses_nothing(workers, dirs):
     assert _ids(evs) == reference.generate(dirs["hermes"], plain, 8)
 
 
-def test_a_constrained_call_turns_speculation_off(dirs):
-    w = Worker()
-    try:
-        w.load(dirs["mistral"], draft_model_path=str(dirs["mistral"]))  # its own draft: the same tokenizer
+def test_a_constrained_call_turns_speculation_off(workers, dirs):
+    # its own draft: the same tokenizer
+    with _serving(workers, dirs, "mistral", dirs["mistral"], draft_model_path=str(dirs["mistral"])) as w:
         evs = _gen(w, "sp", ASK, tools=TOOLS, tool_choice="required")
         assert evs[-2]["speculative"] == "off: tool_choice" and evs[-1]["stop_reason"] == "tool_calls"
-    finally:
-        w.close()
 
 
 def test_the_workers_rendering_adds_the_tool_prompt_only_when_tools_are_offered():
