@@ -9,7 +9,7 @@ UNAME := $(shell uname -s)
 CUDA ?=
 LOCK := $(shell $(PYTHON) locks/lock.py target $(if $(CUDA),--cuda) 2>/dev/null || echo locks/requirements-linux-cpu.txt)
 
-.PHONY: setup sysdeps model gemma demo test test-fast bench schema lock lock-check check-newest clean
+.PHONY: setup sysdeps model gemma demo test test-fast mutants bench schema lock lock-check check-newest clean
 
 setup: $(VENV)/.installed
 
@@ -74,6 +74,11 @@ test: setup model
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not real_model"
+
+# Small plausible bugs (tests/mutants_list.py), each put into a throwaway copy of the tree and run against the
+# tests that should catch it; fails when one survives. `$(PY) -m tests.mutants NAME...` (or -k SUB) runs some.
+mutants: setup model
+	$(PY) -m tests.mutants
 
 # CPU quick profile (< 10 minutes on 2 cores): tables and PNG plots in bench/results/.
 bench: setup model
