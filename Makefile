@@ -66,14 +66,17 @@ gemma: setup
 demo: setup
 	$(PY) host_examples/python/demo_chat.py --model "$$($(PY) -m worker.default_model)"
 
+# Two pytest processes (pytest-xdist), a whole file each at a time: the suite keeps both cores busy.
+# PYTEST_JOBS=0 runs it in one process.
+PYTEST_JOBS ?= 2
 test: setup model
 	@$(PY) locks/lock.py check
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n $(PYTEST_JOBS) --dist loadfile
 	node host_examples/node/gen_types.js --check
 	MLX_WORKER_PYTHON=$(abspath $(PY)) node --test host_examples/node/test/
 
 test-fast: setup
-	$(PY) -m pytest -q -ra -m "not real_model"
+	$(PY) -m pytest -q -ra -n $(PYTEST_JOBS) --dist loadfile -m "not real_model"
 
 # Small plausible bugs (tests/mutants_list.py), each put into a throwaway copy of the tree and run against the
 # tests that should catch it; fails when one survives. `$(PY) -m tests.mutants NAME...` (or -k SUB) runs some.

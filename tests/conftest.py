@@ -65,3 +65,15 @@ def smollm2_dir():
     from worker.default_model import ensure_default_model
 
     return ensure_default_model()
+
+
+# The files that take longest, measured (pytest --durations), go first: with `make test`'s two processes
+# (pytest-xdist, --dist loadfile) a long file started last would leave one core idle at the end.
+LONGEST_FIRST = ("test_real_gemma", "test_vision_qwen3", "test_vision_matrix", "test_tools", "test_errors",
+                 "test_vision_gemma4", "test_real_model", "test_promises", "test_features", "test_option_matrix",
+                 "test_cuda_batch", "test_conformance", "test_batching", "test_generate")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
