@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tests import reference  # noqa: E402
 from tests.client import Worker, generated_tokens  # noqa: E402
 from tests.test_vision import QUESTION, chat, images, root, stats, user  # noqa: E402,F401
+from tests.vision_checks import check_kv_bits_follow_up  # noqa: E402
 from tests.vlm_fixtures_gemma3n import (  # noqa: E402
     _UNSCALED, gemma3n_fixture_dir, patch_mlx_vlm, vlm_generate, worker_cmd,
 )
@@ -88,23 +89,20 @@ def test_gemma3n_parity_and_cache(worker, path, images):
     assert generated_tokens(chat(worker, "g3n-f5", changed, MAX)) == generated_tokens(ch)
 
 
-def test_gemma3n_kv_bits_follow_up(path, images):
-    """A follow-up on the image with an 8-bit KV cache: served from the cache, equal to a cold run."""
-    w = Worker(cmd=worker_cmd())
-    try:
-        evs = w.request({"type": "load", "id": "l", "model_path": str(path),
-                         "options": {"kv_bits": 8, "kv_group_size": 32}})
-        assert evs[-1]["type"] == "done", evs[-1]
-        first = chat(w, "q1", [user([images["a"]])], MAX)
-        answer = "".join(e["text"] for e in first if e["type"] == "token")
-        follow = [user([images["a"]]), {"role": "assistant", "content": answer},
-                  {"role": "user", "content": "Tell me more."}]
-        warm = chat(w, "q2", follow, MAX)
-        assert stats(warm)["cached_tokens"] > image_positions(path, [images["a"]])[-1]
-        w.request({"type": "cache_clear", "id": "cc"})
-        assert generated_tokens(chat(w, "q3", follow, MAX)) == generated_tokens(warm)
-    finally:
-        w.close()
+def _patched_vlm(path):
+    """mlx-vlm with its Gemma 3n text embeddings scaled (``patch_mlx_vlm``), loaded once."""
+    vlm_generate(path, ref_msgs(0), max_tokens=1)  # loads it
+    from tests.vlm_fixtures_gemma3n import _LOADED
+
+    return _LOADED[str(path)]
+
+
+def test_gemma3n_kv_bits_follow_up(worker, path, images):
+    """kv_bits against the (patched) mlx-vlm quantizing its cache as the worker does: the first turn, a warm
+    follow-up continuing the quantized cache, the same follow-up cold, and the entry's bytes in `status`
+    (tests/vision_checks.check_kv_bits_follow_up). Gemma 3n's per-layer inputs come from the ids, its
+    embeddings from the merged images: the reference feeds both, as mlx-vlm's generate_step does."""
+    check_kv_bits_follow_up(worker, path, images, "g3n", MAX, load=_patched_vlm)
 
 
 def test_gemma3n_batch_matches_alone(path, root, images):

@@ -15,9 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests import reference  # noqa: E402
 from tests.client import Worker, generated_tokens  # noqa: E402
-from tests.test_batching import _compare, _ids, _stats, run_all  # noqa: E402
+from tests.prompts import random_ids  # noqa: E402
+from tests.test_batching import _compare, _stats, run_all  # noqa: E402
 from tests.test_vision import (QUESTION, _first_image_token, _last_image_token, chat,  # noqa: E402
                                images, root, stats, user, vlm_generate, worker)  # noqa: F401 (fixtures)
+from tests.vision_checks import KV, Reference, check_kv_bits_follow_up  # noqa: E402
 from tests.vlm_fixtures_gemma4 import gemma4_fixture_dir  # noqa: E402
 
 MAX = 12
@@ -77,22 +79,36 @@ def test_parity_and_cache(worker, root, images, variant, window):
 
 
 @pytest.mark.parametrize("variant", ["e2b", "moe"])
-def test_kv_bits_follow_up(root, images, variant):
+def test_kv_bits_follow_up(worker, root, images, variant):
     """kv_bits quantizes the full-attention layers (the sliding ones stay exact; the KV-shared ones read
-    them quantized): a follow-up on the same image reuses the quantized cache and equals a cold run."""
-    path = gemma4_fixture_dir(root, variant=variant)
-    w = Worker()
-    try:
-        w.load(path, kv_bits=8, kv_group_size=32)
-        first = chat(w, "q1", [user([images["a"]])], MAX)
-        assert first[-1]["type"] == "done", first[-1]
-        follow = _follow_up(w, "q", images)
-        warm = chat(w, "q2", follow, MAX)
-        assert warm[-1]["type"] == "done", warm[-1]
-        assert stats(warm)["cached_tokens"] > _last_image_token(path, [images["a"]])
-        assert _cold(w, "q3", follow) == _nontrivial(generated_tokens(warm))
-    finally:
-        w.close()
+    them quantized), against mlx-vlm quantizing its cache as the worker does: the first turn, a warm
+    follow-up continuing the quantized cache, the same follow-up cold, and the entry's bytes in `status`
+    (tests/vision_checks.check_kv_bits_follow_up)."""
+    check_kv_bits_follow_up(worker, gemma4_fixture_dir(root, variant=variant), images, f"g4{variant}", MAX)
+
+
+def test_mlx_vlm_gemma4_gaps_the_reference_fills(root):
+    """Two mlx-vlm 0.7.10 Gemma 4 gaps that tests/vision_checks.Reference fills; when this fails, upstream
+    has changed: drop the matching fix there. (1) Its KV-shared layers run the float attention kernel on
+    their source layer's quantized K/V and fail. (2) A prompt suffix fed on a cache gets the per-layer inputs
+    of the wrong positions (sliced at the cache offset), so a resumed prompt differs from the same prompt cold."""
+    path = gemma4_fixture_dir(root)
+    msgs = [{"role": "user", "content": QUESTION}]
+    quant = Reference(path, 256, **KV)
+    quant.fill_shared_kv = False
+    with pytest.raises(TypeError, match="scaled_dot_product_attention"):
+        quant.generate(msgs, [], 2)
+    plain = Reference(path, 256)
+    first = plain.generate(msgs, [], MAX)[0]
+    follow = msgs + [{"role": "assistant", "content": plain.proc.tokenizer.decode(first)},
+                     {"role": "user", "content": "More?"}]
+    n = len(plain.ids(msgs, []))
+    assert plain.ids(follow, [])[:n] == plain.ids(msgs, [])  # the follow-up continues the first prompt
+    cold = plain.generate(follow, [], MAX)[0]
+    plain.per_layer_from_ids = False  # mlx-vlm as it is
+    assert plain.generate(follow, [], MAX, plain.cache_at(msgs, [], first, n), n)[0] != cold
+    plain.per_layer_from_ids = True  # as the reference feeds it
+    assert plain.generate(follow, [], MAX, plain.cache_at(msgs, [], first, n), n)[0] == cold
 
 
 def test_speculative_text_turn(root, images):
@@ -125,8 +141,8 @@ def test_batch_of_images_and_text(root, images, variant, window):
          "params": {"max_tokens": 16}},
         {"id": "text", "prompt": {"messages": [{"role": "user", "content": "Tell me a story."}]},
          "params": {"max_tokens": 16}},
-        {"id": "tokens", "prompt": {"tokens": _ids(40, 6)}, "params": {"max_tokens": 20}},
-        {"id": "cancelled", "prompt": {"tokens": _ids(25, 7)}, "params": {"max_tokens": 400}},
+        {"id": "tokens", "prompt": {"tokens": random_ids(40, 6)}, "params": {"max_tokens": 20}},
+        {"id": "cancelled", "prompt": {"tokens": random_ids(25, 7)}, "params": {"max_tokens": 400}},
     ]
     alone, _ = run_all(path, reqs, 1)
     together, _ = run_all(path, reqs, 8, cancel="cancelled")
@@ -206,7 +222,7 @@ def test_small_prefill_steps(root, images, variant):
         w.close()
     reqs = [{"id": "two", "prompt": {"messages": [user([images["a"], images["b"]])]}, "params": {"max_tokens": MAX}},
             {"id": "one", "prompt": {"messages": [user([images["c"]])]}, "params": {"max_tokens": 16}},
-            {"id": "text", "prompt": {"tokens": _ids(40, 8)}, "params": {"max_tokens": 20}}]
+            {"id": "text", "prompt": {"tokens": random_ids(40, 8)}, "params": {"max_tokens": 20}}]
     together, _ = run_all(path, reqs, 8, prefill_step_size=5)
     assert generated_tokens(together["two"]) == vlm_generate(path, [images["a"], images["b"]], max_tokens=MAX)
     assert generated_tokens(together["one"]) == vlm_generate(path, [images["c"]], max_tokens=16)

@@ -17,22 +17,29 @@ from tests.vision_checks import (check_batch, check_ids_match_processor, check_k
                                  check_parity_and_cache, speculative_text_turn)
 from tests.vlm_fixtures_idefics3 import FAMILIES, idefics3_fixture_dir  # noqa: E402
 
-SEEDS = {"idefics3": 0, "smolvlm": 1}
-
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_path(request, root):
-    return request.param, idefics3_fixture_dir(request.param, root, SEEDS[request.param])
+    return request.param, idefics3_fixture_dir(request.param, root)
 
 
 @functools.lru_cache(maxsize=2)
 def _llama(path):
-    """mlx-lm's llama loaded from the checkpoint through the worker's mapping, and its tokenizer."""
-    from mlx_lm.utils import load_model, load_tokenizer
+    """mlx-lm's llama built from the checkpoint's text_config, its text weights under llama's names
+    (``language_model.lm_head.*`` -> ``lm_head.*``, ``language_model.*`` -> ``model.*``), and its tokenizer."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+    from mlx_lm.utils import load_tokenizer
 
-    from worker.model import read_config, text_model_classes
-
-    model, config = load_model(Path(path), **text_model_classes(read_config(Path(path))))
+    config = json.loads((Path(path) / "config.json").read_text())
+    model = llama.Model(llama.ModelArgs.from_dict(config["text_config"]))
+    weights = {}
+    for k, v in mx.load(str(Path(path) / "model.safetensors")).items():
+        if k.startswith("language_model.lm_head."):
+            weights[k[len("language_model."):]] = v
+        elif k.startswith("language_model."):
+            weights["model." + k[len("language_model."):]] = v
+    model.load_weights(list(weights.items()))  # strict: every llama weight, nothing else
     return model, load_tokenizer(Path(path), eos_token_ids=config["eos_token_id"])
 
 
@@ -60,8 +67,8 @@ def test_two_images_alone_equal_the_processor(family_path, images):
     check_ids_match_processor(family_path[1], images)
 
 
-def test_kv_bits_follow_up(family_path, images):
-    check_kv_bits_follow_up(family_path[1], images, family_path[0])
+def test_kv_bits_follow_up(worker, family_path, images):
+    check_kv_bits_follow_up(worker, family_path[1], images, family_path[0])
 
 
 def test_speculative_text_turn(family_path, images):

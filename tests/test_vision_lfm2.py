@@ -31,8 +31,8 @@ def test_lfm2_vl_two_images_alone_equal_the_processor(lfm2_path, images):
     check_ids_match_processor(lfm2_path, images)
 
 
-def test_lfm2_vl_kv_bits_follow_up(lfm2_path, images):
-    check_kv_bits_follow_up(lfm2_path, images, "lfm2")
+def test_lfm2_vl_kv_bits_follow_up(worker, lfm2_path, images):
+    check_kv_bits_follow_up(worker, lfm2_path, images, "lfm2")
 
 
 def test_lfm2_vl_speculative_is_refused_clearly(lfm2_path, images):

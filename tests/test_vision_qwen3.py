@@ -12,6 +12,7 @@ from tests.client import Worker, generated_tokens  # noqa: E402
 from tests.test_batching import _compare, run_all  # noqa: E402
 from tests.test_vision import (MAX, QUESTION, _first_image_token, _last_image_token, chat,  # noqa: E402
                                images, root, stats, user, vlm_generate, worker)  # noqa: F401 (fixtures)
+from tests.vision_checks import check_kv_bits_follow_up  # noqa: E402
 from tests.vlm_fixtures_qwen3 import FAMILIES, qwen3_fixture_dir, to_hf_layout  # noqa: E402
 
 
@@ -139,22 +140,11 @@ def test_prompt_cut_inside_an_image(root, images, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_kv_bits_follow_up(root, images, family):
-    path = qwen3_fixture_dir(family, root)
-    w = Worker()
-    try:
-        w.load(path, kv_bits=8, kv_group_size=32)
-        turn = [user([images["a"]])]
-        first = chat(w, "k1", turn)
-        follow = turn + [{"role": "assistant", "content": first[-1]["text"]}, {"role": "user", "content": "And?"}]
-        second = chat(w, "k2", follow)
-        assert stats(second)["cached_tokens"] > _last_image_token(path, [images["a"]])
-        w.request({"type": "cache_clear", "id": "cc"})
-        cold = chat(w, "k3", follow)
-        assert stats(cold)["cached_tokens"] == 0
-        assert _distinct(generated_tokens(cold)) == generated_tokens(second)
-    finally:
-        w.close()
+def test_kv_bits_follow_up(worker, root, images, family):
+    """kv_bits against mlx-vlm quantizing its cache as the worker does, with its M-RoPE positions and deepstack
+    rows: the first turn, a warm follow-up continuing the quantized cache (Qwen3.5's gated-delta state resumes
+    from a snapshot), the same follow-up cold, and the entry's bytes (tests/vision_checks.py)."""
+    check_kv_bits_follow_up(worker, qwen3_fixture_dir(family, root), images, family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
