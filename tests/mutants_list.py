@@ -62,7 +62,7 @@ MUTANTS = [
       ("tests/test_kv_layouts.py::test_kv_bits_works_for_every_family",)),
     M("kv-bits-ignored-with-images", "worker/request.py",
       "quant = dict(kv_bits=opts.kv_bits,", "quant = dict(kv_bits=opts.kv_bits if plan.embed is None else None,",
-      ("tests/test_kv_layouts.py::test_kv_bits_with_an_image_on_the_gemma3_vlm", "tests/test_vision_features.py")),
+      ("tests/test_vision_matrix.py::test_kv_bits_follow_up", "tests/test_vision_gemma4.py::test_kv_bits_follow_up")),
     M("kv-bits-batched", "worker/batch.py",
       '    if opts.kv_bits is not None:\n        return "kv_bits"', "    if False:\n        pass",
       ("tests/test_batching.py::test_requests_that_cannot_batch_run_alone_and_say_why",)),
