@@ -1,8 +1,8 @@
 """Every promise PROTOCOL.md makes that a review found broken, each through the real worker process."""
 
 import ast
+import json
 import math
-import random
 import signal
 import threading
 import time
@@ -13,6 +13,7 @@ import pytest
 from tests import reference
 from tests.client import Worker, generated_tokens
 from tests.fixtures import fixture_dir
+from tests.prompts import random_ids
 from tests.vlm_fixtures import vlm_fixture_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def test_exit_during_a_long_prefill_chunk_still_answers(smollm2_dir, how):
     w = Worker()
     try:
         w.load(smollm2_dir, prefill_step_size=4096)  # one chunk of ~1,500 tokens: many seconds here
-        ids = [random.Random(1).randrange(100, 40000) for _ in range(1500)]
+        ids = random_ids(1500, 1, 100, 40000)
         w.send({"type": "generate", "id": "g", "prompt": {"tokens": ids}, "params": {"max_tokens": 4}})
         w.wait_for("g", lambda e: e["type"] == "progress")  # the prefill has started
         time.sleep(0.3)
@@ -81,7 +82,7 @@ def test_cancel_during_load_is_honoured(worker, llama_dir, fixtures_root):
 def test_speculative_with_repetition_penalty_is_identical(worker, llama_dir):
     worker.load(llama_dir, draft_model_path=str(llama_dir))
     # a context made of the model's own greedy continuation: the penalty then changes what comes next
-    seed = [random.Random(3).randrange(20, 400) for _ in range(8)]
+    seed = random_ids(8, 3)
     ids = seed + reference.generate(llama_dir, seed, 192, dtype="float32", stop_at_eos=False)
     unpenalised = reference.generate(llama_dir, ids, 24, dtype="float32")
     params = {"max_tokens": 24, "repetition_penalty": 3.0, "repetition_context_size": 200}
@@ -110,25 +111,50 @@ def _penalised_reference(path, ids, n, penalty, context):
 
 # ---- 4. documented codes and honest messages
 
-def test_json_schema_true_means_any_json(llama_worker):
-    import json
-
-    done = _gen(llama_worker, "j", {"text": "x"}, max_tokens=40, json_schema=True)[-1]
-    assert done["type"] == "done", done
-    if done["stop_reason"] == "eos":
-        json.loads(done["text"])
+def test_json_schema_true_means_any_json(llama_worker, llama_dir):
+    # the fixture left alone writes an endless number or string (valid JSON so far); a bias towards "}" (which
+    # cannot open a value) and "{" makes the grammar's first choice "{" and its next "}": the JSON is then
+    # complete, only EOS is allowed, and the text parses. Unconstrained, the first token would be "}".
+    tok = reference.load_model(llama_dir)[1]
+    (lbrace,), (rbrace,) = tok.encode("{", add_special_tokens=False), tok.encode("}", add_special_tokens=False)
+    done = _gen(llama_worker, "j", {"text": "x"}, max_tokens=16, json_schema=True,
+                logit_bias={str(lbrace): 50.0, str(rbrace): 100.0})[-1]
+    assert done["type"] == "done" and done["stop_reason"] == "eos", done
+    assert json.loads(done["text"]) == {}, done
+    free = _gen(llama_worker, "n", {"text": "x"}, max_tokens=2, logit_bias={str(lbrace): 50.0, str(rbrace): 100.0})
+    assert free[-1]["text"].startswith("}"), free[-1]  # the grammar, not the bias, wrote "{"
     err = _gen(llama_worker, "f", {"text": "x"}, json_schema=False)[-1]
     assert err["code"] == "invalid_params" and "false" in err["message"]
 
 
-def test_draft_incompatible_message_is_true(worker, llama_dir, qwen2_dir):
-    worker.load(llama_dir)
-    err = worker.request({"type": "load_draft", "id": "d", "model_path": str(qwen2_dir)})[-1]
-    assert err["code"] == "draft_incompatible"
-    import re
+def _vocab_size(path):
+    return json.loads((Path(path) / "config.json").read_text())["vocab_size"]
 
-    sizes = re.findall(r"(\d+) (?:token )?ids", err["message"])
-    assert len(set(sizes)) != 1 or "other tokens" in err["message"], err["message"]
+
+def test_draft_incompatible_message_is_true(worker, llama_dir, qwen2_dir, tmp_path):
+    import shutil
+
+    import mlx.core as mx
+
+    worker.load(llama_dir)
+    main = _vocab_size(llama_dir)
+    # qwen2's tokenizer has as many ids as llama's (the fixtures' 512), mapped to other tokens
+    assert _vocab_size(qwen2_dir) == main
+    assert reference.load_model(qwen2_dir)[1].vocab != reference.load_model(llama_dir)[1].vocab
+    err = worker.request({"type": "load_draft", "id": "d", "model_path": str(qwen2_dir)})[-1]
+    assert err["code"] == "draft_incompatible", err
+    assert f"has as many ids ({main}) as the main model's but maps them to other tokens" in err["message"], err
+    # a copy of llama with fewer ids (its embeddings and output layer cut to 448 rows)
+    small = tmp_path / "llama-448"
+    shutil.copytree(llama_dir, small)
+    cfg = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**cfg, "vocab_size": 448}))
+    weights = mx.load(str(small / "model.safetensors"))
+    mx.save_safetensors(str(small / "model.safetensors"), {k: v[:448] if v.shape[0] == main else v
+                                                           for k, v in weights.items()})
+    err = worker.request({"type": "load_draft", "id": "d2", "model_path": str(small)})[-1]
+    assert err["code"] == "draft_incompatible", err
+    assert f"the draft model has 448 token ids and the main model {main};" in err["message"], err
 
 
 # ---- 5. numbers are numbers

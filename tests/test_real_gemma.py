@@ -9,6 +9,7 @@ import pytest
 
 from tests import reference as ref
 from tests.client import Worker, generated_tokens
+from tests.prompts import assert_varied
 
 pytestmark = pytest.mark.real_model
 
@@ -72,6 +73,36 @@ def _chat_ids(gemma_dir, messages):
     return list(_tokenizer(gemma_dir).apply_chat_template(messages, add_generation_prompt=True))
 
 
+def _common(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _entry(ids, stats, done, tokens, inherited=()):
+    """The cache entry a request leaves (PROTOCOL.md, The prompt cache): its prompt and every sampled token
+    (an EOS too), with snapshots where its cached part ended, at its prompt's last token, after its first
+    generated token and every 4 generated tokens (the newest two), plus those of the entry it resumed that lie
+    within its cached part; only those before the entry's end are kept."""
+    sampled = tokens + ([done["stop_token"]] if done.get("stop_token") is not None else [])
+    cached, p, end = stats["cached_tokens"], len(ids), len(ids) + len(sampled)
+    decoded = [p + k for k in range(4, len(sampled) + 1, 4)][-2:]
+    own = ([cached] if cached else []) + [p - 1, p + 1] + decoded
+    return ids + sampled, sorted({n for n in [*(n for n in inherited if n <= cached), *own] if n < end})
+
+
+def _served(entry, ids):
+    """What an entry serves a prompt: all of it when the prompt extends it; else, while the window has not
+    wrapped, the common prefix; past it, the longest snapshot within the common prefix (all but the prompt's
+    last token at most, in every case)."""
+    tokens, snapshots = entry
+    reuse = min(_common(tokens, ids), len(ids) - 1)
+    if reuse == len(tokens) or len(tokens) < WINDOW:
+        return reuse
+    return max((n for n in snapshots if n <= reuse), default=0)
+
+
 def _generate(w, rid, prompt, max_tokens):
     events = w.request({"type": "generate", "id": rid, "prompt": prompt,
                         "params": {"max_tokens": max_tokens}}, timeout=300)
@@ -121,16 +152,19 @@ def test_long_conversation_reuses_each_turn(gemma, gemma_dir, cold):
     w = gemma
     w.request({"type": "cache_clear", "id": "cc-long"})
     messages = [{"role": "user", "content": passage(0, 50)}]
-    previous, seen = None, []
+    entry, seen = None, []
     for turn in range(5):
         tokens, stats, done = _generate(w, f"long{turn}", {"messages": messages}, 8)
         ids = _chat_ids(gemma_dir, messages)
         seen.append((stats["prompt_tokens"], stats["cached_tokens"], stats.get("cache_miss_reason")))
         assert stats["prompt_tokens"] == len(ids)
-        if previous is not None:
-            assert stats["cached_tokens"] >= 0.95 * previous, (turn, previous, seen)
-        assert tokens == cold(ids, 8), (turn, seen)
-        previous = stats["prompt_tokens"] + len(tokens)
+        if entry is not None:  # exactly what the previous turn's entry serves this prompt
+            assert stats["cached_tokens"] == _served(entry, ids), (turn, _common(entry[0], ids), entry[1], seen)
+            assert stats["cached_tokens"] >= len(entry[0]) - 8, (turn, seen)  # its prompt, at least
+        want = cold(ids, 8)
+        assert_varied(want, what=f"the cold answer of turn {turn}")
+        assert tokens == want, (turn, seen)
+        entry = _entry(ids, stats, done, tokens, entry[1] if entry else ())
         messages += [{"role": "assistant", "content": done["text"]},
                      {"role": "user", "content": passage(turn + 1, 50)}]
     print("turns (prompt_tokens, cached_tokens, cache_miss_reason):", seen)
@@ -145,17 +179,26 @@ def test_regenerate_and_edit_past_the_window(gemma, gemma_dir, cold):
     first = [{"role": "user", "content": passage(7, 70)}]
     answer, st1, done = _generate(w, "first", {"messages": first}, 8)
     assert st1["prompt_tokens"] > WINDOW + 100, st1
-    again, st2, _ = _generate(w, "regen", {"messages": first}, 8)
+    ids1 = _chat_ids(gemma_dir, first)
+    again, st2, done2 = _generate(w, "regen", {"messages": first}, 8)
     assert st2["cached_tokens"] == st1["prompt_tokens"] - 1, (st1, st2)
     assert again == answer
+    regen = _entry(ids1, st2, done2, again, _entry(ids1, st1, done, answer)[1])
 
     history = first + [{"role": "assistant", "content": done["text"]}]
     follow = history + [{"role": "user", "content": "Tell me more about the old stone bridge."}]
-    _, st3, _ = _generate(w, "follow", {"messages": follow}, 8)
-    assert st3["cached_tokens"] >= st1["prompt_tokens"], (st1, st3)
+    ids3 = _chat_ids(gemma_dir, follow)
+    tokens3, st3, done3 = _generate(w, "follow", {"messages": follow}, 8)
+    assert st3["cached_tokens"] == _served(regen, ids3), (st3, _common(regen[0], ids3), regen[1])
+    assert st3["cached_tokens"] >= st1["prompt_tokens"] - 1, (st1, st3)
     edited = history + [{"role": "user", "content": "Tell me more about the harbor boats."}]
+    ids4 = _chat_ids(gemma_dir, edited)
     out, st4, _ = _generate(w, "edited", {"messages": edited}, 8)
     print("first, regenerate, follow-up, edited (prompt_tokens, cached_tokens, cache_miss_reason):",
           [(s["prompt_tokens"], s["cached_tokens"], s.get("cache_miss_reason")) for s in (st1, st2, st3, st4)])
-    assert st4["cached_tokens"] >= st1["prompt_tokens"], (st1, st3, st4)
-    assert out == cold(_chat_ids(gemma_dir, edited), 8)
+    # from the follow-up's entry: where its cached part ended, what the turn it replaces reused
+    turn = _entry(ids3, st3, done3, tokens3, regen[1])
+    assert st4["cached_tokens"] == _served(turn, ids4) == st3["cached_tokens"], (st3, st4, _common(turn[0], ids4))
+    want = cold(ids4, 8)
+    assert_varied(want, what="the cold answer to the edited prompt")
+    assert out == want
