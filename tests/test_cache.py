@@ -51,7 +51,8 @@ def test_messages_follow_up_hits_cache(llama_worker, llama_dir):
                                   "params": {"max_tokens": 8}})
     ids1 = ref.chat_ids(llama_dir, chat)
     assert next(e for e in first if e["type"] == "stats")["prompt_tokens"] == len(ids1)
-    entry = ids1 + generated_tokens(first) + ([first[-1]["stop_token"]] if first[-1].get("stop_token") is not None else [])
+    stop = [first[-1]["stop_token"]] if first[-1].get("stop_token") is not None else []
+    entry = ids1 + generated_tokens(first) + stop  # what m1's entry holds
     chat += [{"role": "assistant", "content": first[-1]["text"]},
              {"role": "user", "content": "and then?"}]
     second = llama_worker.request({"type": "generate", "id": "m2", "prompt": {"messages": chat},
