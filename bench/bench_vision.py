@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.client import Worker  # noqa: E402
-from tests.vlm_fixtures import vlm_fixture_dir  # noqa: E402
+from tests.support.client import Worker  # noqa: E402
+from tests.support.vlm_fixtures import vlm_fixture_dir  # noqa: E402
 
 TMP = ROOT / "bench" / "results" / "tmp"
 

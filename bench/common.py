@@ -29,14 +29,14 @@ def log(msg: str) -> None:
 def tiny_model() -> Path:
     """The ~1M-param llama test fixture (float32, context 2048)."""
     sys.path.insert(0, str(ROOT))
-    from tests.fixtures import fixture_dir
+    from tests.support.fixtures import fixture_dir
 
     return fixture_dir("llama", TMP / "fixtures")
 
 
 def tiny_model_long(context: int = 8192) -> Path:
     """A copy of the tiny fixture whose config allows ``context`` positions (RoPE: no weights change)."""
-    from tests.fixtures import build_once
+    from tests.support.fixtures import build_once
 
     src = tiny_model()
 

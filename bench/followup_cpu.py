@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import document, smollm2_model  # noqa: E402
 from bench.raw import RawRunner, worker_blas_env  # noqa: E402
-from tests.client import Worker  # noqa: E402
+from tests.support.client import Worker  # noqa: E402
 
 QUESTION = "Which event ends every request? Answer in one short sentence, please, and name the field."
 

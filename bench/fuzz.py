@@ -1,6 +1,6 @@
 """python -m bench.fuzz [--inputs N] [--process-lines N] [--seed S]: the 100k-scale fuzz run.
 
-In process: N generated lines (tests/test_fuzz.py generators: random bytes, printable noise,
+In process: N generated lines (tests/process/test_fuzz.py generators: random bytes, printable noise,
 truncated JSON, deep nesting, huge numbers, wrong types in every field, unicode edge cases in values
 and keys, structural mutations, valid requests) through ``decode_request``, checking the property
 (a request, or WorkerError with a code in CODES, and everything echoed is encodable). Through the
@@ -19,7 +19,7 @@ import random
 import time
 from pathlib import Path
 
-from tests.test_fuzz import BUG_CLASSES, classify, expected_outcomes, gen_line, run_through_worker
+from tests.process.test_fuzz import BUG_CLASSES, classify, expected_outcomes, gen_line, run_through_worker
 
 RESULTS = Path(__file__).resolve().parent / "RELIABILITY_RESULTS.md"
 

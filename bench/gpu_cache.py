@@ -56,7 +56,7 @@ def log(msg):
 
 
 def build(shape: str, root: Path) -> Path:
-    from tests.vlm_fixtures import build_vlm_fixture
+    from tests.support.vlm_fixtures import build_vlm_fixture
 
     spec = SHAPES[shape]
     path = root / f"gemma3-{shape}-shaped"

@@ -65,7 +65,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     from bench.host import TimedWorker
-    from tests.vlm_fixtures import build_vlm_fixture
+    from tests.support.vlm_fixtures import build_vlm_fixture
 
     spec = SMOKE if args.smoke else GEMMA3_4B
     root = Path(args.models_dir)

@@ -1,4 +1,4 @@
-"""The worker side: a host (tests.client.Worker) that timestamps every event as it is read."""
+"""The worker side: a host (tests.support.client.Worker) that timestamps every event as it is read."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 import json
 import time
 
-from tests.client import Worker
+from tests.support.client import Worker
 
 _ids = itertools.count(1)
 

@@ -15,7 +15,7 @@ from .scenarios import LONG_QUESTION, fresh_key, row
 
 def _draft_fixture():
     sys.path.insert(0, str(ROOT))
-    from tests.fixtures import fixture_dir
+    from tests.support.fixtures import fixture_dir
 
     return fixture_dir("llama_draft", TMP / "fixtures")
 

@@ -1,6 +1,6 @@
 """python -m bench.soak [--ops N] [--warmup N] [--seed S]: the full soak run (1,000 requests by default).
 
-One worker and the tiny llama fixture; the mix and the checks are tests/test_soak.py's (every id
+One worker and the tiny llama fixture; the mix and the checks are tests/process/test_soak.py's (every id
 exactly one terminal event, nothing after it, `id: null` errors exactly for unreadable ids, seq
 consecutive, alive at the end, RSS after the run within 10% of RSS after the warm-up). Writes the
 figures into bench/RELIABILITY_RESULTS.md (the block between the soak markers).
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from bench.fuzz import write
-from tests.fixtures import fixture_dir
-from tests.test_soak import run_soak
+from tests.support.fixtures import fixture_dir
+from tests.process.test_soak import run_soak
 
 
 def main():

@@ -1,7 +1,7 @@
 import pytest
 
-from tests.client import Worker
-from tests.fixtures import fixture_dir
+from tests.support.client import Worker
+from tests.support.fixtures import fixture_dir
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from .protocol import (
 from .server import MAX_QUEUE
 
 # Features beyond the request types, each named after the protocol element that carries it, so the list
-# cannot claim what the wire types lack (tests/test_promises.py checks each is documented in PROTOCOL.md).
+# cannot claim what the wire types lack (tests/process/test_promises.py checks each is documented in PROTOCOL.md).
 FEATURES = {
     "chat_template": (Prompt, "messages"),
     "images": (Prompt, "images"),

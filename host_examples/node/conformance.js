@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 'use strict';
-// Node conformance runner for tests/conformance/*.jsonl (same format as tests/conformance/runner.py,
-// see tests/conformance/README.md).  node conformance.js --worker "python -m worker" --model DIR FILES...
+// Node conformance runner for tests/support/conformance/*.jsonl (same format as tests/support/conformance/runner.py,
+// see tests/support/conformance/README.md).  node conformance.js --worker "python -m worker" --model DIR FILES...
 const { spawn } = require('node:child_process');
 const readline = require('node:readline');
 const fs = require('node:fs');

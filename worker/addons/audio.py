@@ -15,7 +15,7 @@ processed alone; its placeholder expands to the text the processor gave it, and 
 positions get content-specific cache keys, as images do. (mlx-vlm 0.7.10 processes a prompt's clips as
 one batch padded to the longest: on Gemma 3n the last audio token of a shorter clip then differs from
 the clip alone; on Gemma 4 it merges the flattened padded batch, so a clip after a shorter one reads
-that clip's padding frames throughout. tests/test_audio*.py pin both.)
+that clip's padding frames throughout. tests/families/test_audio_*.py pin both.)
 """
 
 import functools

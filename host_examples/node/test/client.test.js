@@ -14,7 +14,7 @@ const PY = process.env.MLX_WORKER_PYTHON || path.join(ROOT, '.venv', 'bin', 'pyt
 let MODEL = process.env.MODEL_FIXTURE;
 if (!MODEL) {
   MODEL = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'nodefix-')), 'llama');
-  execFileSync(PY, ['-m', 'tests.fixtures', 'llama', MODEL], { cwd: ROOT });
+  execFileSync(PY, ['-m', 'tests.support.fixtures', 'llama', MODEL], { cwd: ROOT });
 }
 const LONG = { max_tokens: 100000 };
 const mk = (o = {}) => new WorkerClient({ command: [PY, '-m', 'worker'], cwd: ROOT, ...o });
