@@ -70,7 +70,7 @@ demo: setup
 # PYTEST_JOBS=0 runs it in one process.
 PYTEST_JOBS ?= 2
 # The references (raw mlx-lm in pytest's own process) on Debian's OpenBLAS, as the worker runs (~6x faster for
-# SmolLM2 in fp32); tests/support/client.py takes it out of each worker's environment, so the worker chooses its own BLAS.
+# SmolLM2 in fp32); tests/conftest.py keeps it from their children (the worker chooses its own BLAS).
 TEST_BLAS = OB=$$(ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 2>/dev/null | head -n 1); \
   [ -n "$$OB" ] && export LD_PRELOAD="$$OB" MLX_TESTS_PRELOAD="$$OB";
 test: setup model

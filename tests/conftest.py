@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from tests.support.client import Worker
@@ -77,3 +79,13 @@ LONGEST_FIRST = ("test_real_gemma", "test_vision_qwen3", "test_vision_matrix", "
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_configure(config):
+    """`make test` preloads OpenBLAS (LD_PRELOAD) so the references, raw mlx-lm in the test processes, run on it as
+    the worker does. Children must not inherit it: the worker chooses its own BLAS, and the host examples' clients
+    hang on a preloaded child. It stays only in a process that still has to spawn pytest-xdist's workers."""
+    preload = os.environ.get("MLX_TESTS_PRELOAD")
+    spawns_workers = getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER")
+    if preload and os.environ.get("LD_PRELOAD") == preload and not spawns_workers:
+        del os.environ["LD_PRELOAD"]

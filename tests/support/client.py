@@ -42,8 +42,6 @@ class Worker:
     def __init__(self, args=(), env=None, cmd=None, cwd=ROOT, validate=True):
         self.validate = validate
         full_env = dict(os.environ)
-        if full_env.get("LD_PRELOAD") and full_env.get("LD_PRELOAD") == full_env.get("MLX_TESTS_PRELOAD"):
-            del full_env["LD_PRELOAD"]  # `make test` preloads OpenBLAS for the references; the worker picks its own
         full_env.update(env or {})
         base = shlex.split(os.environ["MLX_WORKER_CMD"]) if os.environ.get("MLX_WORKER_CMD") else None
         self.proc = subprocess.Popen(
