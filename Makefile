@@ -69,18 +69,14 @@ demo: setup
 # Two pytest processes (pytest-xdist), a whole file each at a time: the suite keeps both cores busy.
 # PYTEST_JOBS=0 runs it in one process.
 PYTEST_JOBS ?= 2
-# The references (raw mlx-lm in pytest's own process) on Debian's OpenBLAS, as the worker runs (~6x faster for
-# SmolLM2 in fp32); tests/conftest.py keeps it from their children (the worker chooses its own BLAS).
-TEST_BLAS = OB=$$(ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 2>/dev/null | head -n 1); \
-  [ -n "$$OB" ] && export LD_PRELOAD="$$OB" MLX_TESTS_PRELOAD="$$OB";
 test: setup model
 	@$(PY) locks/lock.py check
-	$(TEST_BLAS) $(PY) -m pytest -q -ra -n $(PYTEST_JOBS) --dist loadfile
+	$(PY) -m pytest -q -ra -n $(PYTEST_JOBS) --dist loadfile
 	node host_examples/node/gen_types.js --check
 	MLX_WORKER_PYTHON=$(abspath $(PY)) node --test host_examples/node/test/
 
 test-fast: setup
-	$(TEST_BLAS) $(PY) -m pytest -q -ra -n $(PYTEST_JOBS) --dist loadfile -m "not real_model"
+	$(PY) -m pytest -q -ra -n $(PYTEST_JOBS) --dist loadfile -m "not real_model"
 
 # Small plausible bugs (tests/support/mutants_list.py), each put into a throwaway copy of the tree and run against the
 # tests that should catch it; fails when one survives. `$(PY) -m tests.support.mutants NAME...` (or -k SUB) runs some.
