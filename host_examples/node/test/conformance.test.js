@@ -14,7 +14,7 @@ const PY = process.env.MLX_WORKER_PYTHON || path.join(ROOT, '.venv', 'bin', 'pyt
 test('conformance cases pass through the node runner', async () => {
   const model = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'nodeconf-')), 'llama');
   execFileSync(PY, ['-m', 'tests.support.fixtures', 'llama', model], { cwd: ROOT });
-  const dir = path.join(ROOT, 'tests', 'conformance');
+  const dir = path.join(ROOT, 'tests', 'support', 'conformance');
   const files = fs.readdirSync(dir).filter((f) => f.endsWith('.jsonl')).sort().map((f) => path.join(dir, f));
   const lines = [];
   const r = await runAll({ worker: [PY, '-m', 'worker'], model, files, log: (l) => lines.push(l) });
