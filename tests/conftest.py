@@ -52,6 +52,15 @@ def worker():
 
 
 @pytest.fixture(scope="module")
+def w():
+    """One worker process for a module's tests, each loading the model it needs (a load takes a fraction of a
+    second, a new process one or two). A module with its own ``w`` fixture overrides this one."""
+    worker = Worker()
+    yield worker
+    worker.close()
+
+
+@pytest.fixture(scope="module")
 def llama_worker(llama_dir):
     """One worker with the llama fixture loaded, shared by a module's tests."""
     w = Worker()

@@ -13,7 +13,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import cache as mlx_cache
 
 from tests.support import reference
-from tests.support.client import Worker, generated_tokens
+from tests.support.client import generated_tokens
 from tests.support.prompts import assert_varied, random_ids
 from tests.support.vision_checks import KV, Reference, closer_to_quantized, quantized_layers_shrink, stats
 
@@ -82,13 +82,6 @@ def _generate(w, rid, ids, n):
                      "params": {"max_tokens": n, "top_logprobs": 1}})
     assert evs[-1]["type"] == "done", evs[-1]
     return evs, generated_tokens(evs), [lp["logprob"] for e in evs if e["type"] == "token" for lp in e["logprobs"]]
-
-
-@pytest.fixture(scope="module")
-def w():
-    worker = Worker()
-    yield worker
-    worker.close()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

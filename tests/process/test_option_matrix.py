@@ -13,7 +13,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_logits_processors
 
 from tests.support import reference
-from tests.support.client import Worker, generated_tokens
+from tests.support.client import generated_tokens
 from tests.support.prompts import assert_varied, random_ids
 
 KV_BITS = (None, 8)
@@ -59,14 +59,6 @@ def _held(ids, events):
         if not last_from_draft:
             sampled = sampled[:-1]
     return ids + sampled
-
-
-@pytest.fixture(scope="module")
-def w():
-    """One worker for the module: every combination is a new load anyway."""
-    worker = Worker()
-    yield worker
-    worker.close()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "lfm2"])

@@ -19,7 +19,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.support import reference  # noqa: E402
-from tests.support.client import Worker, generated_tokens  # noqa: E402
+from tests.support.client import generated_tokens  # noqa: E402
 from tests.support.prompts import assert_varied, random_ids  # noqa: E402
 from tests.support.vlm_fixtures import build_vlm_fixture  # noqa: E402
 
@@ -74,14 +74,6 @@ def image(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "a.png"
     Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(path)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def w():
-    """One worker for the module: each test loads its own model."""
-    worker = Worker()
-    yield worker
-    worker.close()
 
 
 def test_text_conversation_20x_the_window(w, text_dir):

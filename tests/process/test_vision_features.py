@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from tests.support import reference as ref
-from tests.support.client import Worker, generated_tokens
+from tests.support.client import generated_tokens
 from tests.support.vlm_fixtures import vlm_fixture_dir
 
 
@@ -20,13 +20,6 @@ def image(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "x.png"
     Image.fromarray(np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def w():
-    worker = Worker()
-    yield worker
-    worker.close()
 
 
 def _gen(w, rid, messages, **params):
