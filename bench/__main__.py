@@ -68,7 +68,7 @@ def main(argv=None) -> int:
             "loadavg_start": loadavg()}
     results, failed = {}, []
     with Session() as s:
-        ready = s.worker.ready
+        ready = s.worker.boot.ready
         meta.update(device=ready["device"], versions=ready["versions"], worker_pid=ready["pid"])
         for name in names:
             log(f"scenario {name} ({profile_name})")

@@ -1,4 +1,4 @@
-"""Where a follow-up's time goes, in process: worker.generate.run on the kit vs raw generate_step on the same
+"""Where a follow-up's time goes, in process: worker.generation.solo.run on the kit vs raw generate_step on the same
 model, the same follow-up replayed N times (the store is put back between replays), alternating.
 
     python -m bench.gpu_diag [--shape 4b] [--doc 2300] [--n 10] [--keep]
@@ -31,8 +31,8 @@ def main(argv=None):
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache
 
-    from worker import generate
-    from worker.model import load
+    from worker.generation import solo as generate
+    from worker.loading.model import load
     from worker.protocol import Generate, LoadOptions, Stats
 
     path = build(a.shape, Path(a.models_dir))

@@ -144,9 +144,9 @@ class _Server:
     # -- the worker's own engine code, in this process (the ``inproc`` diagnostic) --
 
     def load_kit(self, path: str) -> dict:
-        """Load like the worker does (worker.model.load, default options: dtype auto)."""
+        """Load like the worker does (worker.loading.model.load, default options: dtype auto)."""
         sys.path.insert(0, str(ROOT))
-        from worker import model as wm
+        from worker.loading import model as wm
         from worker.protocol import LoadOptions
 
         tic = time.perf_counter()
@@ -156,12 +156,12 @@ class _Server:
         return {"load_s": time.perf_counter() - tic, "dtype": self.kit.info.compute_dtype}
 
     def gen_kit(self, tokens, max_tokens: int) -> dict:
-        """worker.generate.run on the loaded kit; events go through the worker's real Writer
+        """worker.generation.solo.run on the loaded kit; events go through the worker's real Writer
         thread (to /dev/null), so its encoding and thread hand-offs are included."""
         import itertools
 
         import msgspec
-        from worker.generate import run
+        from worker.generation.solo import run
         from worker.protocol import Generate, Stats
         from worker.server import Writer
 
@@ -192,7 +192,7 @@ class _Server:
 
         try:
             sys.path.insert(0, str(ROOT))
-            from worker.blas import blas_info  # stdlib only: reads /proc/self/maps
+            from worker.boot.blas import blas_info  # stdlib only: reads /proc/self/maps
 
             blas = blas_info()
         except Exception as exc:  # noqa: BLE001

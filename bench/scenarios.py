@@ -59,13 +59,13 @@ def overhead(s: Session, profile: dict) -> dict:
         raw = s.raw("matched")
         ids = raw.call("encode", messages=[{"role": "user", "content": STORY_PROMPT}])["tokens"]
         log(f"overhead/{key}: {len(ids)} prompt tokens, max_tokens {mt}, {n} runs per side")
-        s.worker.generate(ids, mt, cache_key=fresh_key())  # warm-up
+        s.worker.generation.solo(ids, mt, cache_key=fresh_key())  # warm-up
         raw.gen(ids, mt, prefill_step_size=PREFILL_STEP)
         W, M = [], []
         for i in range(n):
             for side in (("w", "m") if i % 2 == 0 else ("m", "w")):  # alternate who goes first
                 if side == "w":
-                    W.append(s.worker.generate(ids, mt, cache_key=fresh_key()))
+                    W.append(s.worker.generation.solo(ids, mt, cache_key=fresh_key()))
                 else:
                     M.append(raw.gen(ids, mt, prefill_step_size=PREFILL_STEP))
                 time.sleep(PAUSE_S)
@@ -141,17 +141,17 @@ def followup(s: Session, profile: dict) -> dict:
         log(f"followup/{key}: {len(prompt)}-token conversation, +{gen} generated, "
             f"+{len(turn)} new tokens; {reps} cold/follow-up pairs")
         short = prompt[:16]
-        s.worker.generate(short, 2, cache_key=fresh_key())  # warm-up (tiny prompt, no reuse later)
+        s.worker.generation.solo(short, 2, cache_key=fresh_key())  # warm-up (tiny prompt, no reuse later)
         pairs, raw_pairs = [], []
         raw_reps = profile["followup_raw"].get(key, 0)
         if raw_reps:
             raw.gen(short, 2)  # warm-up
         for i in range(reps):
             s.worker.cache_clear()
-            cold = s.worker.generate(prompt, gen)
+            cold = s.worker.generation.solo(prompt, gen)
             nxt = prompt + cold["tokens"] + turn
             time.sleep(PAUSE_S)
-            fu = s.worker.generate(nxt, gen)
+            fu = s.worker.generation.solo(nxt, gen)
             pairs.append({"cold": strip_tokens(cold), "followup": strip_tokens(fu)})
             time.sleep(PAUSE_S)
             if i < raw_reps:  # interleaved: raw mlx-lm, reusing its prompt cache by hand
@@ -209,7 +209,7 @@ def blas(s: Session, profile: dict) -> dict:
             "long_chat", doc=document(), question=LONG_QUESTION, target=512)["tokens"]
         log(f"blas/{key}: {len(prompt)}-token prompt, max_tokens {mt}, {reps} runs per side")
         warm = prompt[:16]
-        s.worker.generate(warm, 4, cache_key=fresh_key())
+        s.worker.generation.solo(warm, 4, cache_key=fresh_key())
         for side in sides[1:]:
             s.raw(side).gen(warm, 4)
         runs = {side: [] for side in sides}
@@ -217,7 +217,7 @@ def blas(s: Session, profile: dict) -> dict:
             order = sides if i % 2 == 0 else list(reversed(sides))
             for side in order:
                 if side == "worker":
-                    r = s.worker.generate(prompt, mt, cache_key=fresh_key())
+                    r = s.worker.generation.solo(prompt, mt, cache_key=fresh_key())
                 else:
                     r = s.raw(side).gen(prompt, mt, prefill_step_size=PREFILL_STEP)
                     r["prompt_tps"] = r["prompt_tokens"] / r["ttft_s"]
@@ -248,7 +248,7 @@ def blas(s: Session, profile: dict) -> dict:
 # ---------------------------------------------------------------- in-process diagnostic
 
 def inproc(s: Session, profile: dict) -> dict:
-    """The worker's engine code (worker.generate.run + its Writer thread) against generate_step,
+    """The worker's engine code (worker.generation.solo.run + its Writer thread) against generate_step,
     alternated in ONE process with the worker's BLAS environment: what is left of the overhead
     without IPC, the host, process-to-process variance or the worker's other threads."""
     rows, details = [], {}
@@ -280,10 +280,10 @@ def inproc(s: Session, profile: dict) -> dict:
              "run_runs": K, "step_runs": G}
         details[key] = d
         label = LABELS[key]
-        rows.append(row("inproc", label, "decode tok/s, worker.generate.run / generate_step (same process)",
+        rows.append(row("inproc", label, "decode tok/s, worker.generation.solo.run / generate_step (same process)",
                         d["run_decode_tps"]["median"], d["step_decode_tps"]["median"],
                         f"{d['paired_decode_ratio']:.3f}x", "(diagnostic)", "info"))
-        rows.append(row("inproc", label, "TTFT, worker.generate.run - generate_step (same process), ms",
+        rows.append(row("inproc", label, "TTFT, worker.generation.solo.run - generate_step (same process), ms",
                         d["run_ttft_s"]["median"] * 1000, d["step_ttft_s"]["median"] * 1000,
                         f"{d['paired_ttft_overhead_s'] * 1000:+.2f} ms", "(diagnostic)", "info"))
     return {"rows": rows, "details": details}

@@ -87,7 +87,7 @@ def cancel(s: Session, profile: dict) -> dict:
         for phase, step, path, prompt, n, delay in plans:
             s.worker.load_model(path, prefill_step_size=step)
             s._loaded.pop("worker", None)  # other scenarios reload with their own options
-            s.worker.generate(prompt[:16], 2, cache_key=fresh_key())  # warm-up
+            s.worker.generation.solo(prompt[:16], 2, cache_key=fresh_key())  # warm-up
             log(f"cancel/{key}: {phase} (prefill_step_size {step}, {len(prompt)}-token prompt), {n} samples")
             runs = []
             for _ in range(n):
@@ -203,10 +203,10 @@ def protocol(s: Session, profile: dict) -> dict:
     s.use("worker", path)
     s.use("matched", path)
     ids = s.raw("matched").call("encode", messages=[{"role": "user", "content": STORY_PROMPT}])["tokens"]
-    s.worker.generate(ids, 16, cache_key=fresh_key())
+    s.worker.generation.solo(ids, 16, cache_key=fresh_key())
     runs = []
     for _ in range(profile["protocol"]["e2e_reps"]):
-        g = s.worker.generate(ids, mt, cache_key=fresh_key())
+        g = s.worker.generation.solo(ids, mt, cache_key=fresh_key())
         span = g["host_total_s"] - g["host_ttft_s"]
         runs.append({"token_events": g["token_events"], "generated": g["generated"],
                      "events_per_s": (g["token_events"] - 1) / span if span > 0 else None,

@@ -34,12 +34,12 @@ def speculative(s: Session, profile: dict) -> dict:
         s._loaded.pop("worker", None)
         log(f"speculative/{key}: draft {draft.name}, {n} pairs, {mt} tokens")
         on, off = {"speculative": True}, {"speculative": False}
-        s.worker.generate(ids, 8, cache_key=fresh_key(), params=on)  # warm-up both paths
-        s.worker.generate(ids, 8, cache_key=fresh_key(), params=off)
+        s.worker.generation.solo(ids, 8, cache_key=fresh_key(), params=on)  # warm-up both paths
+        s.worker.generation.solo(ids, 8, cache_key=fresh_key(), params=off)
         S, P = [], []
         for i in range(n):
             for side in (("s", "p") if i % 2 == 0 else ("p", "s")):
-                r = s.worker.generate(ids, mt, cache_key=fresh_key(), params=on if side == "s" else off)
+                r = s.worker.generation.solo(ids, mt, cache_key=fresh_key(), params=on if side == "s" else off)
                 (S if side == "s" else P).append(r)
                 time.sleep(PAUSE_S)
         same = all(a["tokens"] == b["tokens"] for a, b in zip(S, P))
@@ -84,7 +84,7 @@ def kv_bits(s: Session, profile: dict) -> dict:
         s.worker.load_model(path, **opts)
         s._loaded.pop("worker", None)
         s.worker.cache_clear()
-        g = s.worker.generate(prompt, 16, cache_key=fresh_key())
+        g = s.worker.generation.solo(prompt, 16, cache_key=fresh_key())
         st = s.worker.status()["cache"]
         runs[bits or "none"] = {**strip_tokens(g), "tokens_out": g["tokens"], "cache": st}
         time.sleep(PAUSE_S)

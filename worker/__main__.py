@@ -42,12 +42,12 @@ def _parse(argv):
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    from . import blas
+    from .boot import blas
 
     blas.maybe_reexec(argv)
     args = _parse(argv)
     out_fd = _protect_stdout()
-    from . import offline
+    from .boot import offline
 
     offline.set_offline_env()  # no model hub, ever: everything is loaded from local directories
     library_defaults(os.environ)
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
         level=os.environ.get("MLX_WORKER_LOG", "INFO").upper(),
         format="mlx-worker %(levelname)s: %(message)s",
     )
-    from .ready import ready_event
+    from .boot.ready import ready_event
     from .server import Server
 
     offline.patch_downloads()

@@ -16,10 +16,10 @@ from typing import Callable, Optional
 import mlx.core as mx
 import msgspec
 
-from . import batch as _batch
-from . import generate as _generate
-from . import model as _model
-from .scheduler import Batcher
+from .generation import decode_batch as _batch
+from .generation import solo as _generate
+from .loading import model as _model
+from .generation.batcher import Batcher
 from .protocol import (
     CacheClear, CacheStats, Done, Error, Generate, Load, LoadDraft, ModelInfo, Progress, Tokenize, Unload,
     WorkerError,

@@ -3,7 +3,7 @@
     python -m bench.probe.batch_host --models-dir DIR [--sizes 1,2,4,8] [--steps 64] [--rounds 3]
 
 The lean loop of bench/probe/batch_step.py over merged BatchKVCaches, per variant of
-worker/cuda_batch.py: ``base`` (MLX as is), ``attn`` (attention kernel only), ``head`` (attention +
+worker/cuda/batch_kernels.py: ``base`` (MLX as is), ``attn`` (attention kernel only), ``head`` (attention +
 rows_qmv for the output head only), ``both`` (attention + rows_qmv for every matrix of 8M+
 weights), ``allqmv`` (attention + rows_qmv for every quantized matmul of 2+ rows), ``policy`` (the
 worker's: cuda_batch.QMV_LEAST, MLX_WORKER_QMV_LEAST overrides it), ``fused`` (``both`` with q/k/v
@@ -28,7 +28,7 @@ from mlx_lm.models import cache as C  # noqa: E402
 
 from bench.gpu import SHAPES, build  # noqa: E402
 from bench.probe.batch_step import prefilled  # noqa: E402
-from worker import cuda_batch  # noqa: E402
+from worker.cuda import batch_kernels as cuda_batch  # noqa: E402
 
 POLICY = dict(cuda_batch.QMV_LEAST)
 

@@ -4,7 +4,7 @@
 
 Per batch size: the worker's Batcher with N requests; per tick, ms building the step's graph (up to
 async_eval), waiting for the previous step (tolist), and the rest (tokens through each request's Run,
-events). Against it: worker.generate.run alone (generate_step), tokens per second from its stats.
+events). Against it: worker.generation.solo.run alone (generate_step), tokens per second from its stats.
 """
 
 import argparse
@@ -36,9 +36,11 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--model", help="a model directory instead of the random --shape (e.g. SmolLM2 on a CPU)")
     a = ap.parse_args()
-    from worker import batch, generate, model
+    from worker.generation import decode_batch as batch
+    from worker.generation import solo as generate
+    from worker.loading import model
     from worker.protocol import Generate, GenerateParams, LoadOptions, Prompt
-    from worker.scheduler import Batcher
+    from worker.generation.batcher import Batcher
 
     path = a.model or build(Path(a.models_dir), a.shape, a.bits or None)
     kit = model.load(str(path), LoadOptions(max_concurrent=8, warmup=True), lambda f: None)

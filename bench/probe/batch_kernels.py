@@ -1,4 +1,4 @@
-"""The batch step with worker/cuda_batch.py's kernels (issue 15): per-step ms and agreement with MLX.
+"""The batch step with worker/cuda/batch_kernels.py's kernels (issue 15): per-step ms and agreement with MLX.
 
     python -m bench.probe.batch_kernels --models-dir DIR [--sizes 1,2,4,8] [--steps 128]
 
@@ -23,7 +23,7 @@ from mlx_lm.models import cache as C  # noqa: E402
 
 from bench.gpu import SHAPES, build  # noqa: E402
 from bench.probe.batch_step import lean, prefilled  # noqa: E402
-from worker import cuda_batch  # noqa: E402
+from worker.cuda import batch_kernels as cuda_batch  # noqa: E402
 
 
 def check_kernel():

@@ -30,8 +30,8 @@ from mlx_lm.models.cache import BatchKVCache  # noqa: E402
 from collections import OrderedDict  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
-from worker import cuda_batch  # noqa: E402
-from worker.batch import _merge  # noqa: E402
+from worker.cuda import batch_kernels as cuda_batch  # noqa: E402
+from worker.generation.decode_batch import _merge  # noqa: E402
 
 KEEP = 4  # compiled shapes kept: the batch's current one and its recent ones
 

@@ -1,4 +1,4 @@
-"""Host cost of one call of worker/cuda_batch.py's kernels against MLX's own ops (issue 15).
+"""Host cost of one call of worker/cuda/batch_kernels.py's kernels against MLX's own ops (issue 15).
 
     python -m bench.probe.kernel_host [--calls 400] [--spy OUT]
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import mlx.core as mx  # noqa: E402
 
-from worker import cuda_batch  # noqa: E402
+from worker.cuda import batch_kernels as cuda_batch  # noqa: E402
 
 
 def inputs(B=4, L=600, D=64, Hq=32, Hk=8):

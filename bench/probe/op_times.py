@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 import mlx.core as mx  # noqa: E402
 
-from worker import cuda_batch  # noqa: E402
+from worker.cuda import batch_kernels as cuda_batch  # noqa: E402
 
 
 def timed(fn, reps):

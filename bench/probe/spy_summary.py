@@ -25,12 +25,12 @@ for proc, rows in procs.items():
     print("leaf:")
     for x, n in leaf.most_common(25):
         print(f"  {n:6d} {x[:150]}")
-    run = [(f, n) for f, n in rows if any(x.startswith("run (worker/generate.py") for x in f)]
+    run = [(f, n) for f, n in rows if any(x.startswith("run (worker/generation/solo.py") for x in f)]
     if run:
         print(f"worker generate.run: {sum(n for _, n in run)} samples; children of run:")
         kids = collections.Counter()
         for f, n in run:
-            i = next(i for i, x in enumerate(f) if x.startswith("run (worker/generate.py"))
+            i = next(i for i, x in enumerate(f) if x.startswith("run (worker/generation/solo.py"))
             kids[re.sub(r":\d+\)", ")", f[i + 1]) if i + 1 < len(f) else "<self>"] += n
         for x, n in kids.most_common(20):
             print(f"  {n:6d} {x[:150]}")

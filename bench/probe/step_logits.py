@@ -24,7 +24,7 @@ import mlx.core as mx  # noqa: E402
 
 from bench.gpu import SHAPES, build  # noqa: E402
 from bench.probe.batch_step import prefilled  # noqa: E402
-from worker import cuda_batch  # noqa: E402
+from worker.cuda import batch_kernels as cuda_batch  # noqa: E402
 
 ATTN = dict(attention=True, matmul=False)
 VARIANTS = {"base": None, "attn": ATTN, "attn_win": ATTN, "attn_full": ATTN,

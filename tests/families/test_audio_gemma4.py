@@ -121,7 +121,7 @@ def test_audio_parity_and_cache(worker, root, clips, images):
               {"role": "user", "content": "Tell me more."}]
     warm = chat(worker, "f2", follow, MAX)
     assert stats(warm)["cached_tokens"] > audio_positions(path, clips["a"])[-1]
-    worker.request({"type": "cache_clear", "id": "cc"})
+    worker.generation.run({"type": "cache_clear", "id": "cc"})
     cold = chat(worker, "f3", follow, MAX)
     assert stats(cold)["cached_tokens"] == 0 and generated_tokens(cold) == _distinct(generated_tokens(warm))
     # another clip of the same length: a miss at the clip
@@ -201,8 +201,8 @@ def test_clip_embeddings_and_memo(root, clips, monkeypatch):
 
     from tests.support.vlm_fixtures_gemma3n import _LOADED
     from worker.addons import audio as aud
-    from worker.model import load
-    from worker.prompt import build_prompt
+    from worker.loading.model import load
+    from worker.prompting.prompt import build_prompt
     from worker.protocol import Generate, LoadOptions
 
     path = gemma4_fixture_dir(root, audio=True)

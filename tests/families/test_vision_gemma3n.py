@@ -77,7 +77,7 @@ def test_gemma3n_parity_and_cache(worker, path, images):
     ref_follow = [ref_msgs(1)[0], {"role": "assistant", "content": answer},
                   {"role": "user", "content": "Tell me more."}]
     assert generated_tokens(warm) == vlm_generate(path, ref_follow, [images["a"]], max_tokens=MAX)
-    assert worker.request({"type": "cache_clear", "id": "g3n-cc"})[-1]["type"] == "done"
+    assert worker.generation.run({"type": "cache_clear", "id": "g3n-cc"})[-1]["type"] == "done"
     cold = chat(worker, "g3n-f3", follow, MAX)
     assert stats(cold)["cached_tokens"] == 0
     assert generated_tokens(cold) == generated_tokens(warm)
@@ -85,7 +85,7 @@ def test_gemma3n_parity_and_cache(worker, path, images):
     changed = [user([images["c"]])] + follow[1:]
     ch = chat(worker, "g3n-f4", changed, MAX)
     assert stats(ch)["cached_tokens"] <= image_positions(path, [images["c"]])[0]
-    worker.request({"type": "cache_clear", "id": "g3n-cc2"})
+    worker.generation.run({"type": "cache_clear", "id": "g3n-cc2"})
     assert generated_tokens(chat(worker, "g3n-f5", changed, MAX)) == generated_tokens(ch)
 
 

@@ -38,7 +38,7 @@ def _follow_up(worker, tag, images, first_image="a", max_tokens=MAX):
 
 
 def _cold(worker, tag, messages, max_tokens=MAX):
-    assert worker.request({"type": "cache_clear", "id": f"{tag}-cc"})[-1]["type"] == "done"
+    assert worker.generation.run({"type": "cache_clear", "id": f"{tag}-cc"})[-1]["type"] == "done"
     cold = chat(worker, tag, messages, max_tokens)
     assert stats(cold)["cached_tokens"] == 0
     return generated_tokens(cold)
@@ -161,8 +161,8 @@ def test_bidirectional_state(root, images):
     from mlx_vlm.utils import load_image, prepare_inputs
 
     from tests.process.test_vision import _vlm
-    from worker.model import load
-    from worker.prompt import build_prompt
+    from worker.loading.model import load
+    from worker.prompting.prompt import build_prompt
     from worker.protocol import Generate, LoadOptions
 
     def plan_for(kit, msgs):
@@ -238,8 +238,8 @@ def test_memoized_images_and_suffix_embeddings(root, images, monkeypatch):
 
     from tests.process.test_vision import _vlm
     from worker.addons import images as imgs
-    from worker.model import load
-    from worker.prompt import build_prompt
+    from worker.loading.model import load
+    from worker.prompting.prompt import build_prompt
     from worker.protocol import Generate, LoadOptions
 
     path = gemma4_fixture_dir(root)

@@ -489,9 +489,9 @@ def test_a_request_that_does_not_fit_waits_for_the_others(llama_dir, monkeypatch
     not fit beside the allocated memory does not start its prefill; it starts once the batch is empty."""
     import mlx.core as mx
 
-    from worker import model as M
+    from worker.loading import model as M
     from worker.protocol import Generate, GenerateParams, LoadOptions, Prompt
-    from worker.scheduler import Batcher
+    from worker.generation.batcher import Batcher
 
     kit = M.load(str(llama_dir), LoadOptions(max_concurrent=4), lambda f: None)
     b = Batcher(kit)

@@ -253,7 +253,7 @@ def test_a_marker_split_across_tokens_still_splits_the_channels(dirs):
     """In process, with the fixture's real detokenizer: ``</think>`` and ``<tool_call>`` spelled in pieces."""
     from mlx_lm.tool_parsers import json_tools
 
-    from worker.channels import Channels, Markers
+    from worker.generation.channels import Channels, Markers
 
     _, tok = reference.load_model(dirs["hermes"])
     pieces = ["so I think", " </", "thi", "nk>", "ok <tool", "_call>", '\n{"name": "add", "arguments": {"a": 1}}',
@@ -312,7 +312,7 @@ def test_smollm2_gets_tools_through_the_workers_own_prompt(smollm2_dir):
     """SmolLM2's template ignores tools: the worker renders them (Hermes format, mlx-lm's json_tools
     parser). Whatever the model emits in auto mode is handled; a named choice gives a valid call, and
     the result goes back into the conversation."""
-    from worker.tools import WORKER_PROMPT, worker_rendering
+    from worker.prompting.tools import WORKER_PROMPT, worker_rendering
 
     w = Worker()
     try:
@@ -356,7 +356,7 @@ def test_a_constrained_call_turns_speculation_off(workers, dirs):
 
 
 def test_the_workers_rendering_adds_the_tool_prompt_only_when_tools_are_offered():
-    from worker.tools import WORKER_PROMPT, worker_rendering
+    from worker.prompting.tools import WORKER_PROMPT, worker_rendering
 
     history = ASK + [{"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
         "name": "add", "arguments": {"a": 1, "b": 2}}}]}, {"role": "tool", "tool_call_id": "c1", "content": "3"}]

@@ -214,8 +214,8 @@ def test_prompt_ids_equal_transformers(root, pics, family):
     ids for the whole prompt, token for token."""
     import msgspec
 
-    from worker.model import load
-    from worker.prompt import build_prompt
+    from worker.loading.model import load
+    from worker.prompting.prompt import build_prompt
     from worker.protocol import Generate, LoadOptions
 
     path = fixture(family, root)

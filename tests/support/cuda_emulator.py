@@ -1,4 +1,4 @@
-"""Run a CUDA kernel source of worker/cuda_batch.py on the CPU, for its tests: the body, wrapped as
+"""Run a CUDA kernel source of worker/cuda/batch_kernels.py on the CPU, for its tests: the body, wrapped as
 ``mx.fast.cuda_kernel`` wraps it, is compiled by g++ as host C++ and run with one std::thread per CUDA
 thread of a block, the blocks one after another; ``__shfl_xor_sync`` and ``__syncthreads`` are barriers of the warp and
 of the block. It checks the kernels' arithmetic and indexing, not the GPU's memory model or speed.

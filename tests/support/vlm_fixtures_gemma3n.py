@@ -399,7 +399,7 @@ def worker_cmd() -> list:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "worker":
-        from worker import blas
+        from worker.boot import blas
 
         blas.maybe_reexec(argv, module="tests.support.vlm_fixtures_gemma3n")  # before mlx is imported
         patch_mobilenet()

@@ -1,4 +1,4 @@
-"""worker/blas.py: candidate search, the one-time re-exec, and reading /proc/self/maps.
+"""worker/boot/blas.py: candidate search, the one-time re-exec, and reading /proc/self/maps.
 
 Run as a module (``python -m tests.unit.test_blas_unit``) it is the re-exec target of the
 subprocess tests: it calls ``maybe_reexec`` like ``python -m worker`` does, then imports mlx,
@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from worker import blas, blas_find
-from worker.blas import Candidate
+from worker.boot import blas
+
+from worker.boot import blas_find
+from worker.boot.blas import Candidate
 
 REPO = Path(__file__).resolve().parents[2]
 MLX_REF = "/venv/lib/python3.11/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0"
@@ -448,7 +450,7 @@ def _child_env(**extra):
 
 
 def _run_child(**extra):
-    code = ("from worker import blas; blas.maybe_reexec(['--flag'], module='tests.unit.test_blas_unit');"
+    code = ("from worker.boot import blas; blas.maybe_reexec(['--flag'], module='tests.unit.test_blas_unit');"
             "import tests.unit.test_blas_unit as t; t.child_main(reexeced=False)")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_child_env(**extra),
                        capture_output=True, text=True, timeout=120)

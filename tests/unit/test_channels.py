@@ -1,6 +1,6 @@
-"""worker/channels.py without markers: text is released as it comes, a stop string across tokens is held back and cut."""
+"""worker/generation/channels.py without markers: text is released as it comes, a stop string across tokens is held back and cut."""
 
-from worker.channels import Channels
+from worker.generation.channels import Channels
 
 
 # ---- the answer stream (Channels without markers), with a detokenizer that maps ids to fixed strings

@@ -1,11 +1,13 @@
-"""worker/cuda_batch.py off CUDA: when its kernels apply, that the model is untouched where they do not, and
+"""worker/cuda/batch_kernels.py off CUDA: when its kernels apply, that the model is untouched where they do not, and
 the kernels' own arithmetic: their CUDA sources compile for sm_90 (nvcc) and, run by tests/support/cuda_emulator.py
 on the CPU, compute what MLX computes. On a GPU bench/probe/batch_host.py --agree checks them there."""
 
 import mlx.core as mx
 import pytest
 
-from worker import cuda_batch, cuda_kernels
+from worker.cuda import batch_kernels as cuda_batch
+
+from worker.cuda import kernels as cuda_kernels
 
 
 def _qkv(B=3, Hq=4, Hk=2, L=10, D=64):
@@ -173,7 +175,7 @@ def test_a_matrix_of_the_table_takes_the_kernel_only_for_the_step_s_rows(monkeyp
 
 def test_kernel_names_carry_their_source_s_hash():
     """MLX caches compiled kernels on disk by name: an edited source gets a new name, never an old build."""
-    from worker.cuda_kernels import _named
+    from worker.cuda.kernels import _named
 
     a, b = _named("worker_rows_qmv", "x"), _named("worker_rows_qmv", "y")
     assert a != b and a.startswith("worker_rows_qmv_") and a == _named("worker_rows_qmv", "x")

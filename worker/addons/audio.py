@@ -25,7 +25,7 @@ import re
 
 import mlx.core as mx
 
-from ..prompt import PromptInput, PromptPlan
+from ..prompting.prompt import PromptInput, PromptPlan
 from ..protocol import AudioPart, WorkerError, failing_as
 from . import images as imgs
 from . import media

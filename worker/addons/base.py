@@ -20,10 +20,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..prefix_tokens import PrefixTokenizer, probe_texts
-from ..prompt import PromptInput, PromptPlan
+from ..prompting.prefix_tokens import PrefixTokenizer, probe_texts
+from ..prompting.prompt import PromptInput, PromptPlan
 from ..protocol import WorkerError, failing_as
-from ..weights import stored_dtype
+from ..loading.weights import stored_dtype
 from . import images as imgs
 
 
@@ -243,7 +243,7 @@ class VisionAddOn(abc.ABC):
 
     # ---- a request ----------------------------------------------------------------------------
     def build_prompt(self, kit, inp: PromptInput) -> PromptPlan:
-        """The plan for a validated prompt with images (``worker.prompt.normalise`` made ``inp``).
+        """The plan for a validated prompt with images (``worker.prompting.prompt.normalise`` made ``inp``).
 
         A memoized image (same bytes) is neither decoded nor processed nor encoded again: its
         placeholder expands to the text the processor gave it the first time, the whole prompt is

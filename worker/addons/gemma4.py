@@ -10,7 +10,7 @@ and both are made exact by ``MultimodalInputs``, which stands in for mlx-lm's ``
   audio, video) positions; mlx-lm would look up the image token itself.
 Calls without embeddings (text prompts, every decode step, batched or not) reach mlx-lm unchanged, but
 for ``kv_bits`` on the KV-shared layers (``SharedQuantized``; a text-only Gemma 4 with ``kv_bits`` gets
-that wrapper too, from worker/model.py).
+that wrapper too, from worker/loading/model.py).
 
 The larger models (``use_bidirectional_attention: "vision"``, e.g. 26B-A4B) let the tokens of one
 image attend to each other both ways. mlx-vlm does so when the whole prompt is one forward pass (a
@@ -152,7 +152,7 @@ class MultimodalInputs:
 
 def install_inputs(text_model, mm_ids: tuple = (), vision_ids: tuple = ()) -> MultimodalInputs:
     """Wrap the mlx-lm Gemma 4 text model's ``Gemma4TextModel`` (``language_model.model``; ``model`` of a
-    gemma4_text checkpoint) once per model. Without ids (a text-only load with ``kv_bits``: worker/model.py)
+    gemma4_text checkpoint) once per model. Without ids (a text-only load with ``kv_bits``: worker/loading/model.py)
     it only gives the KV-shared layers their stand-in caches; the add-on's ids are set when it loads."""
     lm = getattr(text_model, "language_model", text_model)
     if not isinstance(lm.model, MultimodalInputs):

@@ -53,7 +53,7 @@ class MRopeState:
 
 
 class BatchPositions:
-    """One batched decode step (worker/batch.py): each row's position is its cache offset plus its
+    """One batched decode step (worker/generation/decode_batch.py): each row's position is its cache offset plus its
     request's delta, with mlx-vlm's M-RoPE, as ``MRopeState`` decodes it alone; rows without state (text
     requests) keep mlx-lm's own rope."""
 

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from ..prefix_tokens import common_prefix
+from ..prompting.prefix_tokens import common_prefix
 from .layout import adapt, make_cache
 from .snapshots import best_snapshot, clone, keep, resume
 

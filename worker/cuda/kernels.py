@@ -1,4 +1,4 @@
-"""The CUDA kernels of a batched decode step (worker/cuda_batch.py routes a model's calls to them).
+"""The CUDA kernels of a batched decode step (worker/cuda/batch_kernels.py routes a model's calls to them).
 
 - ``decode_attention``: softmax(q k^T) v for one query per row under a boolean [B, 1, 1, L] mask (MLX
   0.32's CUDA SDPA has no fused one-token kernel with an array mask). One thread block per (row, query

@@ -8,7 +8,7 @@ which returns the ``PromptPlan``. This module knows the kit only by duck typing 
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
-from .protocol import AudioPart, Generate, TextPart, WorkerError
+from ..protocol import AudioPart, Generate, TextPart, WorkerError
 from .tools import check_tools, tool_fields, tools_on, worker_rendering
 
 

@@ -13,12 +13,12 @@ import mlx.nn as nn
 from mlx_lm.models import llama
 from mlx_lm.utils import get_total_parameters, load_model, load_tokenizer
 
-from .addons import load_addon
-from .cache import DiskCache, PromptCacheStore, layout_identity, model_identity
-from .cache.layout import make_cache, quantizable
-from .prefix_tokens import PrefixTokenizer, probe_texts
-from .protocol import LoadOptions, ModelInfo, WorkerError, failing_as
-from .tools import tool_format
+from ..addons import load_addon
+from ..cache import DiskCache, PromptCacheStore, layout_identity, model_identity
+from ..cache.layout import make_cache, quantizable
+from ..prompting.prefix_tokens import PrefixTokenizer, probe_texts
+from ..protocol import LoadOptions, ModelInfo, WorkerError, failing_as
+from ..prompting.tools import tool_format
 from .weights import nbytes, stored_dtype
 
 log = logging.getLogger("worker")
@@ -122,7 +122,7 @@ def fit_shared_kv(model: nn.Module, config: dict, options: LoadOptions) -> None:
     float attention kernel on their source layers' quantized K/V (a TypeError): the Gemma 4 add-on's
     wrapper gives them a quantized stand-in (worker/addons/gemma4.py ``SharedQuantized``), text-only too."""
     if options.kv_bits is not None and config.get("model_type") in ("gemma4", "gemma4_text"):
-        from .addons.gemma4 import install_inputs
+        from ..addons.gemma4 import install_inputs
 
         install_inputs(model)
 

@@ -1,6 +1,6 @@
 """Finding an optimized BLAS: candidate libraries, probing them, and the tuning they need.
 
-Standard library only: this runs before mlx is imported (see worker/blas.py).
+Standard library only: this runs before mlx is imported (see worker/boot/blas.py).
 """
 
 from __future__ import annotations

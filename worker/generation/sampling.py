@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
-from .protocol import GenerateParams, TokenLogprob, TopLogprob, WorkerError
+from ..protocol import GenerateParams, TokenLogprob, TopLogprob, WorkerError
 
 
 def sampler_for(params: GenerateParams):

@@ -1,4 +1,4 @@
-"""A batched decode step (worker/batch.py) through worker/cuda_kernels.py on CUDA, where MLX 0.32's own
+"""A batched decode step (worker/generation/decode_batch.py) through worker/cuda/kernels.py on CUDA, where MLX 0.32's own
 kernels are slow or many.
 
 A step of B one-token rows is bound by the host (bench/README.md, H200): Python building the graph, then
@@ -24,7 +24,7 @@ import threading
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cuda_kernels import (BLOCK, decode_attention, fits, parts_launch, qmv_launch, rows_qmv,  # noqa: F401
+from .kernels import (BLOCK, decode_attention, fits, parts_launch, qmv_launch, rows_qmv,  # noqa: F401
                            rows_qmv_parts, rows_qmv_swiglu, swiglu_launch)
 
 

@@ -6,7 +6,7 @@ per-sequence cache (no padding mask: one request decodes exactly as fast as ``ge
 each request with its own sampler, processors and random key, and computes logprobs rows only for the
 requests that report them. A sequence joins after its prefill (done alone, see scheduler.py) with its
 next input token, and leaves with its own cache, as a solo run would store it. On CUDA a step of several
-sequences runs its attention and large quantized matmuls through worker/cuda_batch.py's kernels.
+sequences runs its attention and large quantized matmuls through worker/cuda/batch_kernels.py's kernels.
 """
 
 from contextlib import nullcontext
@@ -17,8 +17,8 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models import cache as mlx_cache
 
-from .cache.snapshots import Snapshot, clone
-from .cuda_batch import batch_kernels
+from ..cache.snapshots import Snapshot, clone
+from ..cuda.batch_kernels import batch_kernels
 
 
 def blocker(kit) -> Optional[str]:

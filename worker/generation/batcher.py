@@ -18,10 +18,10 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import TokenBuffer
 
-from .batch import DecodeBatch, Seq
-from .cache.snapshots import bounded
-from .generate import DECODE_SNAPSHOT_EVERY, DECODE_SNAPSHOTS
-from .request import Cancelled, Run, finish, give_back, start
+from .decode_batch import DecodeBatch, Seq
+from ..cache.snapshots import bounded
+from .solo import DECODE_SNAPSHOT_EVERY, DECODE_SNAPSHOTS
+from .run import Cancelled, Run, finish, give_back, start
 from .sampling import keyed_sampler, processors_for
 
 log = logging.getLogger("worker")

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .protocol import WorkerError
+from ..protocol import WorkerError
 
 # what apply_chat_template or the worker set themselves
 RESERVED_KWARGS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt",

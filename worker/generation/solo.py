@@ -13,11 +13,11 @@ from typing import Callable, List
 import mlx.core as mx
 from mlx_lm.generate import generate_step, maybe_quantize_kv_cache, speculative_generate_step
 
-from .cache import cache_len
-from .cache.snapshots import bounded
-from .model import ModelKit
-from .protocol import Done, Generate
-from .request import Cancelled, Run, finish, give_back, snapshot_into, start
+from ..cache import cache_len
+from ..cache.snapshots import bounded
+from ..loading.model import ModelKit
+from ..protocol import Done, Generate
+from .run import Cancelled, Run, finish, give_back, snapshot_into, start
 from .sampling import processors_for
 
 DECODE_SNAPSHOT_EVERY = 4  # tokens between snapshots of the bounded layers while decoding

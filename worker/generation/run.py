@@ -14,15 +14,15 @@ from typing import Callable, List, Optional
 import mlx.core as mx
 import msgspec
 
-from .cache import cache_len
-from .cache.layout import trimmable_span
-from .cache.snapshots import take_snapshot
+from ..cache import cache_len
+from ..cache.layout import trimmable_span
+from ..cache.snapshots import take_snapshot
 from .channels import Channels, Markers, initial_channel
-from .model import ModelKit
-from .prompt import build_prompt
-from .protocol import Done, FunctionCall, Generate, Progress, Stats, Token, ToolCall, ToolCallEvent, WorkerError
+from ..loading.model import ModelKit
+from ..prompting.prompt import build_prompt
+from ..protocol import Done, FunctionCall, Generate, Progress, Stats, Token, ToolCall, ToolCallEvent, WorkerError
 from .sampling import AnswerOnly, JsonConstraint, ToolCallConstraint, logprob_report, sampler_for
-from .tools import call_grammar, tools_on
+from ..prompting.tools import call_grammar, tools_on
 
 log = logging.getLogger("worker")
 

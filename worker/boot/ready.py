@@ -5,12 +5,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 import mlx.core as mx
 
-from . import __version__, blas
-from .protocol import (
+from .. import __version__
+from . import blas
+from ..protocol import (
     PROTOCOL_VERSION, REQUEST_TYPES, DeviceInfo, Generate, GenerateParams, Limits, LoadOptions, Progress, Prompt,
     Ready, Token,
 )
-from .server import MAX_QUEUE
+from ..server import MAX_QUEUE
 
 # Features beyond the request types, each named after the protocol element that carries it, so the list
 # cannot claim what the wire types lack (tests/process/test_promises.py checks each is documented in PROTOCOL.md).

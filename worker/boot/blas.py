@@ -264,7 +264,7 @@ def log_blas_status(info: dict | None = None) -> dict:
     return info
 
 
-if __name__ == "__main__":  # diagnostics: python -m worker.blas
+if __name__ == "__main__":  # diagnostics: python -m worker.boot.blas
     import json
 
     result = {"info": blas_info(), "candidates": [], "effective_cpus": effective_cpus()}
