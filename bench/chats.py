@@ -71,7 +71,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     model = args.model
     if model is None:
-        from worker.default_model import ensure_default_model
+        from model_prep.smollm2 import ensure_default_model
 
         model = ensure_default_model()
     cmd = shlex.split(args.worker_cmd) if args.worker_cmd else None

@@ -56,7 +56,7 @@ def tiny_model_long(context: int = 8192) -> Path:
 
 def smollm2_model() -> Path:
     sys.path.insert(0, str(ROOT))
-    from worker.default_model import ensure_default_model
+    from model_prep.smollm2 import ensure_default_model
 
     return ensure_default_model()
 

@@ -71,7 +71,7 @@ def llama_worker(llama_dir):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from worker.default_model import ensure_default_model
+    from model_prep.smollm2 import ensure_default_model
 
     return ensure_default_model()
 

@@ -13,7 +13,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from worker import default_model as dm  # noqa: E402
+from model_prep import smollm2 as dm  # noqa: E402
 
 
 def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -164,7 +164,7 @@ def test_real_default_model_answers_paris():
 def test_real_cli_prints_path_last():
     path = dm.ensure_default_model()
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "worker.default_model"], cwd=repo,
+    proc = subprocess.run([sys.executable, "-m", "model_prep.smollm2"], cwd=repo,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [str(path)]

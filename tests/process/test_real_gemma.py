@@ -1,4 +1,4 @@
-"""The second real model, Gemma 3 270M base (built offline from PyPI by worker.gemma_model), through the
+"""The second real model, Gemma 3 270M base (built offline from PyPI by model_prep.gemma3_270m), through the
 worker process: greedy parity with mlx-lm itself, and the prompt cache past its 512-token sliding window
 (the windowed layers wrap, so reuse rests on the snapshots of worker/cache/snapshots.py)."""
 
@@ -31,7 +31,7 @@ def passage(seed: int, sentences: int) -> str:
 
 @pytest.fixture(scope="module")
 def gemma_dir():
-    from worker.gemma_model import ensure_gemma_model
+    from model_prep.gemma3_270m import ensure_gemma_model
 
     return ensure_gemma_model()
 

@@ -12,7 +12,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from worker.default_model import ensure_default_model
+    from model_prep.smollm2 import ensure_default_model
 
     return ensure_default_model()
 

@@ -1,4 +1,4 @@
-"""Gemma 3 270M preparation (worker.gemma_model) without the real download: names, config, template, cache."""
+"""Gemma 3 270M preparation (model_prep.gemma3_270m) without the real download: names, config, template, cache."""
 
 import json
 import os
@@ -8,8 +8,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from worker import default_model as dm  # noqa: E402
-from worker import gemma_model as gm  # noqa: E402
+from model_prep import gemma3_270m as gm  # noqa: E402
+from model_prep import smollm2 as dm  # noqa: E402
 
 
 def test_wheels_and_chunks_are_in_order():

