@@ -18,6 +18,7 @@ import msgspec
 
 from .generation import decode_batch as _batch
 from .generation import solo as _generate
+from .generation import warmup
 from .loading import model as _model
 from .generation.batcher import Batcher
 from .protocol import (
@@ -196,28 +197,19 @@ class Engine:
         progress = self._progress(req, emit, cancelled)
         try:
             kit = _model.load(req.model_path, req.options, progress)
+            off = _batching_off(kit)
+            if warmup.wanted(kit.options):  # also compiles each batch size's kernels
+                progress(0.97)
+                kit.info.warmup_s = warmup.warm_up(kit, kit.info.max_concurrent)
             progress(1.0)  # the last cancel check: nothing is published before it
         except BaseException:
             release_memory()  # whatever was built is unreachable now
             raise
-        self.kit = kit
-        self._start_batching(kit)
+        self.kit, self.batch_off = kit, off
+        if kit.info.max_concurrent > 1:
+            self.batcher = Batcher(kit)
         return Done(id=req.id, request="load", model=_copy(kit.info), draft=_copy(kit.draft.info if kit.draft else None),
                     warnings=kit.warnings or None)
-
-    def _start_batching(self, kit) -> None:
-        if kit.info.max_concurrent <= 1:
-            return
-        why = _batch.blocker(kit)
-        if why is not None:
-            kit.warnings.append(f"batching is off for this model ({why}): generate requests run one at a time")
-            kit.info.max_concurrent, self.batch_off = 1, why
-            return
-        self.batcher = Batcher(kit)
-        if kit.info.warmup_s is not None:  # the warm-up also compiles each batch size's kernels
-            tic = time.perf_counter()
-            _batch.warm_up(kit.model, kit.cache.fresh, kit.info.max_concurrent)
-            kit.info.warmup_s = round(kit.info.warmup_s + time.perf_counter() - tic, 4)
 
     def _unload(self, req: Unload, emit, cancelled):
         self._drop_model()
@@ -257,6 +249,17 @@ class Engine:
         elif self.batcher is not None:
             label = "off: speculative"  # the only generate the batch does not take
         return _generate.run(self._kit(), req, emit, cancelled, batching=label)
+
+
+def _batching_off(kit) -> Optional[str]:
+    """Why the batch cannot take this model's requests (max_concurrent becomes 1, with a warning), or None."""
+    if kit.info.max_concurrent <= 1:
+        return None
+    why = _batch.blocker(kit)
+    if why is not None:
+        kit.warnings.append(f"batching is off for this model ({why}): generate requests run one at a time")
+        kit.info.max_concurrent = 1
+    return why
 
 
 def _oom(exc: Exception) -> bool:

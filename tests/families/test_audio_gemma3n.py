@@ -78,7 +78,7 @@ def audio_positions(path, clip):
 def test_audio_question_and_follow_up(worker, root, clips):
     path = gemma3n_fixture_dir(root)
     info = worker.load(path)
-    assert info["audio"] is True and "audio" in worker.boot.ready["capabilities"]
+    assert info["audio"] is True and "audio" in worker.ready["capabilities"]
     part = {"type": "audio", "path": clips["a"]}
 
     one = chat(worker, "a-1", [user(part)], MAX)
@@ -105,7 +105,7 @@ def test_audio_question_and_follow_up(worker, root, clips):
     assert stats(warm)["cached_tokens"] > audio_positions(path, clips["a"])[-1]
     ref_follow = [ref_user(), {"role": "assistant", "content": answer}, {"role": "user", "content": "Tell me more."}]
     assert generated_tokens(warm) == vlm_generate(path, ref_follow, audio=[clips["a"]], max_tokens=MAX)
-    worker.generation.run({"type": "cache_clear", "id": "a-cc"})
+    worker.request({"type": "cache_clear", "id": "a-cc"})
     cold = chat(worker, "a-3", follow, MAX)
     assert stats(cold)["cached_tokens"] == 0 and generated_tokens(cold) == generated_tokens(warm)
     # another clip in the same place: a miss at the clip, not a stale hit
@@ -117,13 +117,13 @@ def test_audio_question_and_follow_up(worker, root, clips):
 def test_text_prompt_with_audio(worker, root, clips):
     path = gemma3n_fixture_dir(root)
     worker.load(path)
-    evs = worker.generation.run({"type": "generate", "id": "tp", "params": {"max_tokens": MAX},
+    evs = worker.request({"type": "generate", "id": "tp", "params": {"max_tokens": MAX},
                           "prompt": {"text": "<bos><start_of_turn>user\n<audio_soft_token>" + QUESTION
                                              + "<end_of_turn>\n<start_of_turn>model\n",
                                      "add_special_tokens": False,
                                      "audio": [{"type": "audio", "path": clips["a"]}]}})
     assert generated_tokens(evs) == vlm_generate(path, [ref_user()], audio=[clips["a"]], max_tokens=MAX)
-    evs = worker.generation.run({"type": "generate", "id": "tp2", "params": {"max_tokens": 2},
+    evs = worker.request({"type": "generate", "id": "tp2", "params": {"max_tokens": 2},
                           "prompt": {"text": "no placeholder", "audio": [{"type": "audio", "path": clips["a"]}]}})
     assert evs[-1]["type"] == "error" and evs[-1]["code"] == "invalid_params"
 

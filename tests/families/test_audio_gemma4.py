@@ -121,7 +121,7 @@ def test_audio_parity_and_cache(worker, root, clips, images):
               {"role": "user", "content": "Tell me more."}]
     warm = chat(worker, "f2", follow, MAX)
     assert stats(warm)["cached_tokens"] > audio_positions(path, clips["a"])[-1]
-    worker.generation.run({"type": "cache_clear", "id": "cc"})
+    worker.request({"type": "cache_clear", "id": "cc"})
     cold = chat(worker, "f3", follow, MAX)
     assert stats(cold)["cached_tokens"] == 0 and generated_tokens(cold) == _distinct(generated_tokens(warm))
     # another clip of the same length: a miss at the clip

@@ -67,4 +67,4 @@ def test_mp3_question_follow_up_and_a_broken_file(worker, root):
     bad.write_bytes(clips["mono16k"].read_bytes()[:4])
     err = chat(worker, "mp3-bad", [user({"type": "audio", "path": str(bad)})], MAX)[-1]
     assert err["type"] == "error" and err["code"] == "invalid_audio", err
-    assert worker.generation.run({"type": "status", "id": "mp3-st"})[-1]["type"] == "done"
+    assert worker.request({"type": "status", "id": "mp3-st"})[-1]["type"] == "done"

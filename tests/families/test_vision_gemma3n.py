@@ -1,7 +1,8 @@
 """Gemma 3n images through the real worker (patched to the tiny tower), against mlx-vlm's generate.
 
 The reference is mlx-vlm's stream_generate with its text-embedding scale fixed (see
-tests/vlm_fixtures_gemma3n.patch_mlx_vlm); ``test_mlx_vlm_still_unscaled`` pins why.
+tests/support/vlm_fixtures_gemma3n.patch_mlx_vlm, as worker/patches/gemma3n_text_scale.py scales the
+worker's); tests/unit/test_patches.py pins why.
 """
 
 import os
@@ -15,7 +16,7 @@ from tests.support.client import Worker, generated_tokens  # noqa: E402
 from tests.process.test_vision import QUESTION, chat, images, root, stats, user  # noqa: E402,F401
 from tests.support.vision_checks import check_kv_bits_follow_up  # noqa: E402
 from tests.support.vlm_fixtures_gemma3n import (  # noqa: E402
-    _UNSCALED, gemma3n_fixture_dir, patch_mlx_vlm, vlm_generate, worker_cmd,
+    gemma3n_fixture_dir, vlm_generate, worker_cmd,
 )
 
 MAX = 8
@@ -77,7 +78,7 @@ def test_gemma3n_parity_and_cache(worker, path, images):
     ref_follow = [ref_msgs(1)[0], {"role": "assistant", "content": answer},
                   {"role": "user", "content": "Tell me more."}]
     assert generated_tokens(warm) == vlm_generate(path, ref_follow, [images["a"]], max_tokens=MAX)
-    assert worker.generation.run({"type": "cache_clear", "id": "g3n-cc"})[-1]["type"] == "done"
+    assert worker.request({"type": "cache_clear", "id": "g3n-cc"})[-1]["type"] == "done"
     cold = chat(worker, "g3n-f3", follow, MAX)
     assert stats(cold)["cached_tokens"] == 0
     assert generated_tokens(cold) == generated_tokens(warm)
@@ -85,7 +86,7 @@ def test_gemma3n_parity_and_cache(worker, path, images):
     changed = [user([images["c"]])] + follow[1:]
     ch = chat(worker, "g3n-f4", changed, MAX)
     assert stats(ch)["cached_tokens"] <= image_positions(path, [images["c"]])[0]
-    worker.generation.run({"type": "cache_clear", "id": "g3n-cc2"})
+    worker.request({"type": "cache_clear", "id": "g3n-cc2"})
     assert generated_tokens(chat(worker, "g3n-f5", changed, MAX)) == generated_tokens(ch)
 
 
@@ -144,22 +145,3 @@ def test_gemma3n_speculative_text_turn(path, images):
         assert generated_tokens(img) == vlm_generate(path, ref_msgs(1), [images["a"]], max_tokens=MAX)
     finally:
         w.close()
-
-
-def test_mlx_vlm_still_unscaled(path):
-    """mlx-vlm 0.7.10's get_input_embeddings leaves Gemma 3n's text embeddings unscaled, so its own
-    generate differs from mlx-lm on text; the add-on (and the patched reference) scale them. When this
-    fails, mlx-vlm has been fixed: drop the scale from patch_mlx_vlm."""
-    import mlx.core as mx
-
-    patch_mlx_vlm()
-    vlm_generate(path, ref_msgs(0), max_tokens=1)
-    from tests.support.vlm_fixtures_gemma3n import _LOADED
-
-    model, _ = _LOADED[str(path)]
-    ids = mx.array(reference.chat_ids(path, [{"role": "user", "content": QUESTION}]))[None]
-    emb = _UNSCALED["fn"](model, ids).inputs_embeds
-    assert mx.abs(emb - model.language_model.model.embed_tokens(ids)).max().item() == 0.0
-    lm, _ = reference.load_model(path)
-    assert mx.abs(lm(ids, input_embeddings=emb * model.language_model.model.hidden_size ** 0.5)
-                  - lm(ids)).max().item() == 0.0

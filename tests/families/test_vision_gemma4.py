@@ -38,7 +38,7 @@ def _follow_up(worker, tag, images, first_image="a", max_tokens=MAX):
 
 
 def _cold(worker, tag, messages, max_tokens=MAX):
-    assert worker.generation.run({"type": "cache_clear", "id": f"{tag}-cc"})[-1]["type"] == "done"
+    assert worker.request({"type": "cache_clear", "id": f"{tag}-cc"})[-1]["type"] == "done"
     cold = chat(worker, tag, messages, max_tokens)
     assert stats(cold)["cached_tokens"] == 0
     return generated_tokens(cold)

@@ -44,7 +44,7 @@ def test_family_parity_and_cache(worker, root, images, family):
               {"role": "user", "content": "Tell me more."}]
     warm = chat(worker, f"{family}-f2", follow)
     assert stats(warm)["cached_tokens"] > _last_image_token(path, [images["a"]])
-    assert worker.generation.run({"type": "cache_clear", "id": f"{family}-cc"})[-1]["type"] == "done"
+    assert worker.request({"type": "cache_clear", "id": f"{family}-cc"})[-1]["type"] == "done"
     cold = chat(worker, f"{family}-f3", follow)
     assert stats(cold)["cached_tokens"] == 0
     assert _distinct(generated_tokens(cold)) == generated_tokens(warm)
@@ -52,7 +52,7 @@ def test_family_parity_and_cache(worker, root, images, family):
     changed = [user([images["c"]])] + follow[1:]
     ch = chat(worker, f"{family}-f4", changed)
     assert stats(ch)["cached_tokens"] <= _first_image_token(path, [images["c"]])
-    worker.generation.run({"type": "cache_clear", "id": f"{family}-cc2"})
+    worker.request({"type": "cache_clear", "id": f"{family}-cc2"})
     assert generated_tokens(chat(worker, f"{family}-f5", changed)) == generated_tokens(ch)
 
 

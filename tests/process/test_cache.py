@@ -8,7 +8,7 @@ from tests.support.prompts import assert_varied, random_ids
 
 
 def gen(worker, rid, tokens, max_tokens=12, **extra):
-    events = worker.generation.run({"type": "generate", "id": rid, "prompt": {"tokens": tokens},
+    events = worker.request({"type": "generate", "id": rid, "prompt": {"tokens": tokens},
                              "params": {"max_tokens": max_tokens}, **extra})
     assert events[-1]["type"] == "done", events[-1]
     stats = next(e for e in events if e["type"] == "stats")

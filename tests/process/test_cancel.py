@@ -20,7 +20,7 @@ def serving(llama_dir):
 
 
 def _check_still_serving(worker, path):
-    events = worker.generation.run({"type": "generate", "id": "after", "prompt": {"text": "after cancel"},
+    events = worker.request({"type": "generate", "id": "after", "prompt": {"text": "after cancel"},
                              "params": {"max_tokens": 10}})
     want = ref.generate(path, ref.text_ids(path, "after cancel"), 10)
     assert_varied(want, 4, what="mlx-lm's output")
@@ -32,7 +32,7 @@ def test_cancel_during_decode(serving, llama_dir):
     worker.send({"type": "generate", "id": "g", "prompt": {"tokens": [3, 4, 5]}, "params": LONG})
     for _ in range(5):
         worker.wait_for("g", lambda e: e["type"] == "token")
-    ack = worker.generation.run({"type": "cancel", "id": "c", "target": "g"})
+    ack = worker.request({"type": "cancel", "id": "c", "target": "g"})
     assert ack[-1] == {**ack[-1], "type": "done", "cancelled": True}
     events = worker.collect("g")
     assert events[-1]["type"] == "done" and events[-1]["stop_reason"] == "cancelled"
@@ -62,9 +62,9 @@ def test_cancel_while_queued(serving, llama_dir):
     worker = serving
     worker.send({"type": "generate", "id": "a", "prompt": {"tokens": [3, 4]}, "params": LONG})
     worker.send({"type": "generate", "id": "b", "prompt": {"tokens": [3, 4]}, "params": LONG})
-    status = worker.generation.run({"type": "status", "id": "s"})[-1]
+    status = worker.request({"type": "status", "id": "s"})[-1]
     assert "b" in status["queue"] and status["state"] in ("generating", "idle")
-    b_events = worker.generation.run({"type": "cancel", "id": "cb", "target": "b"})
+    b_events = worker.request({"type": "cancel", "id": "cb", "target": "b"})
     assert b_events[-1]["cancelled"] is True
     b = worker.collect("b")
     assert b == [b[-1]] and b[-1]["stop_reason"] == "cancelled"

@@ -45,7 +45,7 @@ def _one_error(worker, line, rid):
 def test_bad_line(worker, line, code, rid):
     if code in ("no_model", "model_not_found") or rid == "t10":
         # these are answered by the engine, after the probe; wait for them instead
-        events = worker.generation.run(json.loads(line))
+        events = worker.request(json.loads(line))
         assert [e["type"] for e in events] == ["error"] or events[-1]["type"] == "error"
         err = events[-1]
         expected = code if rid != "t10" else "no_model"
@@ -54,7 +54,7 @@ def test_bad_line(worker, line, code, rid):
         expected = code
     assert err["code"] == expected, err
     assert isinstance(err["number"], int) and err["message"]
-    assert worker.generation.run({"type": "status", "id": "alive"})[-1]["type"] == "done"
+    assert worker.request({"type": "status", "id": "alive"})[-1]["type"] == "done"
 
 
 def test_prompt_with_two_kinds_is_invalid(llama_worker):
@@ -87,7 +87,7 @@ def test_corrupt_and_partial_checkpoints(worker, llama_dir, tmp_path):
     for path, code in [(corrupt, "model_load_failed"), (partial, "model_load_failed"),
                        (no_weights, "model_load_failed"), (bad_type, "model_load_failed"),
                        (not_dir, "model_not_found"), (tmp_path, "model_not_found")]:
-        events = worker.generation.run({"type": "load", "id": f"l-{path.name}", "model_path": str(path)})
+        events = worker.request({"type": "load", "id": f"l-{path.name}", "model_path": str(path)})
         assert events[-1]["type"] == "error" and events[-1]["code"] == code, (path, events[-1])
     info = worker.load(llama_dir)
     assert info["model_type"] == "llama"
@@ -101,7 +101,7 @@ def test_remote_code_is_refused(worker, llama_dir, tmp_path):
         cfg[key] = "evil.py" if key == "model_file" else {"AutoModel": "evil.Model"}
         (d / "config.json").write_text(json.dumps(cfg))
         (d / "evil.py").write_text("open('/tmp/mlx_worker_pwned', 'w').write('x')\n")
-        err = worker.generation.run({"type": "load", "id": f"rc-{key}", "model_path": str(d)})[-1]
+        err = worker.request({"type": "load", "id": f"rc-{key}", "model_path": str(d)})[-1]
         assert err["code"] == "remote_code_refused", err
     import os
     assert not os.path.exists("/tmp/mlx_worker_pwned")

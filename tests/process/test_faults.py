@@ -309,15 +309,15 @@ def test_engine_thread_death_is_fatal(faulty_dir, trigger, exc):
 # ---------------------------------------------------------------- out of memory on load
 
 def test_max_memory_smaller_than_the_model(worker, llama_dir):
-    err = worker.generation.run({"type": "load", "id": "big", "model_path": str(llama_dir),
+    err = worker.request({"type": "load", "id": "big", "model_path": str(llama_dir),
                           "options": {"max_memory": 1024}})
     err = _one_terminal(err)
     assert err["type"] == "error" and err["code"] == "out_of_memory" and "max_memory" in err["message"]
-    status = worker.generation.run({"type": "status", "id": "s"})[-1]
+    status = worker.request({"type": "status", "id": "s"})[-1]
     assert status["state"] == "empty" and status["engine_alive"] is True
     info = worker.load(llama_dir, max_memory=1 << 30)
     assert info["model_type"] == "llama"
-    done = worker.generation.run({"type": "generate", "id": "g", "prompt": {"text": "ok"},
+    done = worker.request({"type": "generate", "id": "g", "prompt": {"text": "ok"},
                            "params": {"max_tokens": 3}})[-1]
     assert done["type"] == "done"
 

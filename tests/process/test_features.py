@@ -49,19 +49,19 @@ def test_processors_change_the_distribution():
         return mx.zeros((1, 8)) + mx.arange(8, dtype=mx.float32)
 
     toks = mx.array([1, 1, 2], dtype=mx.uint32)
-    (bias,) = processors_for(Kit, GenerateParams(logit_bias={3: 5.0}), [])
+    (bias,) = processors_for(GenerateParams(logit_bias={3: 5.0}), [])
     assert bias(toks, fresh())[0, 3].item() == 8.0 and bias(toks, fresh())[0, 4].item() == 4.0
-    (rep,) = processors_for(Kit, GenerateParams(repetition_penalty=2.0), [])
+    (rep,) = processors_for(GenerateParams(repetition_penalty=2.0), [])
     out = rep(toks, fresh())[0]
     assert out[1].item() == 0.5 and out[2].item() == 1.0 and out[3].item() == 3.0
-    (freq,) = processors_for(Kit, GenerateParams(frequency_penalty=1.0), [])
+    (freq,) = processors_for(GenerateParams(frequency_penalty=1.0), [])
     out = freq(toks, fresh())[0]
     assert out[1].item() == -1.0 and out[2].item() == 1.0 and out[5].item() == 5.0
-    (pres,) = processors_for(Kit, GenerateParams(presence_penalty=1.0), [])
+    (pres,) = processors_for(GenerateParams(presence_penalty=1.0), [])
     out = pres(toks, fresh())[0]
     assert out[1].item() == 0.0 and out[2].item() == 1.0
     # tokens served from the prompt cache count too
-    (rep,) = processors_for(Kit, GenerateParams(repetition_penalty=2.0), [6])
+    (rep,) = processors_for(GenerateParams(repetition_penalty=2.0), [6])
     assert rep(toks, fresh())[0, 6].item() == 3.0
 
 
@@ -119,7 +119,7 @@ def test_speculative_is_identical(worker, llama_dir, fixtures_root):
     from tests.support.fixtures import fixture_dir
 
     draft = fixture_dir("llama_draft", fixtures_root)
-    info = worker.generation.run({"type": "load", "id": "l", "model_path": str(llama_dir),
+    info = worker.request({"type": "load", "id": "l", "model_path": str(llama_dir),
                            "options": {"draft_model_path": str(draft)}})[-1]
     assert info["draft"]["parameters"] < info["model"]["parameters"]
     prompt = {"text": "speculate on this"}
@@ -131,9 +131,9 @@ def test_speculative_is_identical(worker, llama_dir, fixtures_root):
     assert all(len(e["from_draft"]) == len(e["tokens"]) for e in spec if e["type"] == "token")
     assert next(e for e in plain if e["type"] == "stats")["speculative"] == "off: request"
     # the model as its own draft: most tokens come from the draft
-    done = worker.generation.run({"type": "load_draft", "id": "ld", "model_path": str(llama_dir)})[-1]
+    done = worker.request({"type": "load_draft", "id": "ld", "model_path": str(llama_dir)})[-1]
     assert done["draft"]["model_type"] == "llama"
-    worker.generation.run({"type": "cache_clear", "id": "cc"})
+    worker.request({"type": "cache_clear", "id": "cc"})
     self_spec = gen(worker, "self", prompt, max_tokens=24)
     assert generated_tokens(self_spec) == generated_tokens(plain)
     stats = next(e for e in self_spec if e["type"] == "stats")
@@ -151,7 +151,7 @@ def test_speculative_is_identical(worker, llama_dir, fixtures_root):
 
 def test_incompatible_draft_is_refused(worker, llama_dir, qwen2_dir):
     worker.load(llama_dir)
-    err = worker.generation.run({"type": "load_draft", "id": "bad", "model_path": str(qwen2_dir)})[-1]
+    err = worker.request({"type": "load_draft", "id": "bad", "model_path": str(qwen2_dir)})[-1]
     assert err["type"] == "error" and err["code"] == "draft_incompatible"
     events = gen(worker, "still", {"text": "x"}, max_tokens=3)
     assert "speculative" not in next(e for e in events if e["type"] == "stats")
@@ -251,7 +251,7 @@ def test_speculative_prefill_cancel_keeps_the_main_cache(worker, llama_dir, fixt
 def test_speculative_with_a_sliding_window(worker, gemma3_dir):
     """Gemma 3 (window 512) as its own draft: speculative while prompt + answer + drafts fit the window,
     off ("sliding window") past it, where mlx-lm could not rewind rejected drafts; tokens equal mlx-lm's."""
-    worker.generation.run({"type": "load", "id": "l", "model_path": str(gemma3_dir),
+    worker.request({"type": "load", "id": "l", "model_path": str(gemma3_dir),
                     "options": {"draft_model_path": str(gemma3_dir)}})
     short, long = random_ids(100, 1), random_ids(700, 2)
     for ids, want in ((short, "on"), (long, "off: sliding window"), (long + short, "off: sliding window")):

@@ -42,7 +42,7 @@ def test_greedy_matches_mlx_lm(worker, family_dirs, family):
         "tokens": ({"tokens": random_ids(5, 8)}, random_ids(5, 8)),
     }
     for name, (prompt, ids) in cases.items():
-        events = worker.generation.run({"type": "generate", "id": f"{family}-{name}", "prompt": prompt,
+        events = worker.request({"type": "generate", "id": f"{family}-{name}", "prompt": prompt,
                                  "params": {"max_tokens": 24, "temperature": 0}})
         done = events[-1]
         assert done["type"] == "done", done
@@ -94,13 +94,13 @@ def test_stop_string_is_not_leaked(llama_worker, llama_dir):
 
 def test_max_tokens_zero_and_context_full(worker, llama_dir):
     worker.load(llama_dir, max_kv_size=None)
-    events = worker.generation.run({"type": "generate", "id": "zero", "prompt": {"text": "abc"},
+    events = worker.request({"type": "generate", "id": "zero", "prompt": {"text": "abc"},
                              "params": {"max_tokens": 0}})
     assert events[-1]["stop_reason"] == "max_tokens" and events[-1]["text"] == ""
-    model = worker.generation.run({"type": "status", "id": "st"})[-1]["model"]
+    model = worker.request({"type": "status", "id": "st"})[-1]["model"]
     ctx = model["context_length"]
     no_eos = {str(t): -100.0 for t in model["eos_token_ids"]}  # so that only the context can end it
-    events = worker.generation.run({"type": "generate", "id": "full", "prompt": {"tokens": random_ids(ctx - 3, 9)},
+    events = worker.request({"type": "generate", "id": "full", "prompt": {"tokens": random_ids(ctx - 3, 9)},
                              "params": {"max_tokens": 50, "logit_bias": no_eos}}, timeout=300)
     assert events[-1]["stop_reason"] == "context_full", events[-1]
     assert len(generated_tokens(events)) == 3  # the context holds 3 more tokens
@@ -123,7 +123,7 @@ def test_prefill_step_defaults_per_device(worker, llama_dir):
 def test_warmup_option(worker, llama_dir):
     info = worker.load(llama_dir, warmup=True)
     assert info["warmup_s"] > 0
-    events = worker.generation.run({"type": "generate", "id": "after-warmup", "prompt": {"text": "the lazy dog"},
+    events = worker.request({"type": "generate", "id": "after-warmup", "prompt": {"text": "the lazy dog"},
                              "params": {"max_tokens": 8}})
     want = ref.generate(llama_dir, ref.text_ids(llama_dir, "the lazy dog"), 8)
     assert_varied(want, 4, what="mlx-lm's output")

@@ -63,9 +63,9 @@ def test_cancel_during_load_is_honoured(worker, llama_dir, fixtures_root):
                      "options": {"draft_model_path": str(draft), "warmup": True}})
         stage = [0.0, 0.3, 0.8, 0.95, 0.96, 0.97][i % 6]
         worker.wait_for(f"l{i}", lambda e: e["type"] == "progress" and e["fraction"] >= stage)
-        ack = worker.generation.run({"type": "cancel", "id": f"c{i}", "target": f"l{i}"})[-1]
+        ack = worker.request({"type": "cancel", "id": f"c{i}", "target": f"l{i}"})[-1]
         done = worker.collect(f"l{i}")[-1]
-        status = worker.generation.run({"type": "status", "id": f"s{i}"})[-1]
+        status = worker.request({"type": "status", "id": f"s{i}"})[-1]
         if ack["cancelled"]:
             assert done["type"] == "done" and done["stop_reason"] == "cancelled", done
             assert "model" not in done
@@ -141,7 +141,7 @@ def test_draft_incompatible_message_is_true(worker, llama_dir, qwen2_dir, tmp_pa
     # qwen2's tokenizer has as many ids as llama's (the fixtures' 512), mapped to other tokens
     assert _vocab_size(qwen2_dir) == main
     assert reference.load_model(qwen2_dir)[1].vocab != reference.load_model(llama_dir)[1].vocab
-    err = worker.generation.run({"type": "load_draft", "id": "d", "model_path": str(qwen2_dir)})[-1]
+    err = worker.request({"type": "load_draft", "id": "d", "model_path": str(qwen2_dir)})[-1]
     assert err["code"] == "draft_incompatible", err
     assert f"has as many ids ({main}) as the main model's but maps them to other tokens" in err["message"], err
     # a copy of llama with fewer ids (its embeddings and output layer cut to 448 rows)
@@ -152,7 +152,7 @@ def test_draft_incompatible_message_is_true(worker, llama_dir, qwen2_dir, tmp_pa
     weights = mx.load(str(small / "model.safetensors"))
     mx.save_safetensors(str(small / "model.safetensors"), {k: v[:448] if v.shape[0] == main else v
                                                            for k, v in weights.items()})
-    err = worker.generation.run({"type": "load_draft", "id": "d2", "model_path": str(small)})[-1]
+    err = worker.request({"type": "load_draft", "id": "d2", "model_path": str(small)})[-1]
     assert err["code"] == "draft_incompatible", err
     assert f"the draft model has 448 token ids and the main model {main};" in err["message"], err
 
@@ -177,11 +177,11 @@ def test_max_memory_counts_the_draft(worker, llama_dir):
     main_bytes = info["parameters"] * 4  # float32 on the CPU
     limit = int(main_bytes * 1.5)
     assert worker.load(llama_dir, max_memory=limit)["path"]  # alone it fits
-    err = worker.generation.run({"type": "load", "id": "both", "model_path": str(llama_dir),
+    err = worker.request({"type": "load", "id": "both", "model_path": str(llama_dir),
                           "options": {"max_memory": limit, "draft_model_path": str(llama_dir)}})[-1]
     assert err["type"] == "error" and err["code"] == "out_of_memory", err
     worker.load(llama_dir, max_memory=limit)
-    err = worker.generation.run({"type": "load_draft", "id": "d", "model_path": str(llama_dir)})[-1]
+    err = worker.request({"type": "load_draft", "id": "d", "model_path": str(llama_dir)})[-1]
     assert err["code"] == "out_of_memory" and "beside" in err["message"], err
 
 
@@ -190,7 +190,7 @@ def test_max_memory_counts_the_vision_tower(worker, tmp_path):
     info = worker.load(path)
     assert info["vision"] is True
     text_bytes = info["parameters"] * 4
-    err = worker.generation.run({"type": "load", "id": "v", "model_path": str(path),
+    err = worker.request({"type": "load", "id": "v", "model_path": str(path),
                           "options": {"max_memory": text_bytes + 1}})[-1]
     assert err["type"] == "error" and err["code"] == "out_of_memory", err
     assert "vision tower" in err["message"]
@@ -201,7 +201,7 @@ def test_max_memory_counts_the_vision_tower(worker, tmp_path):
 def test_capabilities_are_complete_and_documented(worker):
     from worker.protocol import REQUEST_TYPES
 
-    caps = worker.boot.ready["capabilities"]
+    caps = worker.ready["capabilities"]
     assert set(REQUEST_TYPES) <= set(caps)
     for feature in ("images", "json_schema", "speculative", "logprobs", "kv_bits", "prompt_cache",
                     "penalties", "logit_bias", "stop_strings", "max_memory", "prompt_progress"):
@@ -218,13 +218,13 @@ def test_queued_generate_cancelled_gets_done_with_empty_text_and_no_stats(worker
     worker.load(llama_dir)
     worker.send({"type": "generate", "id": "long", "prompt": {"text": "a"}, "params": {"max_tokens": 400}})
     worker.send({"type": "generate", "id": "queued", "prompt": {"text": "b"}})
-    ack = worker.generation.run({"type": "cancel", "id": "c", "target": "queued"})[-1]
+    ack = worker.request({"type": "cancel", "id": "c", "target": "queued"})[-1]
     assert ack["cancelled"] is True
     events = worker.collect("queued")
     assert [e["type"] for e in events] == ["done"]
     assert events[0]["stop_reason"] == "cancelled" and events[0]["text"] == ""
     first = worker.wait_for("long", lambda e: e["type"] == "token")  # it runs (not queued any more)
-    worker.generation.run({"type": "cancel", "id": "c2", "target": "long"})
+    worker.request({"type": "cancel", "id": "c2", "target": "long"})
     long = [first] + worker.collect("long")
     assert [e["type"] for e in long][-2:] == ["stats", "done"]  # a generate that ran always has stats
 
@@ -314,10 +314,10 @@ def test_no_import_cycle():
 def test_the_draft_cache_is_in_status_and_cleared(worker, llama_dir):
     worker.load(llama_dir, draft_model_path=str(llama_dir))
     _gen(worker, "g", {"tokens": [5, 6, 7, 8, 9, 10]}, max_tokens=4)
-    status = worker.generation.run({"type": "status", "id": "s"})[-1]
+    status = worker.request({"type": "status", "id": "s"})[-1]
     assert status["draft_cache"]["entries"] == 1 and status["draft_cache"]["bytes"] > 0, status
-    worker.generation.run({"type": "cache_clear", "id": "cc"})
-    status = worker.generation.run({"type": "status", "id": "s2"})[-1]
+    worker.request({"type": "cache_clear", "id": "cc"})
+    status = worker.request({"type": "status", "id": "s2"})[-1]
     assert status["cache"]["entries"] == 0 and status["draft_cache"]["entries"] == 0, status
-    worker.generation.run({"type": "load_draft", "id": "d", "model_path": None})
-    assert "draft_cache" not in worker.generation.run({"type": "status", "id": "s3"})[-1]
+    worker.request({"type": "load_draft", "id": "d", "model_path": None})
+    assert "draft_cache" not in worker.request({"type": "status", "id": "s3"})[-1]

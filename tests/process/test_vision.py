@@ -89,7 +89,7 @@ def assert_varied_tokens(tokens, what):
 
 
 def chat(worker, rid, messages, max_tokens=MAX, **extra):
-    evs = worker.generation.run({"type": "generate", "id": rid, "prompt": {"messages": messages},
+    evs = worker.request({"type": "generate", "id": rid, "prompt": {"messages": messages},
                           "params": {"max_tokens": max_tokens}, **extra})
     return evs
 
@@ -132,7 +132,7 @@ def test_family_parity_and_cache(worker, root, images, family):
     warm = chat(worker, f"{family}-f2", follow)
     n_img = _last_image_token(path, [images["a"]])
     assert stats(warm)["cached_tokens"] > n_img
-    assert worker.generation.run({"type": "cache_clear", "id": f"{family}-cc"})[-1]["type"] == "done"
+    assert worker.request({"type": "cache_clear", "id": f"{family}-cc"})[-1]["type"] == "done"
     cold = chat(worker, f"{family}-f3", follow)
     assert stats(cold)["cached_tokens"] == 0
     assert generated_tokens(cold) == generated_tokens(warm)
@@ -141,7 +141,7 @@ def test_family_parity_and_cache(worker, root, images, family):
     changed = [user([images["c"]])] + follow[1:]
     ch = chat(worker, f"{family}-f4", changed)
     assert stats(ch)["cached_tokens"] <= _first_image_token(path, [images["c"]])
-    worker.generation.run({"type": "cache_clear", "id": f"{family}-cc2"})
+    worker.request({"type": "cache_clear", "id": f"{family}-cc2"})
     assert generated_tokens(chat(worker, f"{family}-f5", changed)) == generated_tokens(ch)
 
 
@@ -220,11 +220,11 @@ def test_text_prompt_with_images_and_mismatch(worker, root, images):
     content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
     text = proc.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                               add_generation_prompt=True)
-    evs = worker.generation.run({"type": "generate", "id": "tp", "params": {"max_tokens": MAX},
+    evs = worker.request({"type": "generate", "id": "tp", "params": {"max_tokens": MAX},
                           "prompt": {"text": text, "add_special_tokens": False,
                                      "images": [{"type": "image", "path": images["a"]}]}})
     assert generated_tokens(evs) == vlm_generate(path, [images["a"]])
-    evs = worker.generation.run({"type": "generate", "id": "tp2", "params": {"max_tokens": 2},
+    evs = worker.request({"type": "generate", "id": "tp2", "params": {"max_tokens": 2},
                           "prompt": {"text": "no placeholder", "images": [{"type": "image",
                                                                            "path": images["a"]}]}})
     assert evs[-1]["type"] == "error" and evs[-1]["code"] == "invalid_params"

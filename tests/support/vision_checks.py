@@ -47,7 +47,7 @@ def check_parity_and_cache(worker, path, images, tag, text_reference):
     follow = follow_up(worker, tag, images["a"])
     warm = chat(worker, f"{tag}-f2", follow)
     assert stats(warm)["cached_tokens"] > _last_image_token(path, [images["a"]])
-    assert worker.generation.run({"type": "cache_clear", "id": f"{tag}-cc"})[-1]["type"] == "done"
+    assert worker.request({"type": "cache_clear", "id": f"{tag}-cc"})[-1]["type"] == "done"
     cold = chat(worker, f"{tag}-f3", follow)
     assert stats(cold)["cached_tokens"] == 0
     assert distinct(generated_tokens(cold)) == generated_tokens(warm)
@@ -55,7 +55,7 @@ def check_parity_and_cache(worker, path, images, tag, text_reference):
     changed = [user([images["c"]])] + follow[1:]
     ch = chat(worker, f"{tag}-f4", changed)
     assert stats(ch)["cached_tokens"] <= _first_image_token(path, [images["c"]])
-    worker.generation.run({"type": "cache_clear", "id": f"{tag}-cc2"})
+    worker.request({"type": "cache_clear", "id": f"{tag}-cc2"})
     assert generated_tokens(chat(worker, f"{tag}-f5", changed)) == generated_tokens(ch)
 
 
@@ -257,7 +257,7 @@ class Reference:
 
 def request(worker, rid, messages, max_tokens=MAX):
     """A chat request with each token's logprob: (events, tokens, logprobs)."""
-    evs = worker.generation.run({"type": "generate", "id": rid, "prompt": {"messages": messages},
+    evs = worker.request({"type": "generate", "id": rid, "prompt": {"messages": messages},
                           "params": {"max_tokens": max_tokens, "top_logprobs": 1}})
     stats(evs)  # it ended in `done`
     toks = [e for e in evs if e["type"] == "token"]

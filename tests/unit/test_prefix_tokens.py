@@ -1,4 +1,4 @@
-"""worker.prefix_tokens: a prompt that extends a remembered one is tokenized from the last added token in
+"""worker.prompting.prefix_tokens: a prompt that extends a remembered one is tokenized from the last added token in
 the shared prefix, and always equals the tokenizer's own whole tokenization."""
 
 import pytest
@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from tests.support.fixtures import FAMILIES, fixture_dir
 from tests.support.vlm_fixtures import build_vlm_fixture
-from worker.prefix_tokens import PrefixTokenizer, common_prefix, probe_texts
+from worker.prompting.prefix_tokens import PrefixTokenizer, common_prefix, probe_texts
 
 TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40) | st.sampled_from(
     ["", " ", "\n", "\n\n", "  x", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "[INST]", "<image>",

@@ -5,7 +5,7 @@ on its own cache, as generate_step would (with its input embeddings, images incl
 tick, each tick also running one decode step of the sequences already in the batch, so a long prompt
 does not freeze the other streams (chunks of at most ``INTERLEAVE_STEP`` tokens while others decode).
 The forward pass of its last prompt token samples its first token; it then joins the ``DecodeBatch``
-(batch.py). Every sampled token goes through the request's own ``Run`` (stop strings, channels, tools,
+(decode_batch.py). Every sampled token goes through the request's own ``Run`` (stop strings, channels, tools,
 logprobs, cancel); a request that ends leaves the batch with its own cache, stored as a solo run stores it.
 """
 
@@ -18,11 +18,15 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import TokenBuffer
 
-from .decode_batch import DecodeBatch, Seq
 from ..cache.snapshots import bounded
-from .solo import DECODE_SNAPSHOT_EVERY, DECODE_SNAPSHOTS
-from .run import Cancelled, Run, finish, give_back, start
+from . import snapshot_policy
+from .decode_batch import DecodeBatch, Seq
+from .finish import finish, give_back
+from .prefill import chunk_size, prefill_chunk
+from .run import Cancelled, Run
 from .sampling import keyed_sampler, processors_for
+from .start import start
+from .step import sample
 
 log = logging.getLogger("worker")
 
@@ -82,7 +86,7 @@ class Batcher:
         run = start(self.kit, job.req, emit, cancelled)
         run.batching = "on"
         params, plan = job.req.params, run.plan
-        procs = processors_for(self.kit, params, []) + ([run.constraint] if run.constraint else [])
+        procs = processors_for(params, []) + ([run.constraint] if run.constraint else [])
         sampler = keyed_sampler(params, params.seed) if params.seed is not None else run.sampler
         seq = Seq(run=run, job=job, sampler=sampler, processors=procs,
                   context=TokenBuffer(plan.ids) if procs else None, wants_logprobs=run.want_lp,
@@ -128,14 +132,11 @@ class Batcher:
             step = self.kit.options.prefill_step_size
             if self.batch.seqs:
                 step = min(step, INTERLEAVE_STEP)
-            remaining = total - a.pos - 1
-            if remaining > 0:  # all but the last token, in chunks, as generate_step
-                n = min(step, remaining)
+            if total - a.pos > 1:  # all but the last token, in chunks, as generate_step
+                n = chunk_size(total - a.pos, step)
                 with mx.stream(generation_stream), state:
-                    emb = a.embeddings[a.pos:a.pos + n][None] if a.embeddings is not None else None
-                    kw = {"input_embeddings": emb} if emb is not None else {}
-                    model(mx.array(suffix[a.pos:a.pos + n])[None], cache=cache, **kw)
-                    mx.eval([c.state for c in cache])
+                    emb = a.embeddings[a.pos:a.pos + n] if a.embeddings is not None else None
+                    prefill_chunk(model, cache, suffix[a.pos:a.pos + n], emb)
                 a.pos += n
                 a.on_prefill(a.pos, total)
                 mx.clear_cache()
@@ -160,12 +161,8 @@ class Batcher:
             emb = a.embeddings[-1:][None] if a.embeddings is not None else None
             kw = {"input_embeddings": emb} if emb is not None else {}
             logits = self.kit.model(mx.array([last])[None], cache=cache, **kw)[:, -1, :]
-            if seq.processors:
-                ctx = mx.array(run.plan.ids)
-                for p in seq.processors:
-                    logits = p(ctx, logits)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            y = seq.sampler(logprobs)
+            context = mx.array(run.plan.ids) if seq.processors else None
+            y, logprobs = sample(logits, seq.processors, context, seq.sampler)
             mx.async_eval(y, logprobs)
         seq.first, seq.on_prefill = True, a.on_prefill
         self.batch.add(seq, cache, y, logprobs[0])
@@ -178,16 +175,15 @@ class Batcher:
             run.peers = max(run.peers, n_batch)
             if seq.first:  # as generate_step: a snapshot of prompt + first token, then progress 1.0
                 seq.first = False
-                self._snapshot(i, run, run.snapshots, run.n_prompt + 1)
+                snapshot_policy.add(run.snapshots, run.n_prompt + 1, self._take(i))
                 total = run.n_prompt - run.lease.reused
                 seq.on_prefill(total, total)
             stop = run.accept(int(token), lp)
             n = len(run.out.generated)
             if stop or n >= run.budget:
                 ended.append(i)
-            elif n % DECODE_SNAPSHOT_EVERY == 0:
-                self._snapshot(i, run, run.decode_snaps, run.n_prompt + n)
-                del run.decode_snaps[:-DECODE_SNAPSHOTS]
+            else:
+                snapshot_policy.while_decoding(run.decode_snaps, n, run.n_prompt + n, self._take(i))
         out = []
         for i, cache in zip(ended, self.batch.remove(ended)):
             seq = rows[i][0]
@@ -195,10 +191,9 @@ class Batcher:
             out.append(Finished(seq.job, finish(seq.run, cache)))
         return out
 
-    def _snapshot(self, row: int, run: Run, into: list, n: int) -> None:
-        if any(self.bounded) and not (into and into[-1].n >= n):
-            into.append(self.batch.snapshot(row, n, self.bounded))
-
+    def _take(self, row: int):
+        """How to snapshot a row's bounded layers holding n tokens (None: the model has none)."""
+        return lambda n: self.batch.snapshot(row, n, self.bounded) if any(self.bounded) else None
 
 
 def _kv_bytes_per_token(kit) -> int:

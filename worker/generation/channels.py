@@ -116,13 +116,13 @@ class Channels:
         if name == "tool":
             self.tool_text += part
         elif name == "reasoning":
-            pieces += self._reason(part, final)
+            pieces += self._reason(part)
         elif name == "normal":
             self.held += part
             pieces += self._release(final)
         return pieces
 
-    def _reason(self, part: str, final: bool) -> List[Piece]:
+    def _reason(self, part: str) -> List[Piece]:
         if not part:
             return []
         self.reasoning.append(part)

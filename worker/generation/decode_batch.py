@@ -4,7 +4,7 @@ mlx-lm's batch caches hold the sequences (``merge`` / ``extend`` / ``filter`` / 
 this module owns the step. Unlike mlx-lm's ``GenerationBatch`` it keeps a lone sequence in its plain
 per-sequence cache (no padding mask: one request decodes exactly as fast as ``generate_step``), samples
 each request with its own sampler, processors and random key, and computes logprobs rows only for the
-requests that report them. A sequence joins after its prefill (done alone, see scheduler.py) with its
+requests that report them. A sequence joins after its prefill (done alone, see batcher.py) with its
 next input token, and leaves with its own cache, as a solo run would store it. On CUDA a step of several
 sequences runs its attention and large quantized matmuls through worker/cuda/batch_kernels.py's kernels.
 """
@@ -19,6 +19,7 @@ from mlx_lm.models import cache as mlx_cache
 
 from ..cache.snapshots import Snapshot, clone
 from ..cuda.batch_kernels import batch_kernels
+from .step import log_softmax, process
 
 
 def blocker(kit) -> Optional[str]:
@@ -50,7 +51,7 @@ class Seq:
     on_prefill: Optional[Callable] = None  # its prompt-progress reporter
 
 
-def _merge(caches: List[list]) -> list:
+def merge(caches: List[list]) -> list:
     return [layers[0].merge(list(layers)) for layers in zip(*caches)]
 
 
@@ -71,9 +72,9 @@ class DecodeBatch:
         if not self.seqs:
             self.cache = cache
         elif len(self.seqs) == 1:
-            self.cache = _merge([self.cache, cache])
+            self.cache = merge([self.cache, cache])
         else:
-            for mine, theirs in zip(self.cache, _merge([cache])):
+            for mine, theirs in zip(self.cache, merge([cache])):
                 mine.extend(theirs)
         self.y = y if self.y is None else mx.concatenate([self.y, y])
         self.seqs.append(seq)
@@ -125,11 +126,10 @@ class DecodeBatch:
                     if s.processors:
                         ctx = s.context.update_and_fetch(current[i:i + 1])
                         contexts.append(ctx)
-                        for p in s.processors:
-                            row = p(ctx, row)
+                        row = process(row, s.processors, ctx)
                     rows.append(row)
                 logits = mx.concatenate(rows, axis=0)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            logprobs = log_softmax(logits)
             if all(s.greedy for s in self.seqs):
                 sampled = mx.argmax(logprobs, axis=-1)
             else:
@@ -139,21 +139,3 @@ class DecodeBatch:
             mx.async_eval(self.y, [x for x in self.lp if x is not None], contexts)
         tokens = current.tolist()
         return [(s, t, lp) for s, t, lp in zip(self.seqs, tokens, current_lp)]
-
-
-def warm_up(model, fresh: Callable[[], list], most: int) -> None:
-    """Compile the batched decode kernels for every batch size up to ``most`` (on a GPU the first step of
-    each size compiles for seconds; without this the first concurrent requests would pay for it)."""
-    kernels = batch_kernels(model)
-    for b in range(2, most + 1):
-        caches = []
-        for i in range(b):
-            c = fresh()
-            model(mx.array([list(range(1, 3 + i))]), cache=c)
-            caches.append(c)
-        cache, y = _merge(caches), mx.zeros((b,), dtype=mx.uint32)
-        for _ in range(3):
-            with kernels(b) if kernels else nullcontext():
-                y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
-            mx.eval(y)
-    mx.clear_cache()

@@ -284,27 +284,7 @@ def load(path_str: str, options: LoadOptions, progress: Callable[[float], None])
         kit.draft = load_draft(kit, options.draft_model_path, lambda f: progress(round(0.96 + f / 100, 4)))
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
     info.max_concurrent = options.max_concurrent or (DEFAULT_GPU_CONCURRENCY if on_gpu else 1)
-    warm = options.warmup if options.warmup is not None else on_gpu
-    if warm:
-        progress(0.97)
-        info.warmup_s = warm_up(kit)
     return kit
-
-
-def warm_up(kit: ModelKit) -> float:
-    """Compile the decode-step kernels now (on a GPU the first call of each shape compiles for
-    seconds), so the first request does not pay for it. Runs a short throwaway generation."""
-    from mlx_lm.generate import generate_step
-
-    tic = time.perf_counter()
-    opts = kit.options
-    for _ in generate_step(mx.array([0, 1, 2, 3]), kit.model, max_tokens=4,
-                           prompt_cache=make_cache(kit.model, opts.max_kv_size, opts.kv_bits),
-                           kv_bits=opts.kv_bits, kv_group_size=opts.kv_group_size,
-                           quantized_kv_start=opts.quantized_kv_start):
-        pass
-    mx.clear_cache()
-    return round(time.perf_counter() - tic, 4)
 
 
 @dataclass

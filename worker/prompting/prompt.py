@@ -96,7 +96,7 @@ def chat_input(kit, p, with_images: bool):
                  **tool_fields(i, m, called)} for i, m in enumerate(p.messages)]
     kwargs = dict(p.template_kwargs or {})
     tools = check_tools(p)
-    tools = tools if tools_on(kit, p) else []
+    tools = tools if tools_on(p) else []
     fmt = kit.tool_format
     if fmt is not None and fmt.source == "worker":  # the template ignores tools: the worker renders them
         if tools or called:

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..protocol import WorkerError
+from ..protocol import FunctionCall, ToolCall, WorkerError
 
 # what apply_chat_template or the worker set themselves
 RESERVED_KWARGS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt",
@@ -59,7 +59,7 @@ def tool_format(tokenizer) -> Optional[ToolFormat]:
     return None
 
 
-def tools_on(kit, prompt) -> bool:
+def tools_on(prompt) -> bool:
     return bool(prompt.tools) and prompt.tool_choice != "none"
 
 
@@ -196,3 +196,9 @@ def _literal(kit, text: str) -> str:
     if len(ids) == 1 and ids[0] in special:
         return f"<[{ids[0]}]>"
     return json.dumps(text)
+
+
+def wire_call(call: dict) -> ToolCall:
+    """A parsed call (``{"id", "name", "arguments"}``, as channels.py releases it) as the wire's ToolCall."""
+    return ToolCall(id=call["id"], function=FunctionCall(
+        name=call["name"], arguments=json.dumps(call["arguments"], ensure_ascii=False)))
