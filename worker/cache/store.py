@@ -12,8 +12,8 @@ from typing import List, Optional
 
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from ..prompting.prefix_tokens import common_prefix
 from .layout import adapt, make_cache
+from .prefix import common_prefix
 from .snapshots import best_snapshot, clone, keep, resume
 
 log = logging.getLogger("worker")

@@ -16,6 +16,8 @@ import logging
 from dataclasses import dataclass
 from typing import List, Optional
 
+from ..cache.prefix import common_prefix
+
 log = logging.getLogger("worker")
 
 MEMO_TEXTS = 8
@@ -27,21 +29,6 @@ class _Seen:
     special: bool  # add_special_tokens
     ids: tuple
     cuts: tuple  # (char start, char end, token index) of each added token usable as a cut
-
-
-def common_prefix(a, b) -> int:
-    """Length of the common prefix of two strings or lists (C-speed slice comparisons, binary search:
-    a follow-up usually extends the remembered prompt, which one comparison confirms)."""
-    lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while lo < hi:  # a[:lo] == b[:lo] holds; a[:hi] != b[:hi] or hi is the first unknown
-        mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 class PrefixTokenizer:
