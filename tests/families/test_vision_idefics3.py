@@ -1,5 +1,6 @@
 """Idefics3 and SmolVLM through the real worker, against mlx-vlm's own generate: their text model runs as
-mlx-lm's llama (worker/loading/model.py maps the checkpoint to it). The checks are tests/support/vision_checks.py's."""
+mlx-lm's llama (worker/patches/idefics3_llama.py maps the checkpoint to it). The checks are
+tests/support/vision_checks.py's."""
 
 import functools
 import json
@@ -104,7 +105,7 @@ def test_hf_weight_names_load_the_same(worker, family_path, images, tmp_path):
 
 
 def test_llama_weight_names():
-    from worker.loading.model import llama_weight_name
+    from worker.patches.idefics3_llama import llama_weight_name
 
     assert llama_weight_name("language_model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
     assert llama_weight_name("language_model.lm_head.weight") == "lm_head.weight"

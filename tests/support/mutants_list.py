@@ -194,4 +194,18 @@ MUTANTS = [
     M("prefix-tokenizer-one-id-too-many", "worker/prompting/prefix_tokens.py",
       "ids = best.ids[:at] + tuple(enc.ids)", "ids = best.ids[:at + 1] + tuple(enc.ids)",
       ("tests/unit/test_prefix_tokens.py",)),
+    # ---- workarounds of upstream bugs (worker/patches/)
+    M("smolvlm-not-loaded-as-llama", "worker/patches/idefics3_llama.py",
+      'LLAMA_TEXT_FAMILIES = ("idefics3", "smolvlm")', 'LLAMA_TEXT_FAMILIES = ("idefics3",)',
+      ("tests/families/test_vision_idefics3.py::test_parity_and_cache",)),
+    M("gemma4-text-kv-shared-unpatched", "worker/patches/gemma4_shared_kv.py",
+      'GEMMA4_TYPES = ("gemma4", "gemma4_text")', 'GEMMA4_TYPES = ("gemma4",)',
+      ("tests/process/test_kv_layouts.py::test_kv_bits_on_a_text_only_gemma4_with_kv_shared_layers",)),
+    M("gemma4-addon-wraps-the-patch-wrapper", "worker/addons/gemma4.py",
+      "MultimodalInputs(unwrapped(lm.model), mm_ids, vision_ids)", "MultimodalInputs(lm.model, mm_ids, vision_ids)",
+      ("tests/families/test_vision_gemma4.py::test_kv_bits_follow_up",)),
+    M("gemma3n-text-embeddings-unscaled", "worker/patches/gemma3n_text_scale.py",
+      "return mx.where((ids < vocab_offset)[..., None], h * (hidden_size ** 0.5), h)", "return h",
+      ("tests/unit/test_patches.py::test_mlx_vlm_gemma3n_text_embeddings_are_unscaled",
+       "tests/families/test_vision_gemma3n.py::test_gemma3n_parity_and_cache")),
 ]

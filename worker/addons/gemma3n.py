@@ -5,12 +5,12 @@ it is given (image and audio ids lie past the per-layer vocabulary and read row 
 so the add-on supplies only the input embeddings, built as mlx-vlm's ``get_input_embeddings`` builds
 them (hard embeddings for the vision / audio vocabularies, the towers' soft tokens at the image /
 audio tokens) except that text positions are scaled by sqrt(hidden_size), as mlx-lm's and
-Transformers' Gemma 3n scale them. mlx-vlm 0.7.10 leaves them unscaled there (its Gemma 4 scales),
-so its generate differs from mlx-lm even on a text-only prompt.
+Transformers' Gemma 3n scale them (mlx-vlm leaves them unscaled: worker/patches/gemma3n_text_scale.py).
 """
 
 import mlx.core as mx
 
+from ..patches.gemma3n_text_scale import scale_text
 from ..protocol import WorkerError
 from .audio import AudioAddOn
 from .base import VisionAddOn
@@ -86,7 +86,7 @@ class Gemma3nAddOn(AudioAddOn, VisionAddOn):
         ev, ea = parts.embed_vision, getattr(parts, "embed_audio", None)
         audio_offset = ea.vocab_offset if ea is not None else mc.text_config.vocab_size
         text = parts.language_model.model.embed_tokens(ids)
-        h = mx.where((ids < ev.vocab_offset)[..., None], text * (mc.text_config.hidden_size ** 0.5), text)
+        h = scale_text(text, ids, ev.vocab_offset, mc.text_config.hidden_size)
         vision = mx.logical_and(ids >= ev.vocab_offset, ids < audio_offset)
         hard = ev(input_ids=mx.where(vision, ids, ev.vocab_offset + ev.vocab_size - 1))
         h = mx.where(vision[..., None], hard, h)

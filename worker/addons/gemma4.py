@@ -9,8 +9,8 @@ and both are made exact by ``MultimodalInputs``, which stands in for mlx-lm's ``
 - the small models' per-layer inputs are looked up by token id, and mlx-vlm looks up id 0 at image (and
   audio, video) positions; mlx-lm would look up the image token itself.
 Calls without embeddings (text prompts, every decode step, batched or not) reach mlx-lm unchanged, but
-for ``kv_bits`` on the KV-shared layers (``SharedQuantized``; a text-only Gemma 4 with ``kv_bits`` gets
-that wrapper too, from worker/loading/model.py).
+for ``kv_bits`` on the KV-shared layers (an mlx-lm bug: worker/patches/gemma4_shared_kv.py, whose wrapper a
+text-only Gemma 4 with ``kv_bits`` gets at load and this one replaces).
 
 The larger models (``use_bidirectional_attention: "vision"``, e.g. 26B-A4B) let the tokens of one
 image attend to each other both ways. mlx-vlm does so when the whole prompt is one forward pass (a
@@ -24,6 +24,7 @@ import types
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
 
+from ..patches.gemma4_shared_kv import shared_layer_caches, unwrapped
 from .audio import AudioAddOn
 from .base import VISION_KEYS, VisionAddOn
 
@@ -94,30 +95,6 @@ class Bidirectional:
         return False
 
 
-class SharedQuantized:
-    """The cache argument of a KV-shared layer whose source layer's cache is quantized (``kv_bits``).
-    mlx-lm gives such a layer no cache, so it runs the float attention kernel on the packed K/V; with
-    this stand-in (it stores nothing) it runs the quantized one."""
-
-    def __init__(self, source):
-        self.bits, self.group_size = source.bits, source.group_size
-
-    def update_and_fetch(self, keys, values):
-        return keys, values
-
-
-def shared_layer_caches(inner, cache):
-    """``cache`` over every layer when some layer is quantized, each KV-shared layer whose source is quantized
-    with a stand-in (in place of no entry, or of speculative decoding's placeholder); else as it is."""
-    if not cache or not any(hasattr(c, "bits") for c in cache):
-        return cache
-    out = list(cache) + [None] * (len(inner.layers) - len(cache))
-    for j, i in enumerate(inner.previous_kvs):
-        if i != j and hasattr(out[i], "bits"):
-            out[j] = SharedQuantized(out[i])
-    return out
-
-
 class MultimodalInputs:
     """Stands in for mlx-lm's ``Gemma4TextModel`` (not an nn.Module: its weights stay where they are)."""
 
@@ -127,7 +104,7 @@ class MultimodalInputs:
 
     def __call__(self, inputs=None, cache=None, input_embeddings=None, per_layer_inputs=None):
         inner = self.inner
-        cache = shared_layer_caches(inner, cache)
+        cache = shared_layer_caches(inner, cache)  # mlx-lm's kv_bits bug: worker/patches/gemma4_shared_kv.py
         if input_embeddings is None or inputs is None:
             return inner(inputs, cache=cache, input_embeddings=input_embeddings, per_layer_inputs=per_layer_inputs)
         if self.active is not None:
@@ -150,13 +127,12 @@ class MultimodalInputs:
         return getattr(self.__dict__["inner"], name)
 
 
-def install_inputs(text_model, mm_ids: tuple = (), vision_ids: tuple = ()) -> MultimodalInputs:
-    """Wrap the mlx-lm Gemma 4 text model's ``Gemma4TextModel`` (``language_model.model``; ``model`` of a
-    gemma4_text checkpoint) once per model. Without ids (a text-only load with ``kv_bits``: worker/loading/model.py)
-    it only gives the KV-shared layers their stand-in caches; the add-on's ids are set when it loads."""
+def install_inputs(text_model, mm_ids: tuple, vision_ids: tuple) -> MultimodalInputs:
+    """Wrap the mlx-lm Gemma 4 text model's ``Gemma4TextModel`` (``language_model.model``) once per model, in
+    place of the kv_bits patch's wrapper (worker/patches/gemma4_shared_kv.py) when the load installed it."""
     lm = getattr(text_model, "language_model", text_model)
     if not isinstance(lm.model, MultimodalInputs):
-        object.__setattr__(lm, "model", MultimodalInputs(lm.model, mm_ids, vision_ids))
+        object.__setattr__(lm, "model", MultimodalInputs(unwrapped(lm.model), mm_ids, vision_ids))
     lm.model.mm_ids, lm.model.vision_ids = mm_ids, vision_ids
     return lm.model
 

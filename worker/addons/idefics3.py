@@ -1,8 +1,8 @@
 """Idefics3 and SmolVLM: a SigLIP tower + pixel-shuffle connector beside mlx-lm's llama.
 
-mlx-lm has no idefics3 text module: worker/loading/model.py loads the text model as mlx-lm's llama
-(``llama_text_args``). The processor splits a large image into tiles plus a global image, each tile
-``image_seq_len`` image tokens between ``<fake_token_around_image>`` / ``<row_r_col_c>`` /
+mlx-lm has no idefics3 text module: the text model is loaded as mlx-lm's llama
+(worker/patches/idefics3_llama.py). The processor splits a large image into tiles plus a global image,
+each tile ``image_seq_len`` image tokens between ``<fake_token_around_image>`` / ``<row_r_col_c>`` /
 ``<global-img>`` markers; an image processed alone gives the same tiles and text as within a prompt
 of several (every tile is resized to ``max_image_size`` exactly, so nothing is padded across images).
 """

@@ -10,12 +10,12 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama
 from mlx_lm.utils import get_total_parameters, load_model, load_tokenizer
 
 from ..addons import load_addon
 from ..cache import DiskCache, PromptCacheStore, layout_identity, model_identity
 from ..cache.layout import make_cache, quantizable
+from ..patches import gemma4_shared_kv, idefics3_llama
 from ..prompting.prefix_tokens import PrefixTokenizer, probe_texts
 from ..protocol import LoadOptions, ModelInfo, WorkerError, failing_as
 from ..prompting.tools import tool_format
@@ -117,16 +117,6 @@ def check_kv_layout(model: nn.Module, config: dict, options: LoadOptions) -> Non
                           "mlx-lm quantizes full-attention layers only")
 
 
-def fit_shared_kv(model: nn.Module, config: dict, options: LoadOptions) -> None:
-    """Gemma 4's KV-shared layers get no cache of their own from mlx-lm, so with kv_bits they would run the
-    float attention kernel on their source layers' quantized K/V (a TypeError): the Gemma 4 add-on's
-    wrapper gives them a quantized stand-in (worker/addons/gemma4.py ``SharedQuantized``), text-only too."""
-    if options.kv_bits is not None and config.get("model_type") in ("gemma4", "gemma4_text"):
-        from ..addons.gemma4 import install_inputs
-
-        install_inputs(model)
-
-
 def check_memory(model: nn.Module, max_memory: Optional[int], used: int = 0, what_else: str = "") -> int:
     """Refuse, before reading any weights, a model that cannot fit beside what is loaded already
     (``used`` bytes: the main model and its vision tower, for a draft). Returns this model's bytes."""
@@ -149,59 +139,6 @@ def _dtype_name(d: mx.Dtype) -> str:
     return str(d).split(".")[-1]
 
 
-# idefics3 / smolvlm: mlx-lm has no text module of that name, but their text model is a llama.
-LLAMA_TEXT_FAMILIES = ("idefics3", "smolvlm")
-
-
-def llama_text_args(config: dict) -> dict:
-    """mlx-lm llama's config for the text model of an idefics3 / smolvlm checkpoint, as mlx-vlm runs it
-    (its idefics3 language model, with its defaults): head_dim = hidden / heads, plain RoPE (no
-    rope_scaling), an lm_head of its own."""
-    text = config.get("text_config") or {}
-    hidden = text["hidden_size"]
-    heads = text.get("num_attention_heads") or hidden // text["head_dim"]  # smolvlm may give head_dim only
-    return dict(model_type="llama", hidden_size=hidden, num_hidden_layers=text.get("num_hidden_layers", 32),
-                intermediate_size=text["intermediate_size"], num_attention_heads=heads,
-                num_key_value_heads=text.get("num_key_value_heads") or heads, head_dim=hidden // heads,
-                rms_norm_eps=text.get("rms_norm_eps", 1e-5), vocab_size=text["vocab_size"],
-                rope_theta=text.get("rope_theta", 1000000.0), rope_traditional=text.get("rope_traditional", False),
-                max_position_embeddings=text.get("max_position_embeddings", 4096), tie_word_embeddings=False)
-
-
-def llama_weight_name(name: str) -> Optional[str]:
-    """mlx-lm llama's name of an idefics3 text weight (mlx-vlm's layout or the HF one); None for the
-    vision tower and connector."""
-    for old, new in (("language_model.lm_head.", "lm_head."), ("language_model.", "model."),
-                     ("model.text_model.", "model."), ("lm_head.", "lm_head.")):
-        if name.startswith(old):
-            return new + name[len(old):]
-    return None
-
-
-class LlamaTextArgs:
-    """``load_model``'s args class for LLAMA_TEXT_FAMILIES: llama's args from the text_config."""
-
-    @staticmethod
-    def from_dict(config: dict) -> llama.ModelArgs:
-        return llama.ModelArgs.from_dict(llama_text_args(config))
-
-
-class LlamaText(llama.Model):
-    """mlx-lm's llama over an idefics3 / smolvlm checkpoint's text weights."""
-
-    def sanitize(self, weights):
-        named = ((llama_weight_name(k), v) for k, v in weights.items())
-        return super().sanitize({k: v for k, v in named if k is not None})
-
-
-def text_model_classes(config: dict) -> dict:
-    """``load_model`` keyword arguments that pick the text model classes where mlx-lm's own lookup
-    (by model_type) has none."""
-    if config.get("model_type") in LLAMA_TEXT_FAMILIES:
-        return {"get_model_classes": lambda config: (LlamaText, LlamaTextArgs)}
-    return {}
-
-
 def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[float], None],
                      used: int = 0, what_else: str = ""):
     """mlx-lm model + tokenizer + config + ModelInfo (vision left False) for a checkpoint directory."""
@@ -217,7 +154,7 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
     progress(0.05)
     with failing_as("model_load_failed", "could not build the model"):
         model, config = load_model(path, lazy=True, trust_remote_code=options.trust_remote_code,
-                                   **text_model_classes(config))
+                                   **idefics3_llama.text_model_classes(config))
     progress(0.3)
     stored = stored_dtype(model)
     target = compute_dtype(options, stored)
@@ -250,7 +187,7 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
         parameters=int(get_total_parameters(model)),
         load_s=round(time.perf_counter() - tic, 4),
     )
-    fit_shared_kv(model, config, options)
+    gemma4_shared_kv.fit(model, config, options)
     return path, model, tokenizer, config, info, weights
 
 

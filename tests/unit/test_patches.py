@@ -1,0 +1,106 @@
+"""worker/patches/: each workaround pinned by running the upstream library directly and asserting its bug, so
+that the pin fails once upstream fixes it (its message names the module to delete). Whether each patch makes
+the worker exact is checked where its family is (tests/families/, tests/process/test_kv_layouts.py)."""
+
+import importlib
+import os
+import pkgutil
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import worker.patches  # noqa: E402
+from tests.support import reference  # noqa: E402
+from tests.support.vlm_fixtures_gemma3n import _UNSCALED, gemma3n_fixture_dir, patch_mlx_vlm  # noqa: E402
+from tests.support.vlm_fixtures_gemma4 import gemma4_fixture_dir  # noqa: E402
+from tests.support.vlm_fixtures_idefics3 import FAMILIES, idefics3_fixture_dir  # noqa: E402
+
+TESTS = Path(__file__).resolve().parents[1]
+PATCHES = sorted(m.name for m in pkgutil.iter_modules(worker.patches.__path__))
+
+
+def fixed(bug: str, module: str) -> str:
+    return f"upstream fixed {bug}: remove worker/patches/{module}.py (and its call sites)"
+
+
+@pytest.mark.parametrize("name", PATCHES)
+def test_each_patch_names_its_bug_and_its_pin(name):
+    """The module's docstring names the library and version, and a test that exists and names the module."""
+    doc = importlib.import_module(f"worker.patches.{name}").__doc__ or ""
+    assert re.match(r"(mlx-lm|mlx-vlm|mlx|transformers) \d+\.\d+\.\d+", doc), f"{name}: name the upstream bug first"
+    pin = re.search(r"Pinned by (tests/\S+\.py)::(test_\w+)", doc)
+    assert pin, f"{name}: say which test pins it"
+    source = (TESTS.parent / pin.group(1)).read_text()
+    assert f"def {pin.group(2)}(" in source, pin.group(0)
+    assert f'"{name}"' in source, f"{pin.group(1)} should name worker/patches/{name}.py in its failure message"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlx_lm_has_no_idefics3_text_model(fixtures_root, family):
+    """mlx-lm's own load refuses an idefics3 / smolvlm checkpoint (the worker loads its text model as llama)."""
+    from mlx_lm.utils import load_model
+
+    path, bug = idefics3_fixture_dir(family, fixtures_root), f"mlx-lm's missing {family} text model"
+    try:
+        load_model(path)
+    except Exception as exc:  # noqa: BLE001 - whatever else it raises, upstream has changed
+        assert str(exc) == f"Model type {family} not supported.", \
+            f"{fixed(bug, 'idefics3_llama')} ({type(exc).__name__}: {exc})"
+    else:
+        pytest.fail(fixed(f"{bug} (it loads now)", "idefics3_llama"))
+
+
+def test_mlx_lm_gemma4_kv_bits_fails_on_kv_shared_layers(fixtures_root):
+    """mlx-lm's Gemma 4 with its full-attention caches quantized: the KV-shared layers run the float kernel on
+    the quantized K/V and raise TypeError. With the patch the same call runs."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    from worker.patches import gemma4_shared_kv
+    from worker.protocol import LoadOptions
+
+    model, config = load_model(gemma4_fixture_dir(fixtures_root))
+    assert model.args.text_config["num_kv_shared_layers"] > 0
+
+    def quantized():
+        return [QuantizedKVCache(group_size=32, bits=8) if type(c) is KVCache else c for c in make_prompt_cache(model)]
+
+    ids = mx.array([[5, 6, 7, 8, 9, 10]])
+    try:
+        mx.eval(model(ids, cache=quantized()))
+    except TypeError as exc:
+        assert "scaled_dot_product_attention" in str(exc), fixed("mlx-lm's Gemma 4 kv_bits", "gemma4_shared_kv")
+    else:
+        pytest.fail(fixed("mlx-lm's Gemma 4 KV-shared layers with kv_bits", "gemma4_shared_kv"))
+    gemma4_shared_kv.fit(model, config, LoadOptions(kv_bits=8, kv_group_size=32))
+    mx.eval(model(ids, cache=quantized()))
+
+
+def test_mlx_vlm_gemma3n_text_embeddings_are_unscaled(fixtures_root):
+    """mlx-vlm's Gemma 3n on a text prompt differs from mlx-lm's (its text embeddings are not scaled by
+    sqrt(hidden_size)); with the text positions scaled as the patch scales them, it equals mlx-lm exactly."""
+    from mlx_vlm import load
+    from mlx_vlm.models.gemma3n import gemma3n as G
+
+    from worker.patches.gemma3n_text_scale import scale_text
+
+    path = gemma3n_fixture_dir(fixtures_root)
+    patch_mlx_vlm()  # the tiny tower (and the tests' scaled reference: ``_UNSCALED`` keeps mlx-vlm's own)
+    model, _ = load(str(path))
+    ids = mx.array(reference.chat_ids(path, [{"role": "user", "content": "What is in the picture?"}]))[None]
+    want = reference.load_model(path)[0](ids)
+    scaled, G.Model.get_input_embeddings = G.Model.get_input_embeddings, _UNSCALED["fn"]
+    try:
+        upstream = model(ids).logits  # mlx-vlm as it is
+        out = model.get_input_embeddings(ids)
+    finally:
+        G.Model.get_input_embeddings = scaled
+    assert mx.abs(upstream - want).max().item() > 0, fixed("mlx-vlm's Gemma 3n text-embedding scale",
+                                                            "gemma3n_text_scale")
+    emb = scale_text(out.inputs_embeds, ids, model.embed_vision.vocab_offset, model.language_model.model.hidden_size)
+    got = model.language_model(inputs_embeds=emb, per_layer_inputs=out.per_layer_inputs).logits
+    assert mx.abs(got - want).max().item() == 0.0

@@ -1,0 +1,10 @@
+"""Workarounds of upstream library bugs, one module per bug.
+
+Each module's docstring names the bug (library, version, what is wrong, where) and the test that pins it:
+that test runs the library directly and asserts the wrong behaviour, so it fails once upstream fixes the
+bug, and its message says which module to delete (tests/unit/test_patches.py).
+
+- ``idefics3_llama``: mlx-lm has no idefics3 / smolvlm text model; it is loaded as mlx-lm's llama.
+- ``gemma4_shared_kv``: mlx-lm's Gemma 4 KV-shared layers fail with kv_bits (float kernel on quantized K/V).
+- ``gemma3n_text_scale``: mlx-vlm's Gemma 3n input embeddings leave the text positions unscaled.
+"""
