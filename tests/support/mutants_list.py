@@ -66,9 +66,9 @@ MUTANTS = [
       '    if opts.kv_bits is not None:\n        return "kv_bits"', "    if False:\n        pass",
       ("tests/process/test_batching.py::test_requests_that_cannot_batch_run_alone_and_say_why",)),
     # ---- speculative decoding
-    M("draft-cache-split", "worker/generation/speculation.py",
-      "prompt_cache=lease.cache + [_NoCache() for _ in range(len(kit.model.layers) - len(lease.cache))]",
-      "prompt_cache=lease.cache",
+    M("draft-cache-split", "worker/patches/speculative_cache_split.py",
+      "return list(cache) + [NoCache() for _ in range(len(model.layers) - len(cache))]",
+      "return list(cache)",
       ("tests/process/test_kv_layouts.py::test_kv_bits_on_a_text_only_gemma4_with_kv_shared_layers",
        "tests/families/test_vision_gemma4.py::test_speculative_text_turn")),
     M("draft-cache-not-stored", "worker/generation/solo.py",

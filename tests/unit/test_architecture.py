@@ -23,7 +23,7 @@ ALLOWED = {
     "patches": {"protocol"},
     "loading": {"protocol", "cache", "prompting", "patches", "addons"},
     "addons": {"protocol", "prompting", "loading", "patches"},
-    "generation": {"protocol", "cache", "prompting", "loading", "cuda"},
+    "generation": {"protocol", "cache", "prompting", "loading", "cuda", "patches"},
     "process": {"protocol", "boot", "cuda", "cache", "prompting", "patches", "loading", "addons", "generation"},
 }
 # Finer rules, as (importer prefix, forbidden prefix, why).

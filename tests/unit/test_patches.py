@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import worker.patches  # noqa: E402
 from tests.support import reference  # noqa: E402
+from tests.support.prompts import assert_varied, random_ids  # noqa: E402
 from tests.support.vlm_fixtures_gemma3n import _UNSCALED, gemma3n_fixture_dir, patch_mlx_vlm  # noqa: E402
 from tests.support.vlm_fixtures_gemma4 import gemma4_fixture_dir  # noqa: E402
 from tests.support.vlm_fixtures_idefics3 import FAMILIES, idefics3_fixture_dir  # noqa: E402
@@ -79,6 +80,36 @@ def test_mlx_lm_gemma4_kv_bits_fails_on_kv_shared_layers(fixtures_root):
     gemma4_shared_kv.fit(model, config, LoadOptions(kv_bits=8, kv_group_size=32))
     mx.eval(model(ids, cache=quantized()))
 
+
+def test_mlx_lm_speculative_cache_split_misplaces_the_draft_caches(fixtures_root):
+    """mlx-lm's ``speculative_generate_step`` on Gemma 4 (its cache list shorter than its layers) with the main
+    and draft caches in one list: the split at ``len(model.layers)`` hands the draft's first caches to the main
+    model, so it raises or its tokens differ from plain greedy ``generate_step``. With the main cache padded as
+    the patch pads it, it gives plain greedy's tokens."""
+    from mlx_lm.generate import generate_step, speculative_generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    from worker.patches.speculative_cache_split import pad_main_cache
+
+    path, bug, n = gemma4_fixture_dir(fixtures_root), "mlx-lm's speculative cache split", 16
+    (model, _), (draft, _) = load_model(path), load_model(path)
+    assert len(make_prompt_cache(model)) < len(model.layers)
+    prompt = mx.array(random_ids(40, 6))
+    want = [t for t, _ in generate_step(prompt, model, max_tokens=n)]
+    assert_varied(want, 3, "mlx-lm greedy Gemma 4")
+
+    def speculate(main_cache):
+        return [t for t, _, _ in speculative_generate_step(prompt, model, draft, num_draft_tokens=2, max_tokens=n,
+                                                            prompt_cache=main_cache + make_prompt_cache(draft))]
+
+    try:
+        got = speculate(make_prompt_cache(model))
+    except Exception:  # noqa: BLE001 - any failure is the bug
+        pass
+    else:
+        assert got != want, fixed(bug, "speculative_cache_split")
+    assert speculate(pad_main_cache(model, make_prompt_cache(model))) == want
 
 def test_mlx_vlm_gemma3n_text_embeddings_are_unscaled(fixtures_root):
     """mlx-vlm's Gemma 3n on a text prompt differs from mlx-lm's (its text embeddings are not scaled by

@@ -9,6 +9,7 @@ import mlx.core as mx
 from mlx_lm.generate import maybe_quantize_kv_cache, speculative_generate_step
 
 from ..cache.layout import trimmable_span
+from ..patches.speculative_cache_split import pad_main_cache
 from ..protocol import Generate
 from .prefill import Cancelled, prefill
 from .sampling import processors_for
@@ -39,23 +40,6 @@ def speculation_for(kit, req: Generate, plan, budget: int) -> Speculation:
     return Speculation(True, "on")
 
 
-class _NoCache:
-    """The cache entry of a layer that keeps none (Gemma 4's KV-shared layers: mlx-lm's cache list is
-    shorter than the model's layers). speculative_generate_step splits main and draft caches at
-    ``len(model.layers)``: the main cache is padded with these, or the draft's layers land in the main's."""
-
-    state = ()
-
-    def is_trimmable(self):
-        return True
-
-    def trim(self, n):
-        return n
-
-    def update_and_fetch(self, keys, values):
-        return keys, values
-
-
 def speculative_source(run, d_lease, on_prefill):
     """Prefill main and draft caches ourselves (with progress and cancel), then mlx-lm speculates."""
     kit, ids, lease, params = run.kit, run.plan.ids, run.lease, run.req.params
@@ -84,5 +68,4 @@ def speculative_source(run, d_lease, on_prefill):
     yield from speculative_generate_step(
         mx.array(ids[-1:]), kit.model, draft_model, num_draft_tokens=params.num_draft_tokens,
         max_tokens=run.budget, sampler=run.sampler, logits_processors=processors or None,
-        prompt_cache=lease.cache + [_NoCache() for _ in range(len(kit.model.layers) - len(lease.cache))]
-        + d_lease.cache, **run.quant)
+        prompt_cache=pad_main_cache(kit.model, lease.cache) + d_lease.cache, **run.quant)
