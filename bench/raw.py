@@ -141,29 +141,36 @@ class _Server:
             "tokens": out,
         }
 
-    # -- the worker's own engine code, in this process (the ``inproc`` diagnostic) --
+    # -- the worker's own engine, in this process (the ``inproc`` diagnostic) --
 
-    def load_kit(self, path: str) -> dict:
-        """Load like the worker does (worker.loading.model.load, default options: dtype auto)."""
+    def load_engine(self, path: str) -> dict:
+        """Load as the worker does: a `load` request (dtype auto) run by its Engine."""
         sys.path.insert(0, str(ROOT))
-        from worker.loading import model as wm
-        from worker.protocol import LoadOptions
+        import msgspec
+        from worker.engine import Engine
+        from worker.protocol import Done, Load
 
+        self.engine = Engine()
         tic = time.perf_counter()
-        self.kit = wm.load(path, LoadOptions(), lambda f: None)
-        self.model, self.tokenizer = self.kit.model, self.kit.tokenizer
+        # no prompt-cache entries: every run starts from an empty KV cache, like raw's (bench/cpu/session.py)
+        req = msgspec.convert({"type": "load", "id": "l", "model_path": path,
+                               "options": {"cache_max_entries": 0}}, Load)
+        done = self.engine.run(req, lambda ev: None, lambda: False)
+        if not isinstance(done, Done):
+            raise RuntimeError(f"load failed: {done}")
+        # the same model object and tokenizer for generate_step and encode
+        self.model, self.tokenizer = self.engine.kit.model, self.engine.kit.tokenizer
         self.cache = None
-        return {"load_s": time.perf_counter() - tic, "dtype": self.kit.info.compute_dtype}
+        return {"load_s": time.perf_counter() - tic, "dtype": done.model.compute_dtype}
 
-    def gen_kit(self, tokens, max_tokens: int) -> dict:
-        """worker.generation.solo.run on the loaded kit; events go through the worker's real Writer
-        thread (to /dev/null), so its encoding and thread hand-offs are included."""
+    def gen_engine(self, tokens, max_tokens: int) -> dict:
+        """A `generate` request run by the worker's Engine on the loaded model; its events go through the
+        worker's real Writer thread (to /dev/null), so encoding and thread hand-offs are included."""
         import itertools
 
         import msgspec
-        from worker.generation.solo import run
-        from worker.protocol import Generate, Stats
-        from worker.server import Writer
+        from worker.protocol import Done, Generate, Stats
+        from worker.writer import Writer
 
         if getattr(self, "writer", None) is None:
             self.writer = Writer(os.open(os.devnull, os.O_WRONLY), on_broken=lambda: None)
@@ -179,8 +186,11 @@ class _Server:
                 stats.append(ev)
             self.writer.put(ev)
 
-        run(self.kit, req, emit, lambda: False)
+        done = self.engine.run(req, emit, lambda: False)
+        self.writer.put(done)
         self.writer.flush(5)
+        if not isinstance(done, Done):
+            raise RuntimeError(f"generate failed: {done}")
         st = stats[0]
         return {"ttft_s": st.ttft_s, "decode_tps": st.generation_tps, "generated": st.generated_tokens,
                 "cached_tokens": st.cached_tokens, "prompt_tokens": st.prompt_tokens}

@@ -9,8 +9,8 @@ Properties:
   every line that cannot be decoded gets exactly one ``error`` (``id: null`` exactly when the id
   was unreadable), every stdout line is JSON with consecutive ``seq``, and the process keeps serving.
 
-The generators are plain functions of a ``random.Random`` so that ``bench/fuzz.py`` runs the same
-inputs at 100,000+ scale (figures in bench/RELIABILITY_RESULTS.md).
+The generators are plain functions of a ``random.Random`` so that ``bench/reliability/fuzz.py`` runs the same
+inputs at 100,000+ scale (figures in bench/reliability/RESULTS.md).
 
 KNOWN_BUGS: worker bugs this fuzzer found (reported, see RELIABILITY.md "Open bugs"). While it is
 True, the in-process property tolerates exactly those failure classes (each is pinned by a strict

@@ -4,7 +4,7 @@ and unknown ids), loads/unloads, status, tokenize, cache_clear and bad lines, pi
 Checks: every request id gets exactly one terminal event and nothing after it; every undecodable
 line gets exactly one error (``id: null`` exactly when its id was unreadable); seq is consecutive;
 the worker ends alive; its RSS after the run is within 10% of its RSS after a warm-up phase of the
-same mix. CI runs ~150 operations; ``bench/soak.py`` runs 1,000 (bench/RELIABILITY_RESULTS.md).
+same mix. CI runs ~150 operations; ``bench/reliability/soak.py`` runs 1,000 (bench/reliability/RESULTS.md).
 """
 
 from __future__ import annotations

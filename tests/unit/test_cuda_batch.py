@@ -1,6 +1,6 @@
 """worker/cuda/batch_kernels.py off CUDA: when its kernels apply, that the model is untouched where they do not, and
 the kernels' own arithmetic: their CUDA sources compile for sm_90 (nvcc) and, run by tests/support/cuda_emulator.py
-on the CPU, compute what MLX computes. On a GPU bench/probe/batch_host.py --agree checks them there."""
+on the CPU, compute what MLX computes. On a GPU the batch-step probe checked them (bench/README.md)."""
 
 import mlx.core as mx
 import pytest

@@ -1,0 +1,1 @@
+"""The CPU profile (`python -m bench`, `make bench`: its scenarios, table and plots) and the CPU studies beside it."""

@@ -1,0 +1,1 @@
+"""Fuzz and soak at scale (RELIABILITY.md); figures in bench/reliability/RESULTS.md."""
