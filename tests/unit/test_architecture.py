@@ -175,3 +175,16 @@ def test_a_forbidden_import_is_caught(tmp_path, importer, line, expect):
 def test_a_cycle_is_caught():
     g = {"worker.a": {"worker.b"}, "worker.b": {"worker.c"}, "worker.c": {"worker.a"}, "worker.d": {"worker.a"}}
     assert cycles(g) == [["worker.a", "worker.b", "worker.c"]]
+
+
+def test_rooms_stay_small():
+    """Modules under ~400 lines, functions under ~60 (the developers' guide)."""
+    big = []
+    for p in sorted(WORKER.rglob("*.py")):
+        src = p.read_text()
+        if src.count("\n") > 420:
+            big.append(f"{p.relative_to(REPO)}: {src.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                big.append(f"{p.relative_to(REPO)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert big == []
