@@ -1,0 +1,1 @@
+"""Process start-up: a fast BLAS under MLX (re-exec), no network, the ``ready`` event."""
