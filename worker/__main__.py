@@ -57,6 +57,7 @@ def main(argv=None) -> None:
         format="mlx-worker %(levelname)s: %(message)s",
     )
     from .boot.ready import ready_event
+    from .scheduler import MAX_QUEUE
     from .server import Server
 
     offline.patch_downloads()
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
     server = Server(out_fd, max(64, args.max_line_bytes))
     signal.signal(signal.SIGTERM, lambda *_: server.request_exit(0))
     signal.signal(signal.SIGINT, lambda *_: server.request_exit(0))
-    code = server.serve(sys.stdin.buffer, ready_event(server.max_line_bytes))
+    code = server.serve(sys.stdin.buffer, ready_event(server.max_line_bytes, MAX_QUEUE))
     logging.shutdown()
     os._exit(code)
 

@@ -1,14 +1,14 @@
-"""The Engine: the one owner of the loaded model (mlx-lm text model, tokenizer, vision add-on, draft
-model, prompt caches).
+"""The Engine: the one owner of the loaded model (text model, tokenizer, add-on, draft, prompt caches, batcher),
+and what runs on it: each work request alone, or generates admitted to the batch (its ``Route``).
 
 Every method but reading ``snapshot`` runs on the engine thread, the only thread that touches MLX.
 After each change the engine publishes a new immutable ``Snapshot`` (one attribute assignment);
 the reader thread answers ``status`` and early ``tokenize`` from it and never sees a half-built kit.
 """
 
+import enum
 import gc
 import logging
-import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -22,11 +22,18 @@ from .generation import warmup
 from .loading import model as _model
 from .generation.batcher import Batcher
 from .protocol import (
-    CacheClear, CacheStats, Done, Error, Generate, Load, LoadDraft, ModelInfo, Progress, Tokenize, Unload,
-    WorkerError,
+    CacheClear, CacheStats, Done, Generate, Load, LoadDraft, ModelInfo, Progress, Tokenize, Unload, WorkerError,
 )
+from .protocol.events import cancelled_done, error_event, internal_error
 
 log = logging.getLogger("worker")
+
+
+class Route(enum.Enum):
+    """Where the scheduler sends a work request."""
+
+    BATCH = "batch"  # a generate the batch takes: admitted while others decode
+    ALONE = "alone"  # anything else: runs alone, after the batch ends
 
 
 class LoadCancelled(Exception):
@@ -88,27 +95,26 @@ class Engine:
         """Run one work request; returns its terminal event (``Done`` or ``Error``), never raises."""
         try:
             if cancelled():
-                return Done(id=req.id, request=_kind(req), stop_reason="cancelled")
+                return cancelled_done(req)
             return self._handlers[type(req)](req, emit, cancelled)
         except WorkerError as exc:
-            return Error(id=req.id, code=exc.code, number=exc.number, message=exc.message)
+            return error_event(req.id, exc)
         except LoadCancelled:
-            return Done(id=req.id, request=_kind(req), stop_reason="cancelled")
+            return cancelled_done(req)
         except Exception as exc:  # a bug of ours: the trace to stderr, the worker carries on
             traceback.print_exc()
-            return Error(id=req.id, code="internal", number=-32603, message=f"{type(exc).__name__}: {exc}")
+            return internal_error(req.id, exc)
         finally:
             self._publish()
 
-    # ---- batching (scheduler.py): the server admits generates while others decode ----------------
+    # ---- batching: the scheduler admits generates while others decode ----------------------------
 
-    def route(self, req) -> str:
-        """``batch`` for a generate the batch takes, else ``solo`` (it runs alone, after the batch ends)."""
+    def route(self, req) -> Route:
         if self.batcher is None or not isinstance(req, Generate):
-            return "solo"
+            return Route.ALONE
         if self.kit.draft is not None and req.params.speculative:
-            return "solo"
-        return "batch"
+            return Route.ALONE
+        return Route.BATCH
 
     @property
     def batch_busy(self) -> bool:
@@ -121,14 +127,14 @@ class Engine:
         """Start a generate in the batch; returns its terminal event when it ended at once (bad input)."""
         try:
             if cancelled():
-                return Done(id=job.req.id, request="generate", stop_reason="cancelled")
+                return cancelled_done(job.req)
             self.batcher.admit(job, emit, cancelled)
             return None
         except WorkerError as exc:
-            return Error(id=job.req.id, code=exc.code, number=exc.number, message=exc.message)
+            return error_event(job.req.id, exc)
         except Exception as exc:
             traceback.print_exc()
-            return Error(id=job.req.id, code="internal", number=-32603, message=f"{type(exc).__name__}: {exc}")
+            return internal_error(job.req.id, exc)
 
     def tick(self) -> list:
         """One prefill chunk and one decode step of the batch: the (job, terminal event) pairs that ended."""
@@ -138,8 +144,7 @@ class Engine:
             traceback.print_exc()
             err = WorkerError("out_of_memory" if _oom(exc) else "internal",
                               f"the batch failed: {type(exc).__name__}: {exc}")
-            done = [(f.job, f.event) for f in self.batcher.fail_all(
-                lambda req: Error(id=req.id, code=err.code, number=err.number, message=err.message))]
+            done = [(f.job, f.event) for f in self.batcher.fail_all(lambda req: error_event(req.id, err))]
             release_memory()
         if done:
             self._publish()
@@ -155,7 +160,7 @@ class Engine:
             self.kit.draft = None
             release_memory()
         elif not isinstance(req, Generate):
-            return event  # the others are not cancellable once running (see Server._cancel)
+            return event  # the others are not cancellable once running (see Scheduler.cancel)
         self._publish()
         event.stop_reason = "cancelled"
         return event
@@ -265,7 +270,3 @@ def _batching_off(kit) -> Optional[str]:
 def _oom(exc: Exception) -> bool:
     text = str(exc).lower()
     return "out of memory" in text or "malloc" in text or "allocat" in text
-
-
-def _kind(req) -> str:
-    return type(req).__struct_config__.tag

@@ -11,7 +11,8 @@ import threading
 
 import msgspec
 
-from .protocol import Error, Fatal
+from .protocol import Fatal, WorkerError
+from .protocol.events import error_event
 from .protocol.framing import valid_text
 
 log = logging.getLogger("worker")
@@ -82,6 +83,7 @@ class Writer(threading.Thread):
             log.exception("could not encode a %s event; sending an internal error instead", type(ev).__name__)
             del buf[start:]
             rid = ev.id if ev.id is None or valid_text(ev.id) else None
-            self.enc.encode_into(Error(id=rid, code="internal", number=-32603, seq=self.seq,
-                                       message="the worker could not encode an event"), buf, start)
+            err = error_event(rid, WorkerError("internal", "the worker could not encode an event"))
+            err.seq = self.seq
+            self.enc.encode_into(err, buf, start)
         buf += b"\n"

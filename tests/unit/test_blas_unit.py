@@ -385,32 +385,31 @@ def test_user_named_missing_library_is_reported(clean_env, tmp_path, capsys):
 
 def test_tuning_openblas_threads_only(clean_env):
     c = Candidate("/x/libopenblas.so.0", "openblas", "system")
-    info = {"config": "OpenBLAS 0.3.21 DYNAMIC_ARCH Haswell", "core": "Haswell"}
-    assert blas._tuning_env(c, info, {}) == ({"OPENBLAS_NUM_THREADS": str(blas.effective_cpus())}, [])
+    assert blas._tuning_env(c, {}) == ({"OPENBLAS_NUM_THREADS": str(blas.effective_cpus())}, [])
     for var in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
-        assert blas._tuning_env(c, info, {var: "1"}) == ({}, [])
+        assert blas._tuning_env(c, {var: "1"}) == ({}, [])
     # OPENBLAS_CORETYPE is never touched
-    assert "OPENBLAS_CORETYPE" not in blas._tuning_env(c, info, {"OPENBLAS_CORETYPE": "Haswell"})[0]
+    assert "OPENBLAS_CORETYPE" not in blas._tuning_env(c, {"OPENBLAS_CORETYPE": "Haswell"})[0]
 
 
 def test_tuning_blis_threads(clean_env):
     c = Candidate("/usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4", "blis", "system")
-    assert blas._tuning_env(c, {}, {})[0] == {"BLIS_NUM_THREADS": str(blas.effective_cpus())}
-    assert blas._tuning_env(c, {}, {"BLIS_NUM_THREADS": "1"})[0] == {}
+    assert blas._tuning_env(c, {})[0] == {"BLIS_NUM_THREADS": str(blas.effective_cpus())}
+    assert blas._tuning_env(c, {"BLIS_NUM_THREADS": "1"})[0] == {}
 
 
 def test_tuning_mkl_threading_layer(clean_env, tmp_path):
     lib = _touch(tmp_path / "lib/libmkl_rt.so.3")
     c = Candidate(str(lib), "mkl", "pip")
     clean_env.setattr(blas_find, "_lib_dirs", lambda: [str(tmp_path / "nolibs")])
-    assert blas._tuning_env(c, {}, {})[0]["MKL_THREADING_LAYER"] == "SEQUENTIAL"
+    assert blas._tuning_env(c, {})[0]["MKL_THREADING_LAYER"] == "SEQUENTIAL"
     iomp = _touch(tmp_path / "lib/libiomp5.so")
-    ch, extra = blas._tuning_env(c, {}, {})
+    ch, extra = blas._tuning_env(c, {})
     assert "MKL_THREADING_LAYER" not in ch and extra == [str(iomp)]
     _touch(tmp_path / "sys/libgomp.so.1")
     clean_env.setattr(blas_find, "_lib_dirs", lambda: [str(tmp_path / "sys")])
-    assert blas._tuning_env(c, {}, {})[0]["MKL_THREADING_LAYER"] == "GNU"
-    assert "MKL_THREADING_LAYER" not in blas._tuning_env(c, {}, {"MKL_THREADING_LAYER": "INTEL"})[0]
+    assert blas._tuning_env(c, {})[0]["MKL_THREADING_LAYER"] == "GNU"
+    assert "MKL_THREADING_LAYER" not in blas._tuning_env(c, {"MKL_THREADING_LAYER": "INTEL"})[0]
 
 
 def test_effective_cpus_positive():

@@ -124,7 +124,7 @@ def _maybe_reexec(argv: list, maps_path: str, module: str) -> None:
     if _realpath(cand.path) in {_resolve_preload(p) for p in preload}:
         _log(f"LD_PRELOAD lists {cand.path} but it is not mapped; not re-executing")
         return
-    changes, extra = _tuning_env(cand, info, env)
+    changes, extra = _tuning_env(cand, env)
     old = {k: env.get(k) for k in ("LD_PRELOAD", ENV_MARKER, *changes)}
     env["LD_PRELOAD"] = ":".join([*extra, cand.path, *preload])
     env[ENV_MARKER] = "1"

@@ -277,7 +277,7 @@ def _lib_dirs() -> list:
                         "/lib64", "/usr/lib", "/lib") if d]
 
 
-def _tuning_env(cand: Candidate, info: dict, env) -> tuple:
+def _tuning_env(cand: Candidate, env) -> tuple:
     """(env changes, extra libraries to preload before ``cand``) for the chosen library."""
     changes, extra = {}, []
     threads = str(effective_cpus())

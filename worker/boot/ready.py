@@ -11,7 +11,6 @@ from ..protocol import (
     PROTOCOL_VERSION, REQUEST_TYPES, DeviceInfo, Generate, GenerateParams, Limits, LoadOptions, Progress, Prompt,
     Ready, Token,
 )
-from ..server import MAX_QUEUE
 
 # Features beyond the request types, each named after the protocol element that carries it, so the list
 # cannot claim what the wire types lack (tests/process/test_promises.py checks each is documented in PROTOCOL.md).
@@ -53,7 +52,7 @@ def _version(pkg: str) -> str:
         return "missing"
 
 
-def ready_event(max_line_bytes: int) -> Ready:
+def ready_event(max_line_bytes: int, max_queue: int) -> Ready:
     dev = mx.default_device()
     is_gpu = dev.type == mx.DeviceType.gpu
     info = DeviceInfo(
@@ -70,5 +69,5 @@ def ready_event(max_line_bytes: int) -> Ready:
         device=info,
         pid=os.getpid(),
         capabilities=capabilities(),
-        limits=Limits(max_line_bytes=max_line_bytes, max_queue=MAX_QUEUE),
+        limits=Limits(max_line_bytes=max_line_bytes, max_queue=max_queue),
     )
