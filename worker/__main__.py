@@ -24,7 +24,7 @@ def library_defaults(env) -> None:
     """Environment defaults for the libraries, where the host set none."""
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # MLX's CUDA graph cache counts its misses over the process's life and throws once they pass twice its
-    # size (bench/probe/thrash.py): a long-lived worker (many prompt lengths, batch sizes) would fail a
+    # size (bench/probes/thrash.py): a long-lived worker (many prompt lengths, batch sizes) would fail a
     # request, and every later GPU operation with it. Off, the cache still evicts.
     env.setdefault("MLX_ENABLE_CACHE_THRASHING_CHECK", "0")
 

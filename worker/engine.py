@@ -1,8 +1,8 @@
 """The Engine: the one owner of the loaded model (text model, tokenizer, add-on, draft, prompt caches, batcher),
 and what runs on it: each work request alone, or generates admitted to the batch (its ``Route``).
 
-Every method but reading ``snapshot`` runs on the engine thread, the only thread that touches MLX.
-After each change the engine publishes a new immutable ``Snapshot`` (one attribute assignment);
+Every method but reading ``view`` runs on the engine thread, the only thread that touches MLX.
+After each change the engine publishes a new immutable ``EngineView`` (one attribute assignment);
 the reader thread answers ``status`` and early ``tokenize`` from it and never sees a half-built kit.
 """
 
@@ -41,7 +41,7 @@ class LoadCancelled(Exception):
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class EngineView:
     """What other threads may know of the engine: copies, never the live objects it mutates."""
 
     model: Optional[ModelInfo] = None
@@ -87,7 +87,7 @@ class Engine:
         self.kit: Optional[_model.ModelKit] = None
         self.batcher: Optional[Batcher] = None  # with max_concurrent > 1 and a model that batches
         self.batch_off: Optional[str] = None  # why batching is off for the loaded model (it was asked for)
-        self.snapshot = Snapshot()
+        self.view = EngineView()
         self._handlers = {Load: self._load, Unload: self._unload, LoadDraft: self._load_draft,
                           Tokenize: self._tokenize, CacheClear: self._cache_clear, Generate: self._generate}
 
@@ -177,10 +177,10 @@ class Engine:
     def _publish(self) -> None:
         kit = self.kit
         if kit is None:
-            self.snapshot = Snapshot()
+            self.view = EngineView()
             return
         draft = kit.draft
-        self.snapshot = Snapshot(model=_copy(kit.info), draft=_copy(draft.info if draft else None),
+        self.view = EngineView(model=_copy(kit.info), draft=_copy(draft.info if draft else None),
                                  cache=CacheStats(**kit.cache.stats()), tokenizer=kit.tokenizer,
                                  draft_cache=CacheStats(**draft.cache.stats()) if draft else None)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .engine import Engine, Route
-from .protocol import Fatal, Generate, Load, LoadDraft, Unload, WorkerError
+from .protocol import AnyRequest, Fatal, Generate, Load, LoadDraft, Unload, WorkerError
 from .protocol.events import cancelled_done, internal_error
 
 log = logging.getLogger("worker")
@@ -26,7 +26,7 @@ CANCELLABLE_RUNNING = (Generate, Load, LoadDraft)
 
 @dataclass
 class Job:
-    req: object
+    req: AnyRequest
     cancel: threading.Event = field(default_factory=threading.Event)
     answered: bool = False  # its terminal event was written (by the engine, or by the exit path)
     emitting: threading.Lock = field(default_factory=threading.Lock)  # answered + emit, atomically

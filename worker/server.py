@@ -132,23 +132,23 @@ class Server:
                 self.shutdown_job = sched.live[req.id] = Job(req)
                 self.exiting.set()
                 return
-            tokenizer = self.engine.snapshot.tokenizer
+            tokenizer = self.engine.view.tokenizer
             if not (isinstance(req, Tokenize) and tokenizer is not None and sched.tokenize_now()):
                 sched.submit(Job(req))
                 return
         self.emit(tokenize(tokenizer, req))
 
     def _status(self, req: Status) -> Done:
-        snap, sched = self.engine.snapshot, self.scheduler
+        view, sched = self.engine.view, self.scheduler
         running = list(sched.running)
         if not running:
-            state = "idle" if snap.model is not None else "empty"
+            state = "idle" if view.model is not None else "empty"
         else:
             state = {Load: "loading", Generate: "generating"}.get(type(running[0].req), "busy")
         return Done(
-            id=req.id, request="status", state=state, model=snap.model, draft=snap.draft,
+            id=req.id, request="status", state=state, model=view.model, draft=view.draft,
             active=running[0].req.id if running else None, running=[j.req.id for j in running],
             queue=[j.req.id for j in sched.queue],
             engine_alive=sched.thread.is_alive(),
-            cache=snap.cache, draft_cache=snap.draft_cache,
+            cache=view.cache, draft_cache=view.draft_cache,
         )

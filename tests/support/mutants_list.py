@@ -35,7 +35,7 @@ MUTANTS = [
       "            trim_prompt_cache(cache, excess)\n", "            trim_prompt_cache(cache, excess - 1)\n",
       ("tests/process/test_cache.py::test_divergence_reuses_exactly_the_common_prefix",)),
     M("no-token-left-to-process", "worker/cache/store.py",
-      "reuse = min(common, len(ids) - 1)", "reuse = min(common, len(ids))",
+      "reuse = min(common, len(ids) - 1)  # keep one", "reuse = min(common, len(ids))  # keep one",
       ('tests/unit/test_cache_store.py::test_one_token_is_always_left_to_process',)),
     M("miss-reason-never-no-entry", "worker/cache/store.py",
       "        if not pool:\n", "        if pool is None:\n",
@@ -221,6 +221,9 @@ MUTANTS = [
       "clips = [self._audio(source(p, i), i) for i, p in enumerate(inp.audio)]",
       "clips = sorted([self._audio(source(p, i), i) for i, p in enumerate(inp.audio)], key=lambda it: -it.count)",
       ("tests/families/test_audio_gemma3n.py::test_two_clips_and_an_image", "tests/families/test_audio_gemma4.py::test_audio_parity_and_cache")),
+    M("cache-picks-the-longest-match-not-the-usable-one", "worker/cache/store.py",
+      "key=lambda m: (_usable(m[0], m[1], ids), _rank(m[0], key), m[1]))", "key=lambda m: (m[1], _rank(m[0], key)))",
+      ("tests/unit/test_cache_store.py",)),
     # ---- generation: the steps written once (prefill.py, step.py, snapshot_policy.py, warmup.py)
     M("prefill-chunk-takes-the-last-token", "worker/generation/prefill.py",
       "return min(step, remaining - 1)", "return min(step, remaining)",

@@ -94,3 +94,28 @@ def test_lru_eviction_by_entries_and_bytes():
 
 def test_nothing_cached_says_no_entry():
     assert PromptCacheStore(FakeModel()).take([1, 2]).miss_reason == "no_entry"
+
+
+def test_the_longest_usable_match_wins_over_a_longer_unusable_one():
+    """Two entries share the prompt's first tokens; the one matching longer cannot be cut back (a wrapped sliding
+    window, no snapshot there): the other serves the shared prefix (issue #29 item 2: it picked the unusable one
+    and reused nothing, "untrimmable")."""
+    store = PromptCacheStore(FakeModel())
+    _filled(store, [1, 2, 3, 4, 6, 6])  # trimmable: can serve [1, 2, 3, 4]
+    unusable = PromptCacheStore(FakeModel(trimmable=False))
+    _filled(unusable, [1, 2, 3, 4, 5, 9])
+    store.entries += unusable.entries  # matches one token longer ([1..5]), cannot be cut back
+    lease = store.take([1, 2, 3, 4, 5, 7, 7])
+    assert lease.reused == 4 and lease.miss_reason == "prefix_diverged_at 4", (lease.reused, lease.miss_reason)
+    assert all(layer.offset == 4 for layer in lease.cache)
+    assert len(store.entries) == 2  # the trimmable entry was copied, not taken: its conversation keeps it
+
+
+def test_equally_long_matches_prefer_the_usable_one():
+    store = PromptCacheStore(FakeModel())
+    unusable = PromptCacheStore(FakeModel(trimmable=False))
+    _filled(store, [1, 2, 3, 4, 5, 6])
+    _filled(unusable, [1, 2, 3, 4, 5, 8])
+    store.entries += unusable.entries  # the newest of two equally long matches, but unusable
+    lease = store.take([1, 2, 3, 4, 5, 7, 7])
+    assert lease.reused == 5 and lease.miss_reason == "prefix_diverged_at 5", (lease.reused, lease.miss_reason)

@@ -68,23 +68,22 @@ class PromptCacheStore:
         return make_cache(self.model, self.max_kv_size, self.kv_bits)
 
     def take(self, ids: List[int], key: Optional[str] = None) -> Lease:
-        """The best cache for a prompt: the entry sharing the longest prefix with it, of any conversation.
+        """The best cache for a prompt: the entry that can serve the longest prefix of it, of any conversation.
 
         An entry the prompt fully extends, of the same ``cache_key`` (or both without one), is handed over
         (the request extends it and puts it back); any other match is copied up to the shared prefix,
         so the entry stays for its own conversation: a shared system prompt is shared, not stolen, and a
         pinned entry is never taken by a request with another key.
         """
-        best, common = None, 0
-        for e in self.entries:
-            n = common_prefix(e.tokens, ids)
-            if n > common or (n == common and n and best is not None and _rank(e, key) > _rank(best, key)):
-                best, common = e, n
-        if best is None or common == 0:
+        matches = [(e, n) for e in self.entries for n in (common_prefix(e.tokens, ids),) if n]
+        if not matches:
             return Lease(self.fresh(), 0, self._reason_for_nothing(self.entries, ids))
-        reuse = min(common, len(ids) - 1)  # keep one token to process, so decoding has logits
-        if reuse == 0:  # a one-token prompt: nothing could be reused, nothing was missed
+        if len(ids) <= 1:  # a one-token prompt: nothing could be reused, nothing was missed
             return Lease(self.fresh(), 0, None)
+        # the most tokens served, not the longest match: an entry that cannot be cut back to its match
+        # (a sliding window past it, without a snapshot there) loses to one that can serve fewer
+        best, common = max(matches, key=lambda m: (_usable(m[0], m[1], ids), _rank(m[0], key), m[1]))
+        reuse = min(common, len(ids) - 1)  # keep one token to process, so decoding has logits
         cache = best.cache
         if cache is None:
             cache = self.disk.load(best)
@@ -212,6 +211,17 @@ class PromptCacheStore:
         for e in self.disk.enforce_budget():
             if e in self.entries and e.cache is None:
                 self.entries.remove(e)
+
+
+def _usable(entry: Entry, common: int, ids: List[int]) -> int:
+    """The prompt tokens ``entry`` can serve, sharing ``common`` with it: all of them (one is always left to
+    process) when it needs no cut or can be cut back there, else its newest snapshot's, else none. An entry on
+    disk only counts as usable (its layers are read when it is taken)."""
+    reuse = min(common, len(ids) - 1)
+    if entry.cache is None or len(entry.tokens) <= reuse or can_trim_prompt_cache(entry.cache):
+        return reuse
+    snap = best_snapshot(entry.snapshots, reuse)
+    return snap.n if snap is not None else 0
 
 
 def _rank(entry: Entry, key: Optional[str]):

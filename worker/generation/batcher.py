@@ -12,13 +12,15 @@ logprobs, cancel); a request that ends leaves the batch with its own cache, stor
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import TokenBuffer
 
 from ..cache.snapshots import bounded
+from ..loading.model import ModelKit
+from ..protocol import Done, Error
 from . import snapshot_policy
 from .decode_batch import DecodeBatch, Seq
 from .finish import finish, give_back
@@ -37,24 +39,24 @@ INTERLEAVE_STEP = 512  # most prompt tokens per prefill chunk while other sequen
 class Admission:
     """A request being prefilled, before it joins the batch."""
 
-    job: Any
+    job: object  # the scheduler's job (opaque here)
     run: Run
     seq: Seq
     on_prefill: Callable
-    embeddings: Any = None  # input embeddings of the uncached suffix (images), or None
+    embeddings: Optional[mx.array] = None  # input embeddings of the uncached suffix (images), or None
     pos: int = 0  # suffix tokens processed
     started: bool = False
 
 
 @dataclass
 class Finished:
-    job: Any
-    event: Any
+    job: object
+    event: Union[Done, Error]
 
 
 @dataclass
 class Batcher:
-    kit: Any
+    kit: ModelKit
     batch: DecodeBatch = None
     admitting: List[Admission] = field(default_factory=list)
 

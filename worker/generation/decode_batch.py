@@ -19,6 +19,7 @@ from mlx_lm.models import cache as mlx_cache
 
 from ..cache.snapshots import Snapshot, clone
 from ..cuda.batch_kernels import batch_kernels
+from .run import Run
 from .step import log_softmax, process
 
 
@@ -39,8 +40,8 @@ def blocker(kit) -> Optional[str]:
 class Seq:
     """A sequence of the batch: its request and what its sampling needs."""
 
-    run: Any  # a request.Run
-    job: Any  # the server's job it answers
+    run: Run
+    job: object  # the scheduler's job it answers (opaque here)
     sampler: Callable
     processors: list
     context: Optional[mlx_cache.TokenBuffer]  # prompt + generated ids, for processors
