@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.support import reference  # noqa: E402
 from tests.support.client import generated_tokens  # noqa: E402
+from tests.support.continued import continued_ids  # noqa: E402
 from tests.support.prompts import assert_varied, random_ids  # noqa: E402
 from tests.support.vlm_fixtures import build_vlm_fixture  # noqa: E402
 
@@ -173,18 +174,27 @@ def test_vision_conversation_20x_the_window(w, vlm_dir, image):
     template's re-rendering, so each follow-up resumes from a snapshot of the previous turn."""
     w.load(vlm_dir)
 
-    def chat(rid, messages):
+    tok = _vlm(vlm_dir)[1].tokenizer
+    said = {}  # the last turn's prompt text, its ids and what it sampled: the follow-up reuses them (continued.py)
+    own = [0]  # turns whose ids hold the model's own where a fresh tokenization differs
+
+    def chat(rid, messages, after=None):
         events = w.request({"type": "generate", "id": rid, "prompt": {"messages": messages},
                             "params": {"max_tokens": 8}})
         out, st = _done(events)
-        ids = _vision_ids(vlm_dir, messages)
+        fresh = _vision_ids(vlm_dir, messages)
+        text = tok.decode(fresh, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        last = said.get(after)
+        ids = continued_ids(tok, *last, text) if last else fresh
+        own[0] += ids != fresh
         assert st["prompt_tokens"] == len(ids), (rid, st, len(ids))
         stop = [events[-1]["stop_token"]] if events[-1].get("stop_token") is not None else []
+        said[rid] = (text, ids, out + stop)
         return out, st, "".join(e["text"] for e in events if e["type"] == "token"), ids, out + stop
 
     msgs, prev, prompts, reused = [_user(_words(40, 0), image)], None, [], []
     for turn in range(12):
-        out, st, text, ids, sampled = chat(f"v{turn}", msgs)
+        out, st, text, ids, sampled = chat(f"v{turn}", msgs, after=f"v{turn - 1}")
         if prev is not None:  # from the longest snapshot of the previous turn within what it shares
             entry, snaps = prev
             assert st["cached_tokens"] == _served(entry, snaps, ids), (turn, st, _common(entry, ids), snaps)
@@ -195,15 +205,49 @@ def test_vision_conversation_20x_the_window(w, vlm_dir, image):
         reused.append(st["cached_tokens"])
         msgs = msgs + [{"role": "assistant", "content": text}, _user(_words(20, 10 + turn))]
     assert prompts[-1] >= 20 * WINDOW, prompts
+    assert own[0] >= 3, own  # the model's own ids were reused where re-tokenizing differs
     last = msgs[:-2]
-    regen, st, _, ids, _ = chat("vregen", last)  # the same conversation once more
+    regen, st, _, ids, _ = chat("vregen", last, after="v10")  # the same conversation once more
     assert st["cached_tokens"] == prompts[-1] - 1, st
     assert regen == out
     edited = last[:-1] + [_user(_words(20, 99))]
-    ed, st, _, ids, _ = chat("vedit", edited)
+    ed, st, _, ids, _ = chat("vedit", edited, after="v10")
     # the snapshot where the last turn's cached part ended: the previous turn, up to where its answer parted
     assert reused[-1] <= _common(prev[0], ids) < prompts[-1] - 1, (reused, _common(prev[0], ids))
     assert st["cached_tokens"] == reused[-1], (st, reused)
     assert w.request({"type": "cache_clear", "id": "cc"})[-1]["type"] == "done"
-    cold, st, _, _, _ = chat("vcold", edited)
-    assert st["cached_tokens"] == 0 and cold == ed
+    # a cold run of the same ids (the cache is exact for what it reused): the worker remembers the ids it gave
+    # the conversation (not the cache), so the same messages get them again
+    cold, st, _, cold_ids, _ = chat("vcold", edited, after="v10")
+    assert cold_ids == ids and st["cached_tokens"] == 0 and cold == ed
+
+
+@pytest.mark.parametrize("concurrent", [1, 2], ids=["alone", "batched"])
+def test_a_shared_system_prompt_past_the_window_is_reused(w, vlm_dir, concurrent):
+    """A second conversation with the same system prompt (longer than the window) resumes where the system
+    messages end: the first conversation's prefill snapshotted its bounded layers there (mlx-lm's server
+    checkpoints the same place). Without that snapshot the wrapped entry serves nothing."""
+    w.load(vlm_dir, max_concurrent=concurrent)
+    tok = _vlm(vlm_dir)[1].tokenizer
+    system = {"role": "system", "content": _words(120, 5)}
+
+    def ask(rid, question):
+        msgs = [system, _user(question)]
+        events = w.request({"type": "generate", "id": rid, "prompt": {"messages": msgs}, "params": {"max_tokens": 4}})
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return _done(events) + (tok.encode(text, add_special_tokens=False),)
+
+    _, st, first = ask("sys-a", _words(30, 6))
+    assert st.get("batching") == ("on" if concurrent > 1 else None), st
+    assert st["cached_tokens"] == 0 and len(first) > 2 * WINDOW
+    head = tok.apply_chat_template([system, {"role": "user", "content": ""}], tokenize=False)
+    text = tok.apply_chat_template([system, _user(_words(30, 7))], tokenize=False, add_generation_prompt=True)
+    n = 0
+    while text[n] == head[n]:
+        n += 1
+    boundary = len(tok.encode(text[:n], add_special_tokens=False))
+    out, st, second = ask("sys-b", _words(30, 7))
+    assert second[:boundary] == first[:boundary] and second[boundary] != first[boundary]
+    assert boundary > 2 * WINDOW and st["cached_tokens"] == boundary, (st, boundary)
+    want = reference.generate(vlm_dir, second, 4, dtype="float32")
+    assert out == want

@@ -130,3 +130,36 @@ def test_a_tokenizer_that_appends_eos_is_caught_by_the_self_check(tokenizers):
     assert not pt.enabled
     text = probe_texts(hf)[-1]
     assert pt.encode(text, True) == hf.encode(text, add_special_tokens=True)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_continued_output_reuses_the_models_own_ids(tokenizers, name):
+    """A text that continues a prompt and then what the model generated after it gets the prompt's ids and the
+    generated ids for that text, even where tokenizing the same text gives other ids; only the rest is tokenized.
+    A text that continues only part of the output reuses the ids of that part."""
+    tok = tokenizers[name]
+    hf = tok._tokenizer
+    pt = PrefixTokenizer(hf, probe_texts(tok))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Say it."}], tokenize=False,
+                                     add_generation_prompt=True)
+    p_ids = pt.encode(prompt, False)
+    word = next(w for w in ("hello", "world", "the", "and", "question", "answer")
+                if len(hf.encode(" " + w, add_special_tokens=False)) == 1)
+    # the model spells " word" one character at a time (a tokenization the tokenizer itself never gives)
+    gen = [hf.encode(c, add_special_tokens=False) for c in " " + word]
+    assert all(len(g) == 1 for g in gen), gen
+    gen = [g[0] for g in gen]
+    pt.remember_output(prompt, False, p_ids, gen)
+    tail = "\nNext question: what?"
+    text = prompt + " " + word + tail
+    fresh = list(hf.encode(text, add_special_tokens=False))
+    got = pt.encode(text, False)
+    assert got == p_ids + gen + list(hf.encode(tail, add_special_tokens=False))
+    assert got != fresh  # the memo really gave the model's ids
+    assert tok.decode(got, skip_special_tokens=False) == tok.decode(fresh, skip_special_tokens=False)
+    # the template re-rendered only the first three characters: their ids, then the rest tokenized
+    part = prompt + " " + word[:2] + "!" + tail
+    assert pt.encode(part, False) == p_ids + gen[:3] + list(hf.encode("!" + tail, add_special_tokens=False))
+    # a text that does not continue the output at all: a whole tokenization
+    other = prompt + "Something else."
+    assert pt.encode(other, False) == list(hf.encode(other, add_special_tokens=False))

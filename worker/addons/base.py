@@ -272,7 +272,9 @@ class VisionAddOn(abc.ABC):
             spans.append((positions[at], positions[at + it.count - 1] + 1))
             at += it.count
         embed = functools.partial(self._embed, ids, items, spans)
-        return PromptPlan(ids=ids, key=key, embed=embed, state=self.make_state(ids, items))
+        remember = None if self._encoder is None else functools.partial(
+            self._encoder.remember_output, text, inp.add_special_tokens, ids)
+        return PromptPlan(ids=ids, key=key, embed=embed, state=self.make_state(ids, items), remember=remember)
 
     def _image(self, src: imgs.Source, index: int) -> ImageItem:
         """One image's memo entry: on a miss it is decoded, processed alone and encoded, once."""

@@ -14,7 +14,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from .layout import adapt, make_cache
 from .prefix import common_prefix
-from .snapshots import best_snapshot, clone, keep, resume
+from .snapshots import best_snapshot, bounded, clone, keep, resume
 
 log = logging.getLogger("worker")
 
@@ -58,6 +58,8 @@ class PromptCacheStore:
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.disk = disk
+        # layers that cannot be cut back (sliding windows, recurrent state): reuse needs snapshots
+        self.bounded = any(bounded(c) for c in self.fresh())
         self.entries: List[Entry] = []
         self.ghosts: List[List[int]] = []  # token lists of evicted entries, for miss reasons
         self._unsaved: Optional[Entry] = None

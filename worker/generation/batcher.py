@@ -24,7 +24,7 @@ from ..protocol import Done, Error
 from . import snapshot_policy
 from .decode_batch import DecodeBatch, Seq
 from .finish import finish, give_back
-from .prefill import chunk_size, prefill_chunk
+from .prefill import chunk_size, prefill_chunk, stops
 from .run import Cancelled, Run
 from .sampling import keyed_sampler, processors_for
 from .start import start
@@ -46,6 +46,7 @@ class Admission:
     embeddings: Optional[mx.array] = None  # input embeddings of the uncached suffix (images), or None
     pos: int = 0  # suffix tokens processed
     started: bool = False
+    stops: List[int] = field(default_factory=list)  # checkpoints to snapshot at (prompt positions)
 
 
 @dataclass
@@ -94,7 +95,8 @@ class Batcher:
                   context=TokenBuffer(plan.ids) if procs else None, wants_logprobs=run.want_lp,
                   greedy=params.temperature == 0, rope=plan.state)
         emb = plan.embed(run.lease.reused) if plan.embed is not None else None
-        self.admitting.append(Admission(job, run, seq, run.prefill_reporter(), emb))
+        at = stops(plan.checkpoints, run.lease.reused, run.n_prompt) if self.kit.cache.bounded else []
+        self.admitting.append(Admission(job, run, seq, run.prefill_reporter(), emb, stops=at))
 
     def tick(self) -> List[Finished]:
         """One prefill chunk of the oldest admission, then one decode step of the batch."""
@@ -136,10 +138,14 @@ class Batcher:
                 step = min(step, INTERLEAVE_STEP)
             if total - a.pos > 1:  # all but the last token, in chunks, as generate_step
                 n = chunk_size(total - a.pos, step)
+                at = [c - run.lease.reused for c in a.stops if a.pos < c - run.lease.reused <= a.pos + n]
+                n = at[0] - a.pos if at else n  # a chunk ends at a checkpoint, for its snapshot
                 with mx.stream(generation_stream), state:
                     emb = a.embeddings[a.pos:a.pos + n] if a.embeddings is not None else None
                     prefill_chunk(model, cache, suffix[a.pos:a.pos + n], emb)
                 a.pos += n
+                if at:
+                    snapshot_policy.snapshot_into(run.snapshots, cache, run.lease.reused + a.pos)
                 a.on_prefill(a.pos, total)
                 mx.clear_cache()
                 return []

@@ -24,6 +24,8 @@ def finish(run: Run, cache: list) -> Done:
     kit, req, out, params = run.kit, run.req, run.out, run.req.params
     out.marks["decoded"] = time.perf_counter()
     kit.cache.put(run.plan.key + out.generated, cache, req.cache_key, run.snapshots + run.decode_snaps)
+    if run.plan.remember is not None and out.generated:
+        run.plan.remember(out.generated)
     if out.reason is None:
         out.reason = "cancelled" if run.cancelled() else (
             "max_tokens" if run.budget == params.max_tokens else "context_full")

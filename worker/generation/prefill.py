@@ -25,12 +25,21 @@ def chunk_size(remaining: int, step: int) -> int:
     return min(step, remaining - 1)
 
 
-def prefill(model, cache: list, tokens: List[int], step: int, quantize: Callable, on_chunk: Callable[[int], None]) -> None:
-    """All but the last of ``tokens`` into ``cache``; ``on_chunk(processed)`` after each chunk (a cancel point)."""
-    pos = 0
-    while len(tokens) - pos > 1:
-        n = chunk_size(len(tokens) - pos, step)
-        prefill_chunk(model, cache, tokens[pos:pos + n], quantize=quantize)
+def prefill(model, cache: list, tokens: List[int], step: int, quantize: Callable, on_chunk: Callable[[int], None],
+            embeddings=None, stop: Optional[int] = None) -> None:
+    """All but the last of ``tokens`` into ``cache`` (or the first ``stop`` of them); ``on_chunk(processed)`` after
+    each chunk (a cancel point). ``embeddings``: the tokens' input embeddings (images), or None."""
+    pos, end = 0, len(tokens) - 1 if stop is None else stop
+    while end - pos > 0:
+        n = min(step, end - pos)
+        emb = embeddings[pos:pos + n] if embeddings is not None else None
+        prefill_chunk(model, cache, tokens[pos:pos + n], emb, quantize)
         pos += n
         on_chunk(pos)
         mx.clear_cache()
+
+
+def stops(checkpoints, reused: int, n_prompt: int) -> List[int]:
+    """The checkpoints a prefill from ``reused`` must stop at (for a snapshot): those inside the uncached part,
+    before the last prompt token."""
+    return [c for c in checkpoints if reused < c < n_prompt - 1]

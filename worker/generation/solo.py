@@ -8,7 +8,7 @@ from contextlib import nullcontext
 from typing import Callable
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, maybe_quantize_kv_cache
 
 from ..cache import cache_len
 from ..cache.snapshots import bounded, take_snapshot
@@ -16,25 +16,48 @@ from ..loading.model import ModelKit
 from ..protocol import Done, Generate
 from . import snapshot_policy
 from .finish import finish, give_back
+from .prefill import prefill, stops
 from .run import Cancelled, Run
 from .sampling import processors_for
 from .speculation import speculative_source
 from .start import start
 
 
+def _to_checkpoints(run: Run, embeddings, on_prefill) -> int:
+    """Prefill up to the prompt's last checkpoint, a snapshot at each (bounded layers only: the others are cut
+    back anywhere); returns the tokens processed. generate_step does the rest."""
+    plan, lease, kit = run.plan, run.lease, run.kit
+    at = stops(plan.checkpoints, lease.reused, len(plan.ids)) if kit.cache.bounded else []
+    done, total = 0, len(plan.ids) - lease.reused
+    if at:
+        on_prefill(0, total)
+    quantize = functools.partial(maybe_quantize_kv_cache, **run.quant)
+    for c in at:
+        part = c - lease.reused - done
+        emb = embeddings[done:done + part] if embeddings is not None else None
+        prefill(kit.model, lease.cache, plan.ids[lease.reused + done:c], kit.options.prefill_step_size, quantize,
+                lambda n, d=done: on_prefill(d + n, total), emb, stop=part)
+        done += part
+        snapshot_policy.snapshot_into(run.snapshots, lease.cache, c)
+    return done
+
+
 def plain_source(run: Run, on_prefill):
     """mlx-lm's generate_step over the uncached suffix, as (token, logprobs, from_draft)."""
     kit, plan, lease, params = run.kit, run.plan, run.lease, run.req.params
     ids, cached = plan.ids, lease.reused
-    # generate_step hands the processors only the tokens it is given: add back the cached prefix
-    processors = processors_for(params, ids[:cached]) + ([run.constraint] if run.constraint else [])
     embeddings = plan.embed(cached) if plan.embed is not None else None
     run.out.marks["embedded"] = time.perf_counter()
+    done = _to_checkpoints(run, embeddings, on_prefill)
+    # generate_step hands the processors only the tokens it is given: add back the part before them
+    processors = processors_for(params, ids[:cached + done]) + ([run.constraint] if run.constraint else [])
+    total = len(ids) - cached
     gen = generate_step(
-        mx.array(ids[cached:]), kit.model, max_tokens=run.budget, sampler=run.sampler,
+        mx.array(ids[cached + done:]), kit.model, max_tokens=run.budget, sampler=run.sampler,
         logits_processors=processors or None, prompt_cache=lease.cache,
-        prefill_step_size=kit.options.prefill_step_size, prompt_progress_callback=on_prefill,
-        input_embeddings=embeddings, **run.quant)
+        prefill_step_size=kit.options.prefill_step_size,
+        prompt_progress_callback=(lambda n, _: on_prefill(done + n, total)) if done else on_prefill,
+        input_embeddings=embeddings[done:] if embeddings is not None and done else embeddings, **run.quant)
     try:
         for token, logprobs in gen:
             yield token, logprobs, False

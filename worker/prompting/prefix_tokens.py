@@ -10,6 +10,13 @@ rest. Added tokens whose matching depends on their neighbours (``lstrip``, ``sin
 ``normalized``) are not used as cut points. A self-check at load compares the result with a whole
 tokenization on rendered conversations; a tokenizer that fails it, or is not a fast tokenizer, is
 always tokenized whole.
+
+It also remembers what the model generated after each prompt (``remember_output``): a later text that
+continues a prompt and then the text of its output (a follow-up turn whose template re-renders the answer)
+gets the prompt's ids and the model's own output ids for that text, and only the rest is tokenized. Those
+ids are what the prompt cache holds, so the whole earlier turn is reused even where tokenizing the same text
+gives other ids (a model may emit ``"}`` + ``}`` where the tokenizer writes ``"`` + ``}}``); the prompt then
+differs from a fresh tokenization exactly there (PROTOCOL.md, "The prompt cache").
 """
 
 import logging
@@ -31,6 +38,14 @@ class _Seen:
     cuts: tuple  # (char start, char end, token index) of each added token usable as a cut
 
 
+@dataclass(frozen=True)
+class _Said:
+    """A prompt (as ``_Seen``) and the ids the model generated after it."""
+
+    prompt: _Seen
+    generated: tuple
+
+
 class PrefixTokenizer:
     """``encode(text, add_special_tokens)`` equal to the tokenizer's own, reusing remembered prefixes."""
 
@@ -38,6 +53,7 @@ class PrefixTokenizer:
         self.hf = hf_tokenizer
         self.backend = getattr(hf_tokenizer, "backend_tokenizer", None)
         self.seen: List[_Seen] = []
+        self.said: List[_Said] = []
         self.reused_chars = 0  # for tests and logs: how much the last encode did not tokenize again
         self.cut_ids = set()
         if self.backend is not None:
@@ -60,17 +76,73 @@ class PrefixTokenizer:
             usable = [c for c in seen.cuts if c[1] <= n and c[0] > 0]
             if usable and (cut is None or usable[-1][0] > cut[0]):
                 best, cut = seen, usable[-1]
-        if best is None:
-            enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
-            ids, cuts = tuple(enc.ids), self._cuts(enc, 0, 0)
+        said = self._continued_output(text, add_special_tokens, cut[0] if cut else 0)
+        if said is not None:
+            start, ids, cuts = said
+        elif best is None:
+            start, ids, cuts = 0, (), ()
         else:
             start, _, at = cut
-            enc = self.backend.encode(text[start:], add_special_tokens=False)
-            ids = best.ids[:at] + tuple(enc.ids)
-            cuts = tuple(c for c in best.cuts if c[0] < start) + self._cuts(enc, start, at)
-            self.reused_chars = start
+            ids, cuts = best.ids[:at], tuple(c for c in best.cuts if c[0] < start)
+        enc = self.backend.encode(text[start:], add_special_tokens=add_special_tokens and start == 0)
+        ids, cuts = ids + tuple(enc.ids), cuts + self._cuts(enc, start, len(ids))
+        self.reused_chars = start
         self._remember(_Seen(text, add_special_tokens, ids, cuts))
         return list(ids)
+
+    def remember_output(self, text: str, add_special_tokens: bool, ids: List[int], generated: List[int]) -> None:
+        """The model generated ``generated`` after the prompt ``text`` (tokenized here as ``ids``)."""
+        if not (self.enabled and generated):
+            return
+        seen = next((s for s in self.seen if s.text == text and s.special == add_special_tokens
+                     and list(s.ids) == list(ids)), None)
+        prompt = seen or _Seen(text, add_special_tokens, tuple(ids), ())
+        self.said = [s for s in self.said if s.prompt.text != text][-(MEMO_TEXTS - 1):] + [
+            _Said(prompt, tuple(int(t) for t in generated))]
+
+    def _continued_output(self, text: str, special: bool, beyond: int):
+        """(start char, ids, cuts) reusing a remembered prompt and the longest part of its output that ``text``
+        continues with, when that reaches past ``beyond`` chars (what the plain memo reuses) and takes at least
+        one output id; else None."""
+        found = None
+        for said in self.said:
+            p = said.prompt
+            if p.special != special or not text.startswith(p.text):
+                continue
+            k, chars = self._output_prefix(said, text[len(p.text):])
+            reach = len(p.text) + chars
+            if k and reach > beyond:
+                beyond = reach
+                ids = p.ids + said.generated[:k]
+                found = (reach, ids, p.cuts + ((reach, reach, len(ids)),))
+        return found
+
+    def _output_prefix(self, said: _Said, rest: str) -> tuple:
+        """(k, chars): the most output ids whose text ``rest`` starts with, and the length of that text."""
+        gen = said.generated
+        anchor = list(said.prompt.ids[-1:])  # decoded after a real token, so no leading space is dropped
+        head = self._decode(anchor)
+
+        def text_of(k: int):
+            full = self._decode(anchor + list(gen[:k]))
+            piece = full[len(head):] if full.startswith(head) else None
+            return piece if piece is not None and not piece.endswith("\ufffd") else None
+
+        whole = text_of(len(gen))
+        if whole is not None and rest.startswith(whole):
+            return len(gen), len(whole)
+        lo, hi = 0, len(gen) - 1  # text_of(lo) is a prefix of rest (lo = 0: ""); search the largest
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            piece = text_of(mid)
+            if piece is not None and rest.startswith(piece):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo, len(text_of(lo) or "")
+
+    def _decode(self, ids: List[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _cuts(self, enc, char0: int, tok0: int) -> tuple:
         return tuple((char0 + s, char0 + e, tok0 + i) for i, (tid, (s, e)) in enumerate(zip(enc.ids, enc.offsets))
@@ -98,7 +170,7 @@ class PrefixTokenizer:
             log.debug("prefix tokenizer self-check failed", exc_info=True)
             return False
         finally:
-            self.seen = []
+            self.seen, self.said = [], []
 
 
 def probe_texts(tokenizer) -> List[str]:

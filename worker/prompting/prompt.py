@@ -5,10 +5,12 @@ Validation happens once, in ``normalise``: it turns ``text`` / ``tokens`` / ``me
 which returns the ``PromptPlan``. This module knows the kit only by duck typing (no import of model.py).
 """
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 from ..protocol import AudioPart, Generate, TextPart, WorkerError
+from .boundaries import system_end, token_checkpoints
 from .tools import check_tools, tool_fields, tools_on, worker_rendering
 
 
@@ -21,6 +23,7 @@ class PromptInput:
     images: list = field(default_factory=list)  # ImagePart / ImageUrlPart, in prompt order
     audio: list = field(default_factory=list)  # AudioPart, in prompt order
     add_special_tokens: bool = True
+    boundaries: tuple = ()  # characters of ``text`` where the next turn may leave it (boundaries.py)
 
 
 @dataclass
@@ -29,16 +32,27 @@ class PromptPlan:
     key: List[int]  # what the prompt cache matches on: ids, with image positions made image-specific
     embed: Optional[Callable[[int], Any]] = None  # with images: reused -> embeddings of ids[reused:]
     state: Any = None  # a VisionAddOn's per-request state (a context manager, e.g. M-RoPE), or None
+    # the model generated these ids after this prompt: told to the tokenizer that made ``ids`` (prefix_tokens.py),
+    # so a follow-up whose text continues prompt and output reuses both; None for a prompt sent as tokens
+    remember: Optional[Callable[[List[int]], None]] = None
+    checkpoints: tuple = ()  # token positions where the next turn may leave it (boundaries.py), ascending
 
 
 def build_prompt(kit, req: Generate) -> PromptPlan:
     inp = normalise(kit, req)
     if inp.images or inp.audio:
         return kit.addon.build_prompt(kit, inp)
-    ids = inp.ids if inp.ids is not None else kit.encoder.encode(inp.text, inp.add_special_tokens)
+    if inp.ids is not None:
+        ids, remember = inp.ids, None
+    else:
+        ids = kit.encoder.encode(inp.text, inp.add_special_tokens)
+        remember = functools.partial(kit.encoder.remember_output, inp.text, inp.add_special_tokens, ids)
     if not ids:
         raise WorkerError("invalid_params", "the prompt is empty")
-    return PromptPlan(ids=ids, key=ids)
+    checkpoints = ()
+    if kit.cache.bounded and inp.text is not None:
+        checkpoints = token_checkpoints(kit.tokenizer, inp.text, ids, inp.add_special_tokens, inp.boundaries)
+    return PromptPlan(ids=ids, key=ids, remember=remember, checkpoints=checkpoints)
 
 
 def normalise(kit, req: Generate) -> PromptInput:
@@ -86,7 +100,9 @@ def normalise(kit, req: Generate) -> PromptInput:
     except Exception as exc:  # jinja errors: the template refused these messages
         raise WorkerError("invalid_params", f"the chat template failed on these messages: {exc}")
     special = kit.addon.add_special_tokens_for_chat if images or audio else False
-    return PromptInput(text=text, images=images, audio=audio, add_special_tokens=special)
+    end = system_end(kit.tokenizer, messages, kwargs, text) if kit.cache.bounded else None
+    return PromptInput(text=text, images=images, audio=audio, add_special_tokens=special,
+                       boundaries=(end,) if end is not None else ())
 
 
 def chat_input(kit, p, with_images: bool):
