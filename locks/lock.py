@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BUILD_IN = HERE / "build.in"
 TOOLS_IN = "uv"
-EXTRAS = ["test", "bench", "prep"]
+EXTRAS = ["test", "bench", "prep", "serve"]
 TARGETS = {
     "linux-cpu": {"environment": "sys_platform == 'linux'", "extras": EXTRAS},
     # mlx-cpu and mlx-cuda-13 both install mlx/lib/libmlx.so: the CUDA environment must not hold both.
