@@ -12,7 +12,9 @@ whose text lies entirely inside the longest common text prefix of the new prompt
 prompt text followed by what the model generated (its ids, the final EOS included, decoded with special tokens
 after the previous prompt's ids). **Served** = what the cache gave: the worker's ``stats.cached_tokens``, mlx-lm's
 ``len(prompt) - len(rest)`` from ``LRUPromptCache.fetch_nearest_cache``, mlx-engine's ``cached_tokens`` from
-``CacheWrapper.update_cache``. Share = served / reusable.
+``CacheWrapper.update_cache``. Share = served / reusable. The worker counts in its own ids: where its prompt
+holds the model's own ids for text a fresh tokenization writes otherwise (PROTOCOL.md, *The prompt cache*), its
+reusable count is the host's minus the difference in prompt length (the rest is tokenized alike).
 
 The worker runs first and defines the conversation; mlx-lm and mlx-engine (``agent_loop_mlx.py``, a child process)
 then get the host's fresh prompt ids each turn and generate the worker's ids (a logits processor forces them: the
@@ -234,8 +236,14 @@ def figures(res: dict, engine: str):
     got = res[engine]
     if isinstance(got, str):
         return got
-    return [(g["cached"], t["reusable"], g["cached"] / t["reusable"] if t["reusable"] else 1.0, g.get("ok", True))
-            for g, t in zip(got[1:], res["turns"][1:])]
+    out = []
+    for g, t in zip(got[1:], res["turns"][1:]):
+        reusable = t["reusable"]
+        if engine == "worker":  # in the worker's own ids: its prompt holds the model's ids where the host's
+            # fresh tokenization of the same text has others (PROTOCOL.md); the rest is tokenized alike
+            reusable -= t["host_prompt_tokens"] - t["prompt_tokens"]
+        out.append((g["cached"], reusable, g["cached"] / reusable if reusable else 1.0, g.get("ok", True)))
+    return out
 
 
 def _cell(f) -> str:

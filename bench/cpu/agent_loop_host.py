@@ -120,15 +120,21 @@ class Prompter:
         return self.tok.decode(ids, skip_special_tokens=False)
 
 
+def _common(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def reusable(prev_text: str, prev_ids: list, generated: list, text: str, ends: list, p: Prompter) -> dict:
     """The new prompt's tokens whose text lies inside the common text prefix (``reusable``), that prefix in
     characters, and how much of the generated text it keeps (``generated_chars_kept`` of ``generated_chars``)."""
     head = p.decode(prev_ids)
     said = p.decode(prev_ids + generated)[len(head):]
-    before = prev_text + said
-    n = 0
-    while n < min(len(before), len(text)) and before[n] == text[n]:
-        n += 1
+    # what the host got streamed: mlx-lm's detokenizer drops an answer's one leading space, and the host re-sends
+    # that text; both count as the previous output
+    n = max(_common(prev_text + s, text) for s in {said, said[1:] if said.startswith(" ") else said})
     k = 0
     while k < len(ends) and ends[k] <= n:
         k += 1

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.support import reference  # noqa: E402
 from tests.support.client import generated_tokens  # noqa: E402
-from tests.support.continued import continued_ids  # noqa: E402
+from tests.support.continued import continued_ids, streamed  # noqa: E402
 from tests.support.prompts import assert_varied, random_ids  # noqa: E402
 from tests.support.vlm_fixtures import build_vlm_fixture  # noqa: E402
 
@@ -166,7 +166,14 @@ def _vision_ids(path, messages):
     text = proc.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     inp = prepare_inputs(proc, images=images, prompts=text, image_token_index=model.config.image_token_index,
                          add_special_tokens=False)
-    return inp["input_ids"].reshape(-1).tolist()
+    ids = inp["input_ids"].reshape(-1).tolist()
+    # the text those ids are of: Gemma 3's processor writes each image as its full image sequence
+    expanded = text.replace(proc.boi_token, proc.full_image_sequence)
+    assert proc.tokenizer.encode(expanded, add_special_tokens=False) == ids
+    return ids, expanded
+
+
+TURNS = 13  # a conversation 20x the window (the worker's own ids are fewer than a fresh tokenization's)
 
 
 def test_vision_conversation_20x_the_window(w, vlm_dir, image):
@@ -175,6 +182,7 @@ def test_vision_conversation_20x_the_window(w, vlm_dir, image):
     w.load(vlm_dir)
 
     tok = _vlm(vlm_dir)[1].tokenizer
+    detokenize = streamed(vlm_dir)
     said = {}  # the last turn's prompt text, its ids and what it sampled: the follow-up reuses them (continued.py)
     own = [0]  # turns whose ids hold the model's own where a fresh tokenization differs
 
@@ -182,10 +190,9 @@ def test_vision_conversation_20x_the_window(w, vlm_dir, image):
         events = w.request({"type": "generate", "id": rid, "prompt": {"messages": messages},
                             "params": {"max_tokens": 8}})
         out, st = _done(events)
-        fresh = _vision_ids(vlm_dir, messages)
-        text = tok.decode(fresh, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        fresh, text = _vision_ids(vlm_dir, messages)
         last = said.get(after)
-        ids = continued_ids(tok, *last, text) if last else fresh
+        ids = continued_ids(tok, *last, text, detokenize) if last else fresh
         own[0] += ids != fresh
         assert st["prompt_tokens"] == len(ids), (rid, st, len(ids))
         stop = [events[-1]["stop_token"]] if events[-1].get("stop_token") is not None else []
@@ -193,7 +200,7 @@ def test_vision_conversation_20x_the_window(w, vlm_dir, image):
         return out, st, "".join(e["text"] for e in events if e["type"] == "token"), ids, out + stop
 
     msgs, prev, prompts, reused = [_user(_words(40, 0), image)], None, [], []
-    for turn in range(12):
+    for turn in range(TURNS):
         out, st, text, ids, sampled = chat(f"v{turn}", msgs, after=f"v{turn - 1}")
         if prev is not None:  # from the longest snapshot of the previous turn within what it shares
             entry, snaps = prev
@@ -207,18 +214,18 @@ def test_vision_conversation_20x_the_window(w, vlm_dir, image):
     assert prompts[-1] >= 20 * WINDOW, prompts
     assert own[0] >= 3, own  # the model's own ids were reused where re-tokenizing differs
     last = msgs[:-2]
-    regen, st, _, ids, _ = chat("vregen", last, after="v10")  # the same conversation once more
+    regen, st, _, ids, _ = chat("vregen", last, after=f"v{TURNS - 2}")  # the same conversation once more
     assert st["cached_tokens"] == prompts[-1] - 1, st
     assert regen == out
     edited = last[:-1] + [_user(_words(20, 99))]
-    ed, st, _, ids, _ = chat("vedit", edited, after="v10")
+    ed, st, _, ids, _ = chat("vedit", edited, after=f"v{TURNS - 2}")
     # the snapshot where the last turn's cached part ended: the previous turn, up to where its answer parted
     assert reused[-1] <= _common(prev[0], ids) < prompts[-1] - 1, (reused, _common(prev[0], ids))
     assert st["cached_tokens"] == reused[-1], (st, reused)
     assert w.request({"type": "cache_clear", "id": "cc"})[-1]["type"] == "done"
     # a cold run of the same ids (the cache is exact for what it reused): the worker remembers the ids it gave
     # the conversation (not the cache), so the same messages get them again
-    cold, st, _, cold_ids, _ = chat("vcold", edited, after="v10")
+    cold, st, _, cold_ids, _ = chat("vcold", edited, after=f"v{TURNS - 2}")
     assert cold_ids == ids and st["cached_tokens"] == 0 and cold == ed
 
 

@@ -163,3 +163,24 @@ def test_a_continued_output_reuses_the_models_own_ids(tokenizers, name):
     # a text that does not continue the output at all: a whole tokenization
     other = prompt + "Something else."
     assert pt.encode(other, False) == list(hf.encode(other, add_special_tokens=False))
+
+
+def test_an_output_resent_without_its_dropped_leading_space_is_continued(tokenizers):
+    """The worker streams an answer without its first leading space (mlx-lm's detokenizer drops it), so a host
+    re-sends it that way: with the worker's detokenizer the output still counts as continued."""
+    from mlx_lm.tokenizer_utils import load
+
+    from worker.prompting.prefix_tokens import detokenizer
+
+    tok = tokenizers["llama"]
+    hf = tok._tokenizer
+    pt = PrefixTokenizer(hf, probe_texts(tok))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Say it."}], tokenize=False,
+                                     add_generation_prompt=True)
+    p_ids = pt.encode(prompt, False)
+    gen = list(hf.encode(" hello there", add_special_tokens=False))
+    stream = detokenizer(tok)
+    assert stream(gen) == "hello there"  # the leading space is gone from what the host got
+    pt.remember_output(prompt, False, p_ids, gen, detokenize=stream)
+    tail = "\nNext?"
+    assert pt.encode(prompt + "hello there" + tail, False) == p_ids + gen + list(hf.encode(tail, add_special_tokens=False))

@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..prompting.prefix_tokens import PrefixTokenizer, probe_texts
+from ..prompting.prefix_tokens import PrefixTokenizer, detokenizer, probe_texts
 from ..prompting.prompt import PromptInput, PromptPlan
 from ..protocol import WorkerError, failing_as
 from ..loading.weights import stored_dtype
@@ -273,7 +273,7 @@ class VisionAddOn(abc.ABC):
             at += it.count
         embed = functools.partial(self._embed, ids, items, spans)
         remember = None if self._encoder is None else functools.partial(
-            self._encoder.remember_output, text, inp.add_special_tokens, ids)
+            self._encoder.remember_output, text, inp.add_special_tokens, ids, detokenize=detokenizer(kit.tokenizer))
         return PromptPlan(ids=ids, key=key, embed=embed, state=self.make_state(ids, items), remember=remember)
 
     def _image(self, src: imgs.Source, index: int) -> ImageItem:

@@ -21,7 +21,7 @@ differs from a fresh tokenization exactly there (PROTOCOL.md, "The prompt cache"
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from ..cache.prefix import common_prefix
 
@@ -44,6 +44,7 @@ class _Said:
 
     prompt: _Seen
     generated: tuple
+    detokenize: Optional[Callable[[list], str]] = None  # the text the worker gave for output ids (see below)
 
 
 class PrefixTokenizer:
@@ -90,15 +91,18 @@ class PrefixTokenizer:
         self._remember(_Seen(text, add_special_tokens, ids, cuts))
         return list(ids)
 
-    def remember_output(self, text: str, add_special_tokens: bool, ids: List[int], generated: List[int]) -> None:
-        """The model generated ``generated`` after the prompt ``text`` (tokenized here as ``ids``)."""
+    def remember_output(self, text: str, add_special_tokens: bool, ids: List[int], generated: List[int],
+                        detokenize: Optional[Callable[[list], str]] = None) -> None:
+        """The model generated ``generated`` after the prompt ``text`` (tokenized here as ``ids``).
+        ``detokenize``: the text the worker streamed for output ids (``detokenizer(wrapper)``), which is what a
+        host re-sends; without it, the tokenizer's own decode."""
         if not (self.enabled and generated):
             return
         seen = next((s for s in self.seen if s.text == text and s.special == add_special_tokens
                      and list(s.ids) == list(ids)), None)
         prompt = seen or _Seen(text, add_special_tokens, tuple(ids), ())
         self.said = [s for s in self.said if s.prompt.text != text][-(MEMO_TEXTS - 1):] + [
-            _Said(prompt, tuple(int(t) for t in generated))]
+            _Said(prompt, tuple(int(t) for t in generated), detokenize)]
 
     def _continued_output(self, text: str, special: bool, beyond: int):
         """(start char, ids, cuts) reusing a remembered prompt and the longest part of its output that ``text``
@@ -124,8 +128,11 @@ class PrefixTokenizer:
         head = self._decode(anchor)
 
         def text_of(k: int):
-            full = self._decode(anchor + list(gen[:k]))
-            piece = full[len(head):] if full.startswith(head) else None
+            if said.detokenize is not None:
+                piece = said.detokenize(list(gen[:k]))
+            else:
+                full = self._decode(anchor + list(gen[:k]))
+                piece = full[len(head):] if full.startswith(head) else None
             return piece if piece is not None and not piece.endswith("\ufffd") else None
 
         whole = text_of(len(gen))
@@ -190,3 +197,18 @@ def probe_texts(tokenizer) -> List[str]:
     text = f"Hello{a} world, naïve 日本\n{b}  x"
     out += [text, text + f"{c} more  text", text + f"{c} more  text{a}\n end"]
     return out
+
+
+def detokenizer(wrapper) -> Callable[[list], str]:
+    """Output ids -> the text the worker streams for them: mlx-lm's streaming detokenizer of ``wrapper`` (a
+    ``TokenizerWrapper``), fresh as each request's; special tokens written, one leading space dropped as it drops
+    it. A host re-sends this text, so an output is matched against it."""
+
+    def detokenize(ids: list) -> str:
+        d = wrapper.detokenizer
+        for t in ids:
+            d.add_token(t)
+        d.finalize()
+        return d.text
+
+    return detokenize

@@ -11,6 +11,7 @@ from typing import Any, Callable, List, Optional
 
 from ..protocol import AudioPart, Generate, TextPart, WorkerError
 from .boundaries import system_end, token_checkpoints
+from .prefix_tokens import detokenizer
 from .tools import check_tools, tool_fields, tools_on, worker_rendering
 
 
@@ -46,7 +47,8 @@ def build_prompt(kit, req: Generate) -> PromptPlan:
         ids, remember = inp.ids, None
     else:
         ids = kit.encoder.encode(inp.text, inp.add_special_tokens)
-        remember = functools.partial(kit.encoder.remember_output, inp.text, inp.add_special_tokens, ids)
+        remember = functools.partial(kit.encoder.remember_output, inp.text, inp.add_special_tokens, ids,
+                                     detokenize=detokenizer(kit.tokenizer))
     if not ids:
         raise WorkerError("invalid_params", "the prompt is empty")
     checkpoints = ()
