@@ -9,7 +9,7 @@ UNAME := $(shell uname -s)
 CUDA ?=
 LOCK := $(shell $(PYTHON) locks/lock.py target $(if $(CUDA),--cuda) 2>/dev/null || echo locks/requirements-linux-cpu.txt)
 
-.PHONY: setup sysdeps model gemma demo test test-fast mutants bench schema lock lock-check check-newest clean
+.PHONY: setup sysdeps model gemma demo test test-fast node-sdks mutants bench schema lock lock-check check-newest clean
 
 setup: $(VENV)/.installed
 
@@ -73,12 +73,20 @@ demo: setup
 # Two pytest processes (pytest-xdist), a whole file each at a time: the suite keeps both cores busy.
 # PYTEST_JOBS=0 runs it in one process.
 PYTEST_JOBS ?= 2
-test: setup model
+test: setup model node-sdks
 	@$(PY) locks/lock.py check
-	@$(PY) -m compileall -q worker tests >/dev/null 2>&1 || true
+	@$(PY) -m compileall -q worker openai_server tests >/dev/null 2>&1 || true
 	$(PY) -m pytest -q -ra -n $(PYTEST_JOBS) --dist loadfile
 	node host_examples/node/gen_types.js --check
 	MLX_WORKER_PYTHON=$(abspath $(PY)) node --test host_examples/node/test/
+	MLX_WORKER_PYTHON=$(abspath $(PY)) node --test tests/openai/node/test/
+
+# The npm SDKs the OpenAI server is tested with (openai; ai + @ai-sdk/openai-compatible), from their lock.
+NODE_SDKS := tests/openai/node
+node-sdks: $(NODE_SDKS)/node_modules/.installed
+$(NODE_SDKS)/node_modules/.installed: $(NODE_SDKS)/package.json $(NODE_SDKS)/package-lock.json
+	cd $(NODE_SDKS) && npm ci --no-audit --no-fund
+	@touch $@
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -n $(PYTEST_JOBS) --dist loadfile -m "not real_model"

@@ -15,6 +15,21 @@ ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-test-key"
 
 
+def thinker_dir(root) -> Path:
+    """The Hermes-style tool fixture (tests/support/tool_fixtures.py) driven to close its thinking block where it
+    would emit some mid-answer token: with ``think_open`` its answers start with reasoning, then the answer."""
+    from tests.support import reference
+    from tests.support.tool_fixtures import drive_marker, tool_fixture_dir
+
+    src = tool_fixture_dir("hermes", root)
+    _, tok = reference.load_model(src)
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    plain = reference.generate(src, tok.apply_chat_template(ask, add_generation_prompt=True, think_open=True), 30)
+    special = set(tok.all_special_ids)
+    x = next(t for t in plain[6:] if t not in special and plain.index(t) >= 6)
+    return drive_marker(src, Path(root) / "thinker", "</think>", x)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,3 +98,25 @@ class Server:
                 self.proc.wait()
         self.log.close()
         os.unlink(self.log.name)
+
+
+def main(argv=None) -> None:
+    """For the Node tests (tests/openai/node): ``thinker ROOT`` prints the fixture's path; ``greedy MODEL N
+    MESSAGES_JSON`` prints mlx-lm's greedy answer (JSON text) of N tokens."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["thinker", "greedy"])
+    ap.add_argument("args", nargs="+")
+    a = ap.parse_args(argv)
+    if a.what == "thinker":
+        print(thinker_dir(a.args[0]))
+    else:
+        from tests.support import reference
+
+        model, n, messages = a.args[0], int(a.args[1]), json.loads(a.args[2])
+        print(json.dumps(reference.decode(model, reference.generate(model, reference.chat_ids(model, messages), n))))
+
+
+if __name__ == "__main__":
+    main()

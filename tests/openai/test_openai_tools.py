@@ -7,9 +7,8 @@ import json
 import jsonschema
 import pytest
 
-from tests.openai.serving import Server
+from tests.openai.serving import Server, thinker_dir
 from tests.support import reference
-from tests.support.tool_fixtures import drive_marker, tool_fixture_dir
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "the weather in a city",
@@ -37,14 +36,7 @@ THINK = {"chat_template_kwargs": {"think_open": True}}  # the template opens the
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """The Hermes fixture, driven to close its thinking block where it would emit some mid-answer token."""
-    root = tmp_path_factory.mktemp("openai-tools")
-    src = tool_fixture_dir("hermes", root)
-    _, tok = reference.load_model(src)
-    plain = reference.generate(src, tok.apply_chat_template(ASK, add_generation_prompt=True, think_open=True), 30)
-    special = set(tok.all_special_ids)
-    x = next(t for t in plain[6:] if t not in special and plain.index(t) >= 6)
-    return drive_marker(src, root / "thinker", "</think>", x)
+    return thinker_dir(tmp_path_factory.mktemp("openai-tools"))
 
 
 @pytest.fixture(scope="module")

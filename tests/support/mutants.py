@@ -1,6 +1,6 @@
 """`make mutants`: small plausible bugs put into a copy of the repo, each run against the tests that should catch it.
 
-Each mutant (tests/support/mutants_list.py) replaces one exact string of a file under worker/ (it must occur exactly once,
+Each mutant (tests/support/mutants_list.py) replaces one exact string of a file under worker/ or openai_server/ (it must occur exactly once,
 else the mutant is stale: an error) in a throwaway copy of the working tree, then runs
 ``pytest -x`` on its targets there, with the copy as cwd and PYTHONPATH, so pytest and every worker process the
 tests spawn (``python -m worker`` with cwd = the copy) import the mutated code. The repo itself is never touched.
@@ -86,8 +86,8 @@ def snapshot(dest: Path) -> Path:
 
 def stale(base: Path, m: Mutant) -> str:
     """Why a mutant no longer applies to the tree ("" when it does)."""
-    if not m.file.startswith("worker/"):
-        return f"{m.file} is not under worker/"
+    if not m.file.startswith(("worker/", "openai_server/")):
+        return f"{m.file} is not under worker/ or openai_server/"
     path = base / m.file
     if not path.is_file():
         return f"{m.file} does not exist"
