@@ -123,3 +123,31 @@ def test_the_field_a_worker_error_names():
     assert errors.worker_param("bad at `$.prompt.messages[2].content`") == "messages[2].content"
     assert errors.worker_param("bad at `$.params.json_schema`") == "response_format"
     assert errors.worker_param("no field here") is None
+
+
+def test_the_server_is_a_host_it_imports_nothing_of_the_worker():
+    """openai_server speaks the protocol to a worker process; it never imports worker/ (nor model_prep)."""
+    import ast
+    from pathlib import Path
+
+    import openai_server
+
+    for path in Path(openai_server.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] in ("worker", "model_prep")], (path, names)
+
+
+def test_the_console_script():
+    import tomllib
+    from pathlib import Path
+
+    from openai_server.__main__ import load_options, parser
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["mlx-worker-serve"] == "openai_server.__main__:main"
+    assert {d.split("==")[0] for d in project["optional-dependencies"]["serve"]} == {"starlette", "uvicorn"}
+    args = parser().parse_args(["--model", "m", "--max-concurrent", "4", "--kv-bits", "8", "--no-warmup",
+                                "--cache-dir", "/tmp/c"])
+    assert load_options(args) == {"max_concurrent": 4, "kv_bits": 8, "cache_dir": "/tmp/c", "warmup": False}
