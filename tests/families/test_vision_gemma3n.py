@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tests.support import reference  # noqa: E402
 from tests.support.client import Worker, generated_tokens  # noqa: E402
 from tests.process.test_vision import QUESTION, chat, images, root, stats, user  # noqa: E402,F401
-from tests.support.vision_checks import check_kv_bits_follow_up  # noqa: E402
+from tests.support.continued import continued_ids, streamed  # noqa: E402
+from tests.support.vision_checks import Reference, check_kv_bits_follow_up, distinct  # noqa: E402
 from tests.support.vlm_fixtures_gemma3n import (  # noqa: E402
     gemma3n_fixture_dir, vlm_generate, worker_cmd,
 )
@@ -77,7 +78,16 @@ def test_gemma3n_parity_and_cache(worker, path, images):
     assert stats(warm)["cached_tokens"] > image_positions(path, [images["a"]])[-1]
     ref_follow = [ref_msgs(1)[0], {"role": "assistant", "content": answer},
                   {"role": "user", "content": "Tell me more."}]
-    assert generated_tokens(warm) == vlm_generate(path, ref_follow, [images["a"]], max_tokens=MAX)
+    # the follow-up holds the model's own ids for the answer it continues (PROTOCOL.md, The prompt cache):
+    # mlx-vlm (patched) given those ids
+    ref = Reference(path, info["prefill_step_size"], load=_patched_vlm)
+    ids1 = ref.ids(ref_msgs(1), [images["a"]])
+    text1 = ref.text
+    ref.ids(ref_follow, [images["a"]])
+    said = generated_tokens(first) + ([first[-1]["stop_token"]] if first[-1].get("stop_token") is not None else [])
+    ids2 = continued_ids(ref.proc.tokenizer, text1, ids1, said, ref.text, streamed(path))
+    assert stats(warm)["prompt_tokens"] == len(ids2)
+    assert generated_tokens(warm) == distinct(ref.generate(ref_follow, [images["a"]], MAX, ids=ids2)[0])
     assert worker.request({"type": "cache_clear", "id": "g3n-cc"})[-1]["type"] == "done"
     cold = chat(worker, "g3n-f3", follow, MAX)
     assert stats(cold)["cached_tokens"] == 0

@@ -10,6 +10,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.support.client import Worker, generated_tokens  # noqa: E402
+from tests.support.continued import continued_ids, streamed  # noqa: E402
 from tests.support.prompts import random_ids  # noqa: E402
 from tests.process.test_batching import _compare, _stats, run_all  # noqa: E402
 from tests.process.test_vision import (MAX, QUESTION, _first_image_token, _last_image_token, _vlm, chat,  # noqa: E402
@@ -146,6 +147,20 @@ class _Stop(Exception):
 _TOKEN_TYPES = ("mm_token_type_ids", "token_type_ids")  # one per prompt token (Gemma 4's bidirectional images)
 
 
+class _Recorder:
+    """A tokenizer stand-in that records the text the processor tokenizes (its images expanded)."""
+
+    def __init__(self, tok):
+        self.tok, self.text = tok, None
+
+    def __call__(self, text, *args, **kwargs):
+        self.text = text[0] if isinstance(text, (list, tuple)) and len(text) == 1 else text
+        return self.tok(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
 class Reference:
     """mlx-vlm run directly on the checkpoint, greedy: its processor's ids (no second BOS, as the worker's
     prompts), its model's input embeddings, its own ``generate_step`` with ``prefill_step_size`` chunks. With
@@ -165,26 +180,46 @@ class Reference:
         eos = cfg.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
 
-    def inputs(self, messages, images):
+    def inputs(self, messages, images, ids=None):
+        """mlx-vlm's inputs; ``self.text``: the text its tokenizer was given (each image expanded). ``ids``: other
+        ids for the same prompt (a follow-up holding the model's own ids, tests/support/continued.py), the
+        per-token arrays kept where they agree and text (0) past that."""
+        import mlx.core as mx
         from mlx_vlm.utils import load_image, prepare_inputs
 
         text = self.proc.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return prepare_inputs(self.proc, images=[load_image(p) for p in images] or None, prompts=text,
-                              image_token_index=getattr(self.model.config, "image_token_index", None),
-                              add_special_tokens=False)  # as mlx-vlm's stream_generate
+        recorder = _Recorder(self.proc.tokenizer)
+        self.proc.tokenizer = recorder
+        try:
+            inp = prepare_inputs(self.proc, images=[load_image(p) for p in images] or None, prompts=text,
+                                 image_token_index=getattr(self.model.config, "image_token_index", None),
+                                 add_special_tokens=False)  # as mlx-vlm's stream_generate
+        finally:
+            self.proc.tokenizer = recorder.tok
+        self.text = recorder.text
+        if ids is not None:
+            own = inp["input_ids"].reshape(-1).tolist()
+            same = next((i for i, (a, b) in enumerate(zip(own, ids)) if a != b), min(len(own), len(ids)))
+            assert not self.image_tokens & set(ids[same:]), "the ids part from the processor's inside an image"
+            inp = dict(inp, input_ids=mx.array([ids]), attention_mask=mx.ones((1, len(ids)), dtype=mx.int32))
+            for k in _TOKEN_TYPES:
+                if k in inp:
+                    inp[k] = mx.concatenate([inp[k][:, :same], mx.zeros((1, len(ids) - same), dtype=inp[k].dtype)], 1)
+        return inp
 
     def ids(self, messages, images):
         return self.inputs(messages, images)["input_ids"].reshape(-1).tolist()
 
-    def generate(self, messages, images, max_tokens, cache=None, start=0, stop_at=None):
+    def generate(self, messages, images, max_tokens, cache=None, start=0, stop_at=None, ids=None):
         """(tokens up to EOS, each one's logprob, the cache). With ``cache`` (holding this prompt's first
         ``start`` tokens, e.g. a previous turn's) only the rest is fed, as mlx-vlm's own prompt reuse does.
-        ``stop_at``: return the cache as the prefill leaves it after that many tokens (a chunk ends there)."""
+        ``stop_at``: return the cache as the prefill leaves it after that many tokens (a chunk ends there).
+        ``ids``: the prompt's ids where they are not the processor's (see ``inputs``)."""
         from mlx_vlm.generate.common import _chunked_prefill_enabled
         from mlx_vlm.generate.dispatch import _prime_cached_prefix_rope_state
         from mlx_vlm.models.cache import make_prompt_cache
 
-        inp = self.inputs(messages, images)
+        inp = self.inputs(messages, images, ids)
         ids, pixels, mask = inp["input_ids"], inp.get("pixel_values"), inp.get("attention_mask")
         extra = {k: v for k, v in inp.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
         lm = self.model.language_model
@@ -314,14 +349,21 @@ def check_kv_bits_follow_up(worker, path, images, tag, max_tokens=MAX, load=None
     follow = turn + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Tell me more."}]
     ref_follow = ref_turn + follow[1:]
     warm, t2, _ = request(w, f"{tag}-q2", follow, max_tokens)
-    ids1, ids2 = quant.ids(ref_turn, [images["a"]]), quant.ids(ref_follow, [images["a"]])
+    ids1 = quant.ids(ref_turn, [images["a"]])
+    text1 = quant.text
+    quant.ids(ref_follow, [images["a"]])
+    # the follow-up holds the model's own ids for the answer it continues (PROTOCOL.md, The prompt cache)
+    said = t1 + ([first[-1]["stop_token"]] if first[-1].get("stop_token") is not None else [])
+    ids2 = continued_ids(quant.proc.tokenizer, text1, ids1, said, quant.text, streamed(path))
+    assert stats(warm)["prompt_tokens"] == len(ids2), (stats(warm), len(ids2), len(quant.ids(ref_follow, [images["a"]])),
+                                                       quant.text.startswith(text1), said, answer)
     common = next((i for i, (a, b) in enumerate(zip(ids1 + t1, ids2)) if a != b), min(len(ids1 + t1), len(ids2)))
     reused = stats(warm)["cached_tokens"]
     assert max(i for i, t in enumerate(ids1) if t in quant.image_tokens) < reused <= min(common, len(ids2) - 1)
     if all(c.is_trimmable() for c in make_prompt_cache(quant.model.language_model)):
         assert reused == min(common, len(ids2) - 1), (reused, common)
     cache = quant.cache_at(ref_turn, [images["a"]], t1, reused)
-    assert t2 == distinct(quant.generate(ref_follow, [images["a"]], max_tokens, cache, reused)[0])
+    assert t2 == distinct(quant.generate(ref_follow, [images["a"]], max_tokens, cache, reused, ids=ids2)[0])
 
     q = quant.generate(ref_follow, [images["a"]], max_tokens)
     plain = Reference(path, step, load=load).generate(ref_follow, [images["a"]], max_tokens)

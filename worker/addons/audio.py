@@ -180,7 +180,8 @@ class AudioAddOn:
                 at += it.count
         spans.sort(key=lambda s: s[0])
         embed = functools.partial(self._embed_media, ids, spans)
-        return PromptPlan(ids=ids, key=key, embed=embed, state=self.make_state(ids, images))
+        return PromptPlan(ids=ids, key=key, embed=embed, state=self.make_state(ids, images),
+                          remember=self._remember(kit, text, inp.add_special_tokens, ids))
 
     def _audio(self, src: imgs.Source, index: int) -> ImageItem:
         """One clip's memo entry: on a miss it is decoded, processed alone and encoded, once."""

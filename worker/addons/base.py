@@ -272,9 +272,16 @@ class VisionAddOn(abc.ABC):
             spans.append((positions[at], positions[at + it.count - 1] + 1))
             at += it.count
         embed = functools.partial(self._embed, ids, items, spans)
-        remember = None if self._encoder is None else functools.partial(
-            self._encoder.remember_output, text, inp.add_special_tokens, ids, detokenize=detokenizer(kit.tokenizer))
-        return PromptPlan(ids=ids, key=key, embed=embed, state=self.make_state(ids, items), remember=remember)
+        return PromptPlan(ids=ids, key=key, embed=embed, state=self.make_state(ids, items),
+                          remember=self._remember(kit, text, inp.add_special_tokens, ids))
+
+    def _remember(self, kit, text: str, special: bool, ids: list):
+        """The plan's ``remember``: the model's output after this prompt, told to the tokenizer that made ``ids``
+        (none when the processor's own tokenizer call made them)."""
+        if self._encoder is None:
+            return None
+        return functools.partial(self._encoder.remember_output, text, special, ids,
+                                 detokenize=detokenizer(kit.tokenizer))
 
     def _image(self, src: imgs.Source, index: int) -> ImageItem:
         """One image's memo entry: on a miss it is decoded, processed alone and encoded, once."""

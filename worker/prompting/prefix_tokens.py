@@ -9,7 +9,7 @@ one keeps the remembered ids up to the last such token inside the shared prefix 
 rest. Added tokens whose matching depends on their neighbours (``lstrip``, ``single_word``,
 ``normalized``) are not used as cut points. A self-check at load compares the result with a whole
 tokenization on rendered conversations; a tokenizer that fails it, or is not a fast tokenizer, is
-always tokenized whole.
+always tokenized whole (but for the outputs below).
 
 It also remembers what the model generated after each prompt (``remember_output``): a later text that
 continues a prompt and then the text of its output (a follow-up turn whose template re-renders the answer)
@@ -67,36 +67,46 @@ class PrefixTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
         self.reused_chars = 0
-        if not self.enabled:
-            return [int(t) for t in self.hf.encode(text, add_special_tokens=add_special_tokens)]
-        best, cut = None, None
-        for seen in self.seen:
-            if seen.special != add_special_tokens:
-                continue
-            n = common_prefix(seen.text, text)
-            usable = [c for c in seen.cuts if c[1] <= n and c[0] > 0]
-            if usable and (cut is None or usable[-1][0] > cut[0]):
-                best, cut = seen, usable[-1]
+        best, cut = self._best_seen(text, add_special_tokens) if self.enabled else (None, None)
         said = self._continued_output(text, add_special_tokens, cut[0] if cut else 0)
         if said is not None:
             start, ids, cuts = said
+        elif not self.enabled:
+            return [int(t) for t in self.hf.encode(text, add_special_tokens=add_special_tokens)]
         elif best is None:
             start, ids, cuts = 0, (), ()
         else:
             start, _, at = cut
             ids, cuts = best.ids[:at], tuple(c for c in best.cuts if c[0] < start)
-        enc = self.backend.encode(text[start:], add_special_tokens=add_special_tokens and start == 0)
-        ids, cuts = ids + tuple(enc.ids), cuts + self._cuts(enc, start, len(ids))
+        special = add_special_tokens and start == 0
+        if self.backend is not None:
+            enc = self.backend.encode(text[start:], add_special_tokens=special)
+            ids, cuts = ids + tuple(enc.ids), cuts + self._cuts(enc, start, len(ids))
+        else:  # a slow tokenizer (no memo, no cuts): only a continued output is reused
+            ids = ids + tuple(int(t) for t in self.hf.encode(text[start:], add_special_tokens=special))
         self.reused_chars = start
-        self._remember(_Seen(text, add_special_tokens, ids, cuts))
+        if self.enabled:
+            self._remember(_Seen(text, add_special_tokens, ids, cuts))
         return list(ids)
+
+    def _best_seen(self, text: str, special: bool) -> tuple:
+        """(the remembered text, its cut) that lets ``text`` keep the most ids, or (None, None)."""
+        best, cut = None, None
+        for seen in self.seen:
+            if seen.special != special:
+                continue
+            n = common_prefix(seen.text, text)
+            usable = [c for c in seen.cuts if c[1] <= n and c[0] > 0]
+            if usable and (cut is None or usable[-1][0] > cut[0]):
+                best, cut = seen, usable[-1]
+        return best, cut
 
     def remember_output(self, text: str, add_special_tokens: bool, ids: List[int], generated: List[int],
                         detokenize: Optional[Callable[[list], str]] = None) -> None:
         """The model generated ``generated`` after the prompt ``text`` (tokenized here as ``ids``).
         ``detokenize``: the text the worker streamed for output ids (``detokenizer(wrapper)``), which is what a
         host re-sends; without it, the tokenizer's own decode."""
-        if not (self.enabled and generated):
+        if not generated:
             return
         seen = next((s for s in self.seen if s.text == text and s.special == add_special_tokens
                      and list(s.ids) == list(ids)), None)
