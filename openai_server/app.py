@@ -238,9 +238,11 @@ async def health(request: Request) -> Response:
             "worker_pid": service.worker.proc.pid if service.worker.alive else None,
             "restarts": service.worker.restarts}
     if ok:  # the worker answers status at once, even mid-generation
-        with contextlib.suppress(WorkerError, ConnectionError):
-            status = await service.worker.result({"type": "status"})
+        try:
+            status = await asyncio.wait_for(service.worker.result({"type": "status"}), 5)
             body.update(running=status.get("running", []), queue=status.get("queue", []))
+        except (WorkerError, ConnectionError, asyncio.TimeoutError):
+            body["status"], ok = "unavailable", False  # a worker that does not answer status is hung
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
