@@ -170,9 +170,9 @@ class TimedWorker(Worker):
         later = sum(len(e["tokens"]) for e in toks[1:])
         span = toks[-1]["_t"] - first if len(toks) > 1 else 0.0
         return {
-            "ttft_s": stats["ttft_s"],
-            "decode_tps": stats["generation_tps"],
-            "prompt_tps": stats["prompt_tps"],
+            "ttft_s": stats.get("ttft_s"),
+            "decode_tps": stats.get("generation_tps"),
+            "prompt_tps": stats.get("prompt_tps"),
             "prompt_tokens": stats["prompt_tokens"],
             "cached_tokens": stats["cached_tokens"],
             "cache_miss_reason": stats.get("cache_miss_reason"),

@@ -12,6 +12,7 @@ from .protocol import (
     DEFAULT_MAX_LINE_BYTES, Cancel, Done, Generate, Load, Shutdown, Status, Tokenize, TooLong, WorkerError,
     decode_request, read_lines,
 )
+from .protocol.framing import id_in_head
 from .protocol.events import error_event, internal_error
 from .scheduler import Job, Scheduler
 from .writer import Writer
@@ -83,16 +84,16 @@ class Server:
         try:
             for line in read_lines(stdin, self.max_line_bytes):
                 if isinstance(line, TooLong):
-                    self.emit(error_event(None, WorkerError(
+                    self._refuse(id_in_head(line.head), WorkerError(
                         "line_too_long",
-                        f"the line had {line.size} bytes; the limit is {self.max_line_bytes}; skipped")))
+                        f"the line had {line.size} bytes; the limit is {self.max_line_bytes}; skipped"))
                     continue
                 if not line.strip():
                     continue  # blank lines are allowed as keep-alives
                 try:
                     req = decode_request(line)
                 except WorkerError as exc:
-                    self.emit(error_event(getattr(exc, "request_id", None), exc))
+                    self._refuse(getattr(exc, "request_id", None), exc)
                     continue
                 except Exception as exc:  # decode_request promises WorkerError only; never stop reading
                     traceback.print_exc()
@@ -102,7 +103,7 @@ class Server:
                 try:
                     self._dispatch(req)
                 except WorkerError as exc:
-                    self.emit(error_event(req.id, exc))
+                    self._refuse(req.id, exc)
                 except Exception as exc:  # a bug: report it, keep serving
                     traceback.print_exc()
                     self.emit(internal_error(req.id, exc))
@@ -110,6 +111,14 @@ class Server:
             traceback.print_exc()
         log.info("stdin closed; exiting")
         self.request_exit(0)
+
+    def _refuse(self, rid: Optional[str], exc: WorkerError) -> None:
+        """The error of a line the worker refused. It carries the line's id, unless a request with that id is
+        still in progress: then ``id`` is null and ``refused_id`` names it, so the error ends nothing (a host
+        that ends a request on its one done/error never ends the running one)."""
+        with self.scheduler.lock:
+            live = rid is not None and rid in self.scheduler.live
+        self.emit(error_event(None, exc, refused_id=rid) if live else error_event(rid, exc))
 
     def _dispatch(self, req) -> None:
         """Control requests are answered here, at once; work requests go to the scheduler's queue (a
@@ -121,7 +130,8 @@ class Server:
             if req.id in sched.live:
                 raise WorkerError(
                     "invalid_request",
-                    f"id {req.id!r} belongs to a request still in progress; this duplicate was refused")
+                    f"id {req.id!r} belongs to a request still in progress; this duplicate was refused "
+                    "(the running one is unaffected)")
             if isinstance(req, Cancel):
                 self.emit(Done(id=req.id, request="cancel", cancelled=sched.cancel(req.target)))
                 return

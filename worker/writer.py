@@ -1,12 +1,14 @@
 """The stdout writer thread: assigns ``seq`` and writes whole lines, coalescing bursts.
 
 It never dies of a bad event (a string that cannot be encoded becomes an ASCII `internal` error
-with ``id: null`` at worst), and once a `fatal` event is written nothing follows it.
+with ``id: null`` at worst), and once a `fatal` event is written nothing follows it. While idle it watches
+stdout: a host that closed its end is noticed then, not only by the next write.
 """
 
 import logging
 import os
 import queue
+import select
 import threading
 
 import msgspec
@@ -18,6 +20,20 @@ from .protocol.framing import valid_text
 log = logging.getLogger("worker")
 
 EVENT_QUEUE_SIZE = 4096  # a host that stops reading stalls generation here; memory stays bounded
+IDLE_POLL_S = 0.5  # with nothing to write, how often stdout is checked for a reader that went away
+
+
+def reader_gone(fd: int) -> bool:
+    """Whether the read end of ``fd`` is closed: poll reports POLLERR (a pipe without readers) or POLLHUP
+    (a socket or terminal hung up). A file or a platform without poll() never says so."""
+    if not hasattr(select, "poll"):
+        return False
+    p = select.poll()
+    p.register(fd, 0)  # no events asked for: only the error conditions, always reported
+    try:
+        return any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in p.poll(0))
+    except OSError:
+        return False
 
 
 class Writer(threading.Thread):
@@ -48,7 +64,7 @@ class Writer(threading.Thread):
     def run(self) -> None:
         buf = bytearray()
         while True:
-            batch = [self.q.get()]
+            batch = [self._next_event()]
             try:
                 while len(batch) < 256:
                     batch.append(self.q.get_nowait())
@@ -67,11 +83,26 @@ class Writer(threading.Thread):
                         while done < len(view):
                             done += os.write(self.fd, view[done:])
                 except OSError:
-                    self.closed = self.broken = True
-                    self.on_broken()
+                    self._broke()
             with self.cv:
                 self.pending -= len(batch)
                 self.cv.notify_all()
+
+    def _next_event(self):
+        """The next event to write; while none comes, stdout is watched (a broken one ends the process)."""
+        while True:
+            try:
+                return self.q.get(timeout=IDLE_POLL_S)
+            except queue.Empty:
+                if not self.broken and reader_gone(self.fd):
+                    self._broke()
+
+    def _broke(self) -> None:
+        self.closed = True
+        with self.cv:
+            self.broken = True
+            self.cv.notify_all()
+        self.on_broken()
 
     def _encode(self, ev, buf: bytearray) -> None:
         self.seq += 1

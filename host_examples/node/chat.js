@@ -21,7 +21,7 @@ async function main() {
       const s = (Date.now() - t0) / 1000;
       process.stdout.write(ev.text);
       process.stderr.write(`\r\x1b[K${n} tokens, ${(n / Math.max(s, 1e-3)).toFixed(1)} tok/s`);
-    } else if (ev.type === 'stats') process.stderr.write(`\r\x1b[K${ev.generated_tokens} tokens, ${ev.generation_tps.toFixed(1)} tok/s, ttft ${ev.ttft_s.toFixed(2)} s\n`);
+    } else if (ev.type === 'stats') process.stderr.write(`\r\x1b[K${ev.generated_tokens} tokens, ${(ev.generation_tps ?? 0).toFixed(1)} tok/s, ttft ${ev.ttft_s != null ? ev.ttft_s.toFixed(2) + ' s' : '-'}\n`);
     else if (ev.type === 'error') { console.error(`\nerror ${ev.code}: ${ev.message}`); process.exitCode = 1; }
     else if (ev.type === 'done') process.stdout.write(`\n[${ev.stop_reason}]\n`);
   }

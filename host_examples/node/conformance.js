@@ -112,7 +112,8 @@ function orderRe(pat) {
 
 class Case {
   constructor(spec, w, env) { Object.assign(this, { spec, w, env, events: [], sends: {}, types: {} }); }
-  of(id) { return this.events.filter((e) => e.id === id); }
+  // an id's events, and the error refusing a line with that id while a request with it was in progress
+  of(id) { return this.events.filter((e) => e.id === id || (id !== null && e.refused_id === id)); }
   terms(id) { return this.of(id).filter((e) => TERMINAL.has(e.type)); }
   async pull(ms) {
     const ev = await this.w.next(ms);

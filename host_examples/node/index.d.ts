@@ -103,6 +103,8 @@ export interface Error {
   message: string;
   /** JSON-RPC style number of the code */
   number: number;
+  /** the id of a refused line that is not this error's `id`: a request with that id is still in progress (so `id` is null and this error ends nothing) */
+  refused_id?: string | null;
   /** 1 for ready, then +1 per line: a gap means a lost line */
   seq: number;
   type: "error";
@@ -140,7 +142,7 @@ export interface FunctionDef {
 }
 
 export interface Generate {
-  /** pin this conversation's prompt-cache entry */
+  /** the conversation this request belongs to: one prompt-cache entry per key, its newest (PROTOCOL.md, The prompt cache) */
   cache_key?: string | null;
   /** the host's name for this request; every event about it carries it */
   id: string;
@@ -205,7 +207,7 @@ export interface ImageUrlPart {
 }
 
 export interface Limits {
-  /** longest request line read (the newline not counted) */
+  /** longest request line read, in bytes (its `\n` or `\r\n` not counted) */
   max_line_bytes: number;
   /** most work requests waiting; more get queue_full */
   max_queue: number;
@@ -401,16 +403,16 @@ export interface Stats {
   draft_tokens_proposed?: number | null;
   /** tokens sampled, a final EOS / stop token included */
   generated_tokens: number;
-  /** tokens per second after the first */
-  generation_tps: number;
+  /** tokens per second after the first; absent when fewer than 2 tokens were generated */
+  generation_tps?: number | null;
   /** the request this event belongs to; null for ready, fatal and unattributable errors */
   id: string | null;
   /** MLX's peak memory during the request */
   peak_memory_bytes: number;
   /** tokens in the prompt */
   prompt_tokens: number;
-  /** uncached prompt tokens per second */
-  prompt_tps: number;
+  /** uncached prompt tokens per second (to the first token); absent when no token was generated */
+  prompt_tps?: number | null;
   /** models with thinking markers: generated tokens of the reasoning */
   reasoning_tokens?: number | null;
   /** 1 for ready, then +1 per line: a gap means a lost line */
@@ -419,8 +421,8 @@ export interface Stats {
   speculative?: string | null;
   /** the whole request, in the engine */
   total_s: number;
-  /** start of the request to its first token, in the engine */
-  ttft_s: number;
+  /** start of the request to its first token, in the engine; absent when no token was generated */
+  ttft_s?: number | null;
   type: "stats";
 }
 

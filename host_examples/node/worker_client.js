@@ -116,7 +116,7 @@ class WorkerClient extends EventEmitter {
   // Write one request; returns its EventStream. Awaits 'drain' when stdin's buffer is full.
   request(req) {
     const id = req.id || `r${++this._n}`;
-    const full = { ...req, id };
+    const full = { type: req.type, id, ...req, id }; // type and id first: a too-long line's error still names it
     const s = new EventStream(id);
     if (!this.proc || !this.ready) { s._fail(this._crashError('is not running')); return s; }
     if (this.streams.has(id)) { s._fail(new WorkerError(`request id ${id} is still in progress`)); return s; }

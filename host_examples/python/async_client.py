@@ -76,7 +76,9 @@ class AsyncWorker:
 
     async def request(self, req: dict):
         """Async generator of the request's events, ending with its terminal event."""
-        req = {**req, "id": req.get("id") or f"r{next(self._ids)}"}
+        rid = req.get("id") or f"r{next(self._ids)}"
+        # type and id first: the error of a line over the size limit then still names the request
+        req = {"type": req.get("type"), "id": rid, **{k: v for k, v in req.items() if k not in ("type", "id")}}
         q: asyncio.Queue = asyncio.Queue()
         self.streams[req["id"]] = q
         self.proc.stdin.write((json.dumps(req) + "\n").encode())

@@ -57,9 +57,10 @@ def main() -> int:
         if ev["type"] == "token":
             print(ev["text"], end="", flush=True)
         elif ev["type"] == "stats":
-            print(f"\n[{ev['prompt_tokens']} prompt tokens, TTFT {ev['ttft_s'] * 1000:.0f} ms, "
-                  f"prefill {ev['prompt_tps']:.0f} tok/s, {ev['generated_tokens']} tokens at "
-                  f"{ev['generation_tps']:.1f} tok/s, peak {ev['peak_memory_bytes'] / 2**20:.0f} MiB]",
+            # ttft_s / prompt_tps are absent when no token came, generation_tps when fewer than 2 did
+            print(f"\n[{ev['prompt_tokens']} prompt tokens, TTFT {ev.get('ttft_s', 0) * 1000:.0f} ms, "
+                  f"prefill {ev.get('prompt_tps', 0):.0f} tok/s, {ev['generated_tokens']} tokens at "
+                  f"{ev.get('generation_tps', 0):.1f} tok/s, peak {ev['peak_memory_bytes'] / 2**20:.0f} MiB]",
                   file=sys.stderr)
         elif ev["type"] == "done":
             print(f"[stop: {ev['stop_reason']}]", file=sys.stderr)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.support import reference as ref
 from tests.support.client import Worker, generated_tokens
 from tests.support.prompts import assert_varied, random_ids
@@ -223,3 +225,31 @@ def test_a_one_token_prompt_has_no_miss_reason(llama_worker):
     gen(llama_worker, "o1", [42, 43, 44])
     _, stats, _ = gen(llama_worker, "o2", [42])
     assert stats["cached_tokens"] == 0 and "cache_miss_reason" not in stats, stats
+
+
+@pytest.mark.parametrize("concurrent", [1, 2], ids=["alone", "batched"])
+def test_the_first_progress_of_a_cached_follow_up_starts_at_cached(llama_dir, concurrent):
+    """PROTOCOL.md, generate's events: `processed` counts the cached tokens too, so the first prompt progress
+    of a follow-up has `processed == cached` (and `fraction == cached / total`); the last has `total`."""
+    w = Worker()
+    try:
+        w.load(llama_dir, max_concurrent=concurrent, prefill_step_size=16)
+        first = prompt(21, 40)
+        out, _, done = gen(w, "p1", first, max_tokens=6)
+        follow = first + out + prompt(22, 60)
+        events = w.request({"type": "generate", "id": "p2", "prompt": {"tokens": follow},
+                            "params": {"max_tokens": 4}})
+        stats = next(e for e in events if e["type"] == "stats")
+        cached = stats["cached_tokens"]
+        assert cached >= len(first) + len(out) - 1 > 0, stats
+        assert stats.get("batching") == ("on" if concurrent > 1 else None), stats
+        progress = [e for e in events if e["type"] == "progress"]
+        assert len(progress) >= 2, progress
+        assert progress[0] == {**progress[0], "processed": cached, "cached": cached, "total": len(follow),
+                               "fraction": round(cached / len(follow), 4)}, progress[0]
+        assert progress[-1] == {**progress[-1], "processed": len(follow), "fraction": 1.0}, progress[-1]
+        assert all(e["cached"] == cached and e["total"] == len(follow) for e in progress), progress
+        steps = [e["processed"] for e in progress]
+        assert steps == sorted(steps), steps
+    finally:
+        w.close()

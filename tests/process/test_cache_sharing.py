@@ -88,3 +88,35 @@ def test_a_pinned_entry_is_not_taken_by_a_request_without_its_key(llama_dir):
         assert cache["entries"] == 2 and cache["tokens"] == x_len + len(follow) + st["generated_tokens"], cache
     finally:
         w.close()
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["no-key", "cache_key"])
+def test_a_key_keeps_one_entry_per_conversation(llama_dir, keyed):
+    """PROTOCOL.md, The prompt cache (`cache_key`): two conversations X and Y sharing a system prompt, with room
+    for two entries; X's first message is edited and sent again. With keys X's new entry replaces its old one,
+    so Y's follow-up reuses its whole previous turn. Without, X's abandoned branch stays, Y's entry (the least
+    recently used) is evicted, and Y's follow-up reuses only the system prompt."""
+    w = Worker()
+    try:
+        w.load(llama_dir, cache_max_entries=2)
+        system, x1, y1 = random_ids(40, 31), random_ids(20, 32), random_ids(20, 33)
+        assert x1[0] != y1[0]
+        kx, ky = ("x", "y") if keyed else (None, None)
+        out_x, _ = _gen(w, "x1", system + x1, kx, max_tokens=4)
+        out_y, st = _gen(w, "y1", system + y1, ky, max_tokens=4)
+        assert st["cached_tokens"] == len(system), st  # a copy of the shared system prompt
+        edited = system + x1[:10] + random_ids(10, 34)
+        assert edited[50] != x1[10]
+        _, st = _gen(w, "x1-edited", edited, kx, max_tokens=4)
+        assert st["cached_tokens"] == len(system) + 10, st
+        entries = w.request({"type": "status", "id": "s"})[-1]["cache"]["entries"]
+        assert entries == 2, entries
+        follow_y = system + y1 + out_y + random_ids(10, 35)
+        _, st = _gen(w, "y2", follow_y, ky, max_tokens=4)
+        if keyed:  # Y's own entry: its whole previous turn
+            assert st["cached_tokens"] == len(system + y1 + out_y), st
+            assert st.get("cache_miss_reason") is None, st
+        else:  # evicted: only what it shares with X's entries
+            assert st["cached_tokens"] == len(system), st
+    finally:
+        w.close()

@@ -58,6 +58,29 @@ def test_cancel_during_prefill(serving, llama_dir):
     _check_still_serving(worker, llama_dir)
 
 
+def test_rates_are_absent_when_no_token_was_generated(serving):
+    """A generate cancelled during prefill (or with max_tokens 0) has no first token: its stats have no
+    ttft_s, prompt_tps or generation_tps (not 0s); one token gives ttft_s and prompt_tps, not generation_tps."""
+    worker = serving
+    worker.send({"type": "generate", "id": "pc", "prompt": {"tokens": [8] * 1800}, "params": LONG})
+    worker.wait_for("pc", lambda e: e["type"] == "progress")
+    worker.send({"type": "cancel", "id": "c-rates", "target": "pc"})
+    events = worker.collect("pc")
+    assert worker.collect("c-rates")[-1]["cancelled"] is True
+    assert events[-1]["stop_reason"] == "cancelled" and not [e for e in events if e["type"] == "token"]
+    rates = ("ttft_s", "prompt_tps", "generation_tps")
+    stats = events[-2]
+    assert stats["type"] == "stats" and stats["generated_tokens"] == 0, stats
+    assert not set(rates) & set(stats), stats
+    assert stats["total_s"] > 0 and stats["prompt_tokens"] == 1800, stats
+    for n, present in ((0, ()), (1, ("ttft_s", "prompt_tps")), (2, rates)):
+        events = worker.request({"type": "generate", "id": f"n{n}", "prompt": {"tokens": [3, 4, 5, n]},
+                                 "params": {"max_tokens": n}})
+        stats = events[-2]
+        assert stats["generated_tokens"] == n and set(rates) & set(stats) == set(present), stats
+        assert all(stats[k] > 0 for k in present), stats
+
+
 def test_cancel_while_queued(serving, llama_dir):
     worker = serving
     worker.send({"type": "generate", "id": "a", "prompt": {"tokens": [3, 4]}, "params": LONG})

@@ -107,18 +107,48 @@ def test_remote_code_is_refused(worker, llama_dir, tmp_path):
     assert not os.path.exists("/tmp/mlx_worker_pwned")
 
 
+def test_requests_that_need_a_model_before_any_load(worker):
+    """PROTOCOL.md: `tokenize`, `load_draft` (a path or null) and `cache_clear` without a model are `no_model`;
+    `unload` with nothing loaded is done (nothing to release)."""
+    for req, code in [({"type": "tokenize", "text": "hi"}, "no_model"),
+                      ({"type": "load_draft", "model_path": "/nowhere"}, "no_model"),
+                      ({"type": "load_draft", "model_path": None}, "no_model"),
+                      ({"type": "cache_clear"}, "no_model"),
+                      ({"type": "unload"}, None)]:
+        rid = f"{req['type']}-{req.get('model_path')}"
+        events = worker.request({**req, "id": rid})
+        assert len(events) == 1, events
+        if code is None:
+            assert events[0] == {**events[0], "type": "done", "request": req["type"]}, events
+        else:
+            assert events[0]["type"] == "error" and events[0]["code"] == code, events
+    assert worker.request({"type": "status", "id": "st"})[-1]["state"] == "empty"
+
+
+def _next_error(w):
+    """The next error event, whatever its id (the events before it are kept for later)."""
+    while True:
+        ev = w.next_event()
+        if ev["type"] == "error":
+            return ev
+        w.backlog.append(ev)
+
+
 def test_duplicate_active_id(worker, llama_dir):
+    """The duplicate's error has ``id: null`` and ``refused_id``: a host that ends a request on its one
+    done/error does not end the running one, which goes on and ends with its own terminal event."""
     worker.load(llama_dir)
     worker.send({"type": "generate", "id": "dup", "prompt": {"tokens": [3]},
                  "params": {"max_tokens": 100000}})
+    worker.wait_for("dup", lambda e: e["type"] == "token")
     worker.send({"type": "generate", "id": "dup", "prompt": {"tokens": [3]}})
-    first = worker.next_event()
-    while first["type"] != "error":
-        worker.backlog.append(first)
-        first = worker.next_event()
-    assert first["id"] == "dup" and first["code"] == "invalid_request"
+    err = _next_error(worker)
+    assert err["code"] == "invalid_request" and err["id"] is None and err.get("refused_id") == "dup", err
+    worker.wait_for("dup", lambda e: e["type"] == "token")  # still running
     worker.send({"type": "cancel", "id": "c", "target": "dup"})
-    assert worker.collect("dup")[-1]["stop_reason"] == "cancelled"
+    events = worker.collect("dup")
+    assert [e["type"] for e in events if e["type"] in ("done", "error")] == ["done"], events[-3:]
+    assert events[-1]["stop_reason"] == "cancelled"
 
 
 def test_oversized_line_is_skipped(tmp_path):
@@ -127,9 +157,35 @@ def test_oversized_line_is_skipped(tmp_path):
     w = Worker(args=["--max-line-bytes", "1024"])
     try:
         assert w.ready["limits"]["max_line_bytes"] == 1024
-        w.send_raw(b'{"type": "status", "id": "' + b"x" * 5000 + b'"}\n')
+        w.send_raw(b'{"type": "status", "id": "' + b"x" * 5000 + b'"}\n')  # no valid id to answer with
         err = w.next_event()
         assert err["type"] == "error" and err["code"] == "line_too_long" and err["id"] is None
+        assert "refused_id" not in err, err
         assert w.request({"type": "status", "id": "ok"})[-1]["type"] == "done"
+    finally:
+        w.close()
+
+
+def test_an_oversized_request_is_answered_with_its_id(llama_dir):
+    """A line over the limit whose beginning holds its id gets its error with that id, so the host can end
+    that request; unless the id belongs to a request still in progress (then ``id: null`` + ``refused_id``)."""
+    from tests.support.client import Worker
+
+    w = Worker(args=["--max-line-bytes", "1024"])
+    try:
+        w.load(llama_dir)
+        big = {"type": "generate", "id": "big", "prompt": {"text": "word " * 2000}}
+        w.send(big)
+        err = _next_error(w)
+        assert err["code"] == "line_too_long" and err["id"] == "big" and "refused_id" not in err, err
+        w.send({"type": "generate", "id": "run", "prompt": {"tokens": [3]}, "params": {"max_tokens": 100000}})
+        w.wait_for("run", lambda e: e["type"] == "token")
+        w.send({**big, "id": "run"})
+        err = _next_error(w)
+        assert err["code"] == "line_too_long" and err["id"] is None and err.get("refused_id") == "run", err
+        w.wait_for("run", lambda e: e["type"] == "token")  # still running
+        w.send({"type": "cancel", "id": "c", "target": "run"})
+        events = w.collect("run")
+        assert [e["type"] for e in events if e["type"] in ("done", "error")] == ["done"], events[-3:]
     finally:
         w.close()

@@ -403,6 +403,29 @@ def test_fatal_is_the_last_line_even_while_the_host_keeps_sending(faulty_dir):
         w.close()
 
 
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "generating"])
+def test_stdout_closed_while_idle_exits(llama_dir, busy):
+    """PROTOCOL.md, Lifecycle: a host that closes stdout and sends nothing more still sees the worker exit,
+    within a few seconds, with nothing to write (idle) as with a generate running (its events have nowhere
+    to go: it is cancelled by the exit path)."""
+    w = RawWorker()
+    try:
+        if busy:
+            w.send({"type": "load", "id": "l", "model_path": str(llama_dir)})
+            w.read_until("l", [])
+            w.send({"type": "generate", "id": "g", "prompt": {"tokens": [3, 4, 5]}, "params": LONG})
+            while json.loads(w.proc.stdout.readline())["type"] != "token":
+                pass
+        w.proc.stdout.close()
+        t = time.monotonic()
+        assert w.proc.wait(10) == 0
+        assert time.monotonic() - t < 5
+    finally:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait()
+
+
 def test_stdout_closed_by_the_host_exits():
     w = RawWorker()
     try:

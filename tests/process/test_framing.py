@@ -85,3 +85,31 @@ def test_bad_lines_through_the_process():
         assert events[-1]["code"] == "no_model"
     finally:
         w.close()
+
+
+def _status_line(rid: str, size: int) -> bytes:
+    """A status request of exactly ``size`` bytes (padded with spaces, which JSON allows)."""
+    line = b'{"type":"status","id":"' + rid.encode() + b'"'
+    return line + b" " * (size - len(line) - 1) + b"}"
+
+
+def test_a_line_of_the_limit_is_read_whatever_its_terminator():
+    """PROTOCOL.md, Errors step 1: the limit counts a line without its \\n or \\r\\n; one byte more is
+    line_too_long, answered with the line's id (its beginning holds it)."""
+    limit = 1024
+    w = Worker(args=["--max-line-bytes", str(limit)])
+    try:
+        for end in (b"\n", b"\r\n"):
+            for extra in (-1, 0, 1):
+                rid = f"s{extra}{len(end)}"
+                line = _status_line(rid, limit + extra)
+                assert len(line) == limit + extra
+                w.send_raw(line + end)
+                ev = w.collect(rid)[-1]
+                if extra <= 0:
+                    assert ev["type"] == "done" and ev["request"] == "status", (end, extra, ev)
+                else:
+                    assert ev["type"] == "error" and ev["code"] == "line_too_long", (end, extra, ev)
+                    assert str(limit + 1) in ev["message"], ev
+    finally:
+        w.close()

@@ -547,7 +547,8 @@ def run_through_worker(lines_with_outcomes, probe_every=50, timeout=300, args=()
                     by_id[ev["id"]] += 1
                 if ev["type"] == "error":
                     codes[ev["code"]] += 1
-                    null_errors += ev["id"] is None
+                    # (a line reusing the id of a request still in progress: id null, refused_id its id)
+                    null_errors += ev["id"] is None and "refused_id" not in ev
                 if ev["id"] == "final":
                     final = ev
         elapsed = time.monotonic() - t0

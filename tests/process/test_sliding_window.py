@@ -258,3 +258,47 @@ def test_a_shared_system_prompt_past_the_window_is_reused(w, vlm_dir, concurrent
     assert boundary > 2 * WINDOW and st["cached_tokens"] == boundary, (st, boundary)
     want = reference.generate(vlm_dir, second, 4, dtype="float32")
     assert out == want
+
+
+@pytest.fixture(scope="module")
+def vlm_w200_dir(tmp_path_factory):
+    """A 200-token window: a one-image first turn (~180 tokens) fits it, so its entry can be cut back; the
+    second turn wraps it."""
+    return build_vlm_fixture("gemma3", tmp_path_factory.mktemp("gemma3-vlm-w200") / "model",
+                             text_overrides={"sliding_window": 200, "max_position_embeddings": 8192})
+
+
+def test_another_image_in_a_cached_conversation_diverges_at_the_image(w, vlm_w200_dir, tmp_path):
+    """Issue #29 item 2: image A turn 1, image B turn 1, A turn 1 again, A turn 2, then A's turn 2 with image C
+    in A's place. Every entry shares the prompt up to the image; the newest (A turn 2) has wrapped its window
+    and holds no snapshot there, the older ones can be cut back: C resumes from one of them, at the image's
+    first token (mlx-vlm's processor ids), not from nothing (`untrimmable`)."""
+    import numpy as np
+    from PIL import Image
+
+    images = {}
+    for name, seed in (("A", 11), ("B", 12), ("C", 13)):
+        images[name] = str(tmp_path / f"{name}.png")
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(images[name])
+    w.load(vlm_w200_dir)
+    first = _words(40, 0)
+
+    def chat(rid, messages):
+        events = w.request({"type": "generate", "id": rid, "prompt": {"messages": messages},
+                            "params": {"max_tokens": 8}})
+        return _done(events)[1], "".join(e["text"] for e in events if e["type"] == "token")
+
+    st, _ = chat("a1", [_user(first, images["A"])])
+    assert st["prompt_tokens"] + st["generated_tokens"] < 200, st  # fits the window: can be cut back
+    chat("b1", [_user(first, images["B"])])
+    _, answer = chat("a1-again", [_user(first, images["A"])])
+
+    def turn2(image):
+        return [_user(first, images[image]), {"role": "assistant", "content": answer}, _user(_words(20, 1))]
+
+    st, _ = chat("a2", turn2("A"))
+    assert st["cached_tokens"] > 0 and st["prompt_tokens"] > 200, st  # its entry wraps the window
+    ids = _vision_ids(vlm_w200_dir, turn2("C"))[0]
+    at = ids.index(_vlm(vlm_w200_dir)[0].config.image_token_index)  # the image's first token
+    st, _ = chat("c2", turn2("C"))  # (its answer's ids may be the model's own: continued.py; the image comes first)
+    assert st["cache_miss_reason"] == f"prefix_diverged_at {at}" and st["cached_tokens"] == at > 0, (st, at)

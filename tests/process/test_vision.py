@@ -205,6 +205,8 @@ def test_image_sources_and_bad_images(worker, root, images):
         "relative": {"type": "image", "path": "a.png"},
         "http": {"type": "image_url", "image_url": "http://example.com/a.png"},
         "truncated": {"type": "image", "data": base64.b64encode(raw[: len(raw) // 2]).decode()},
+        "path-and-data": {"type": "image", "path": images["a"], "data": b64},  # exactly one (PROTOCOL.md)
+        "neither": {"type": "image"},
     }
     for rid, part in bad.items():
         evs = chat(worker, rid, [{"role": "user", "content": [part, {"type": "text", "text": "x"}]}])

@@ -1,5 +1,6 @@
 """The protocol definition: generated docs and schema are fresh, decoding classifies errors."""
 
+import io
 import json
 
 import msgspec
@@ -7,7 +8,7 @@ import pytest
 
 from worker.protocol import CODES, WorkerError, decode_request, messages
 from worker.protocol.docs import ROOT, refresh
-from worker.protocol.framing import TooLong, read_lines
+from worker.protocol.framing import TooLong, id_in_head, read_lines
 from worker.protocol.schema import schema_text
 
 
@@ -63,13 +64,49 @@ def test_decode_ok():
 
 
 def test_read_lines_skips_long_lines():
-    import io
-
     data = b'{"a":1}\n' + b"x" * 100 + b"\n\n" + b"y" * 30 + b'\n{"b":2}'
     out = list(read_lines(io.BytesIO(data), max_bytes=32))
     assert out[0] == b'{"a":1}'
-    assert isinstance(out[1], TooLong) and out[1].size == 101
+    assert isinstance(out[1], TooLong) and out[1].size == 100
     assert out[2] == b"" and out[3] == b"y" * 30 and out[4] == b'{"b":2}'
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_the_line_limit_counts_the_line_without_its_terminator(end, extra):
+    """PROTOCOL.md, Errors step 1: a line of exactly the limit is read whether it ends in \\n or \\r\\n."""
+    limit = 64
+    line = b"a" * (limit + extra)
+    data = b'{"x":1}' + end + line + end + b'{"y":2}' + end
+    out = list(read_lines(io.BytesIO(data), max_bytes=limit))
+    assert out[0] == b'{"x":1}' and out[2] == b'{"y":2}' and len(out) == 3, out
+    if extra <= 0:
+        assert out[1] == line
+    else:
+        assert isinstance(out[1], TooLong) and out[1].size == limit + 1 and out[1].head.rstrip(b"\r") == line
+
+
+def test_the_last_line_without_a_newline():
+    assert list(read_lines(io.BytesIO(b"a" * 64), max_bytes=64)) == [b"a" * 64]
+    out = list(read_lines(io.BytesIO(b"a" * 66), max_bytes=64))
+    assert len(out) == 1 and isinstance(out[0], TooLong)
+
+
+@pytest.mark.parametrize("head,rid", [
+    (b'{"type":"generate","id":"g1","prompt":{"text":"aaaa', "g1"),
+    (b'{ "id" : "sp\\"q", "type"', 'sp"q'),
+    (b'{"prompt":{"id":"inner","text":"a"},"id":"outer","params":{"x', "outer"),  # only the top-level one
+    (b'{"messages":[{"id":"x"}],"type":"generate","id":"late","prompt', "late"),
+    (b'{"x":"id","id":"k"', "k"),  # "id" as a value is not the key
+    (b'{"type":"generate","prompt":{"text":"aaaa', None),  # the id comes after the cut
+    (b'{"id":5,"type"', None),
+    (b'{"id":"","type"', None),
+    (b'{"id":"\\ud800","type"', None),
+    (b'[{"id":"a"}', None),
+    (b'{"id":"cut sho', None),
+])
+def test_id_in_the_head_of_an_oversized_line(head, rid):
+    assert id_in_head(head) == rid
 
 
 def _validator():
@@ -150,3 +187,40 @@ def test_tool_round_trip_lines_match_the_schema():
     """The tool round trip in PROTOCOL.md (*Tools and reasoning*): every event line is a valid event."""
     events = _doc_events("## Tools and reasoning")
     assert {e["type"] for e in events} >= {"tool_call", "done"}
+
+
+def test_every_version_a_host_reads_is_this_one():
+    """PROTOCOL.md's title and transcript and the README's sample `ready` say PROTOCOL_VERSION."""
+    import re
+
+    protocol = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert protocol.splitlines()[0] == f"# mlx-worker protocol, version {messages.PROTOCOL_VERSION}"
+    for name, text in (("PROTOCOL.md", protocol), ("README.md", readme)):
+        said = re.findall(r'"protocol_version":\s*"([0-9.]+)"', text)
+        assert said and set(said) == {messages.PROTOCOL_VERSION}, (name, said)
+
+
+def _fields(cls) -> set:
+    return set(cls.__struct_fields__) - {"id", "seq", "request"}
+
+
+def test_the_stats_prose_names_every_stats_field():
+    """generate's events, item 3 (`stats`), names every field a host may get."""
+    text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
+    item = text.split("\n3. `stats`:", 1)[1].split("\n4. ", 1)[0]
+    missing = {f for f in _fields(messages.Stats) if f"`{f}`" not in item}
+    assert not missing, sorted(missing)
+
+
+def test_the_done_fields_table_names_every_done_field():
+    """The table "Which `done` fields a request gets" names every field of `done`, each in the row of a
+    request that gets it (generate: its answer, its tool calls, its reasoning)."""
+    text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
+    table = text.split("**Which `done` fields a request gets:**", 1)[1].split("\n\n", 2)[1]
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in table.splitlines()[2:]}
+    named = {f for f in _fields(messages.Done) if any(f"`{f}`" in cells for cells in rows.values())}
+    assert named == _fields(messages.Done), sorted(_fields(messages.Done) - named)
+    generate = rows["`generate`"]
+    for f in ("stop_reason", "text", "tool_calls", "reasoning", "cached_tokens", "cache_miss_reason"):
+        assert f"`{f}`" in generate, f

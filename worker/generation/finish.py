@@ -53,9 +53,10 @@ def stats(run: Run) -> Stats:
     return Stats(
         id=run.req.id, prompt_tokens=n_prompt, cached_tokens=cached, cache_miss_reason=run.lease.miss_reason,
         generated_tokens=n_gen,
-        ttft_s=round(prompt_s, 6) if t_first is not None else 0.0,
-        prompt_tps=round((n_prompt - cached) / prompt_s, 3) if t_first is not None and prompt_s > 0 else 0.0,
-        generation_tps=round((n_gen - 1) / decode_s, 3) if n_gen > 1 and decode_s > 0 else 0.0,
+        # no first token (cancelled in prefill, max_tokens 0): no time to it and no rate, rather than a 0
+        ttft_s=round(prompt_s, 6) if t_first is not None else None,
+        prompt_tps=round((n_prompt - cached) / prompt_s, 3) if t_first is not None and prompt_s > 0 else None,
+        generation_tps=round((n_gen - 1) / decode_s, 3) if n_gen > 1 and decode_s > 0 else None,
         peak_memory_bytes=int(mx.get_peak_memory()),
         total_s=round(toc - run.tic, 6),
         speculative=spec.label, draft_tokens_accepted=out.from_draft if spec.on else None,

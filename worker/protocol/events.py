@@ -9,9 +9,9 @@ def request_kind(req) -> str:
     return type(req).__struct_config__.tag
 
 
-def error_event(rid, exc: WorkerError) -> Error:
+def error_event(rid, exc: WorkerError, refused_id=None) -> Error:
     """The ``error`` event of a failure a host can cause (or one we classified)."""
-    return Error(id=rid, code=exc.code, number=exc.number, message=exc.message)
+    return Error(id=rid, code=exc.code, number=exc.number, message=exc.message, refused_id=refused_id)
 
 
 def internal_error(rid, exc: BaseException, what: str = "") -> Error:

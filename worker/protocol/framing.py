@@ -16,33 +16,82 @@ _decoder = msgspec.json.Decoder(AnyRequest)
 _raw_decoder = msgspec.json.Decoder()
 
 
-class TooLong:
-    """Stands in for a line that exceeded the limit (its bytes were skipped)."""
+HEAD_BYTES = 64 * 1024  # of an oversized line, kept to find its id (id_in_head)
 
-    def __init__(self, size: int):
-        self.size = size
+
+class TooLong:
+    """Stands in for a line that exceeded the limit (its bytes were skipped but its first ``HEAD_BYTES``)."""
+
+    def __init__(self, size: int, head: bytes = b""):
+        self.size = size  # bytes, without the terminator
+        self.head = head
 
 
 def read_lines(stream: BinaryIO, max_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[object]:
-    """Yield each line (bytes, without the newline) or a ``TooLong`` for an oversized one.
+    """Yield each line (bytes, without its ``\n`` or ``\r\n`` and trailing ``\r``s) or a ``TooLong`` for one
+    whose bytes before that terminator exceed ``max_bytes``.
 
-    Reads at most ``max_bytes + 1`` bytes per call, so a huge line never sits in memory: its
-    remainder is skipped up to the next newline and serving continues.
+    Reads at most ``max_bytes + 2`` bytes per call (the line and a ``\r\n``), so a huge line never sits in
+    memory: its remainder is skipped up to the next newline and serving continues.
     """
     while True:
-        line = stream.readline(max_bytes + 1)
+        line = stream.readline(max_bytes + 2)
         if not line:
             return
-        if len(line) > max_bytes and not line.endswith(b"\n"):
-            size = len(line)
+        if line.endswith(b"\n"):
+            body = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        elif len(line) < max_bytes + 2:  # the last line, without a newline
+            body = line
+        else:  # max_bytes + 2 bytes and no newline yet: too long whatever follows
+            size, tail = len(line), line[-2:]
             while True:
                 rest = stream.readline(max_bytes)
-                size += len(rest)
+                size, tail = size + len(rest), (tail + rest)[-2:]
                 if not rest or rest.endswith(b"\n"):
                     break
-            yield TooLong(size)
+            yield TooLong(size - len(_terminator(tail)), line[:HEAD_BYTES])
             continue
-        yield line.rstrip(b"\r\n")
+        if len(body) > max_bytes:
+            yield TooLong(len(body), body[:HEAD_BYTES])
+            continue
+        yield body.rstrip(b"\r")
+
+
+def _terminator(end: bytes) -> bytes:
+    return b"\r\n" if end.endswith(b"\r\n") else b"\n" if end.endswith(b"\n") else b""
+
+
+# the JSON tokens that matter to find a top-level key: strings, brackets, colons and commas
+_HEAD_TOKENS = re.compile(rb'"(?:\\.|[^"\\])*"|[{}\[\]:,]')
+
+
+def id_in_head(head: bytes) -> Optional[str]:
+    """The top-level ``"id"`` of a line cut short (an oversized one), when its beginning holds it: a valid id
+    (1-256 characters of Unicode) written before any long value, as hosts write ``{"type":..,"id":..,...}``."""
+    depth, key, after_colon = 0, None, False
+    for m in _HEAD_TOKENS.finditer(head):
+        tok = m.group()
+        if tok in (b"{", b"["):
+            depth += 1
+        elif tok in (b"}", b"]"):
+            depth -= 1
+        elif tok == b":":
+            after_colon = depth == 1 and key is not None
+            continue
+        elif tok != b",":  # a string: a key at depth 1, or a value
+            if after_colon and key == b'"id"':
+                try:
+                    rid = json.loads(tok)
+                except ValueError:
+                    return None
+                return rid if _valid_id(rid) else None
+            key = tok if depth == 1 and not after_colon else None
+            after_colon = False
+            continue
+        key, after_colon = None, False
+        if depth <= 0:
+            return None
+    return None
 
 
 def decode_request(line: bytes) -> AnyRequest:

@@ -12,7 +12,7 @@ from typing_extensions import Annotated
 
 from .errors import CODES
 
-PROTOCOL_VERSION = "1.5"
+PROTOCOL_VERSION = "1.6"
 
 
 def doc(t, text: str):
@@ -191,7 +191,8 @@ class GenerateParams(Struct, forbid_unknown_fields=True, kw_only=True):
 class Generate(Request, tag="generate", kw_only=True):
     prompt: Prompt
     cache_key: doc(Optional[Annotated[str, Meta(min_length=1, max_length=256)]],
-                   "pin this conversation's prompt-cache entry") = None
+                   "the conversation this request belongs to: one prompt-cache entry per key, its newest "
+                   "(PROTOCOL.md, The prompt cache)") = None
     params: GenerateParams = msgspec.field(default_factory=GenerateParams)
 
 
@@ -251,7 +252,7 @@ class DeviceInfo(Struct, omit_defaults=True, kw_only=True):
 
 
 class Limits(Struct, kw_only=True):
-    max_line_bytes: doc(int, "longest request line read (the newline not counted)")
+    max_line_bytes: doc(int, "longest request line read, in bytes (its `\\n` or `\\r\\n` not counted)")
     max_queue: doc(int, "most work requests waiting; more get queue_full")
 
 
@@ -307,9 +308,12 @@ class Stats(Event, tag="stats", kw_only=True):
     cached_tokens: doc(int, "of them, served from the prompt cache")
     cache_miss_reason: doc(Optional[str], "why fewer tokens than possible were reused") = None
     generated_tokens: doc(int, "tokens sampled, a final EOS / stop token included")
-    ttft_s: doc(float, "start of the request to its first token, in the engine")
-    prompt_tps: doc(float, "uncached prompt tokens per second")
-    generation_tps: doc(float, "tokens per second after the first")
+    ttft_s: doc(Optional[float], "start of the request to its first token, in the engine; absent when no token "
+                "was generated") = None
+    prompt_tps: doc(Optional[float], "uncached prompt tokens per second (to the first token); absent when no "
+                    "token was generated") = None
+    generation_tps: doc(Optional[float], "tokens per second after the first; absent when fewer than 2 tokens "
+                        "were generated") = None
     peak_memory_bytes: doc(int, "MLX's peak memory during the request")
     total_s: doc(float, "the whole request, in the engine")
     speculative: doc(Optional[str], "with a draft model loaded: \"on\", or \"off: <why>\"") = None
@@ -396,6 +400,8 @@ class Error(Event, tag="error", kw_only=True):
     code: doc(ErrorCode, "stable: match on this")
     number: doc(int, "JSON-RPC style number of the code")
     message: doc(str, "for people; may change between versions")
+    refused_id: doc(Optional[str], "the id of a refused line that is not this error's `id`: a request with that "
+                    "id is still in progress (so `id` is null and this error ends nothing)") = None
 
 
 class Fatal(Event, tag="fatal", kw_only=True):

@@ -262,7 +262,9 @@ class Case:
                 raise CaseFailure(f"timed out / EOF waiting for {what}\n{self.w.stderr_tail()}")
 
     def of(self, rid):
-        return [e for e in self.events if e.get("id") == rid]
+        """The events of ``rid``: those with its id, and the error refusing a line with that id while a request
+        with it was still in progress (``id`` null, ``refused_id`` naming it; PROTOCOL.md, Errors)."""
+        return [e for e in self.events if e.get("id") == rid or (rid is not None and e.get("refused_id") == rid)]
 
     def terminals(self, rid):
         return [e for e in self.of(rid) if e["type"] in TERMINAL]
