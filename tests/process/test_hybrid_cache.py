@@ -11,6 +11,7 @@ import mlx.core as mx
 import pytest
 
 from tests.support import reference
+from tests.support.continued import continued_ids, streamed
 from tests.support.client import Worker, generated_tokens
 from tests.support.fixtures import fixture_dir
 from tests.support.prompts import assert_varied, random_ids
@@ -93,14 +94,20 @@ def test_hybrid_chat_messages_follow_up(w, lfm2):
     second = w.request({"type": "generate", "id": "m2", "prompt": {"messages": follow},
                         "params": {"max_tokens": 8}})
     st = next(e for e in second if e["type"] == "stats")
-    ids = reference.chat_ids(lfm2, follow)
-    # the template re-renders the answer: the follow-up resumes from m1's longest snapshot within the common
-    # prefix (its prompt's last token, then its first generated token, then every 4 generated tokens)
+    tok = reference.load_model(lfm2)[1]
+    text1, text2 = (tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in (msgs, follow))
+    # the follow-up holds the model's own ids for the answer it continues (PROTOCOL.md, The prompt cache)
+    ids = continued_ids(tok._tokenizer, text1, ids1, gen1, text2, streamed(lfm2))
+    assert st["prompt_tokens"] == len(ids)
     common, p = _common(ids1 + gen1, ids), len(ids1)
-    assert p - 1 <= common < len(ids1 + gen1), (common, p, len(gen1))
-    decoded = [p + k for k in range(4, len(gen1) + 1, 4)][-2:]
-    snaps = [n for n in [p - 1, p + 1] + decoded if n < p + len(gen1)]
-    assert st["cached_tokens"] == max(n for n in snaps if n <= common), (st, common, p)
+    assert p - 1 <= common <= len(ids1 + gen1), (common, p, len(gen1))
+    if common == len(ids1 + gen1):  # it continues the whole turn: the entry is extended, nothing cut back
+        assert st["cached_tokens"] == common, (st, common)
+    else:  # the template re-rendered the answer's end: m1's longest snapshot within the common prefix (its
+        # prompt's last token, then its first generated token, then every 4 generated tokens)
+        decoded = [p + k for k in range(4, len(gen1) + 1, 4)][-2:]
+        snaps = [n for n in [p - 1, p + 1] + decoded if n < p + len(gen1)]
+        assert st["cached_tokens"] == max(n for n in snaps if n <= common), (st, common, p)
     want = reference.generate(lfm2, ids, 8, dtype="float32")
     assert_varied(want, what="mlx-lm's answer to the follow-up")
     assert generated_tokens(second) == want
