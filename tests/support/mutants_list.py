@@ -292,7 +292,7 @@ MUTANTS = [
       ("tests/unit/test_boundaries.py",)),
     # ---- prompts: the prefix tokenizer
     M("prefix-tokenizer-one-id-too-many", "worker/prompting/prefix_tokens.py",
-      "ids = best.ids[:at] + tuple(enc.ids)", "ids = best.ids[:at + 1] + tuple(enc.ids)",
+      "ids, cuts = best.ids[:at], tuple(", "ids, cuts = best.ids[:at + 1], tuple(",
       ("tests/unit/test_prefix_tokens.py",)),
     # ---- workarounds of upstream bugs (worker/patches/)
     M("smolvlm-not-loaded-as-llama", "worker/patches/idefics3_llama.py",
