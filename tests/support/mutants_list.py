@@ -308,6 +308,9 @@ MUTANTS = [
       "return mx.where((ids < vocab_offset)[..., None], h * (hidden_size ** 0.5), h)", "return h",
       ("tests/unit/test_patches.py::test_mlx_vlm_gemma3n_text_embeddings_are_unscaled",
        "tests/families/test_vision_gemma3n.py::test_gemma3n_parity_and_cache")),
+    M("gemma3-shard-kv-heads-not-divided", "worker/patches/gemma3_text_shard.py",
+      "        attn.n_kv_heads //= n\n", "",
+      ("tests/unit/test_patches.py::test_gemma3_sharded_over_two_ranks_gives_the_unsharded_logits",)),
     # ---- the OpenAI server (openai_server/)
     M("openai-no-cancel-on-disconnect", "openai_server/app.py",
       'self.service.worker.send_nowait({"type": "cancel", "id": f"cancel-{self.rid}", "target": self.rid})', "pass",

@@ -3,12 +3,18 @@ that the pin fails once upstream fixes it (its message names the module to delet
 the worker exact is checked where its family is (tests/families/, tests/process/test_kv_layouts.py)."""
 
 import importlib
+import json
 import os
 import pkgutil
 import re
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,6 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import worker.patches  # noqa: E402
 from tests.support import reference  # noqa: E402
 from tests.support.prompts import assert_varied, random_ids  # noqa: E402
+from tests.support.shard_ranks import logits_of  # noqa: E402
+from tests.support.vlm_fixtures import vlm_fixture_dir  # noqa: E402
 from tests.support.vlm_fixtures_gemma3n import _UNSCALED, gemma3n_fixture_dir, patch_mlx_vlm  # noqa: E402
 from tests.support.vlm_fixtures_gemma4 import gemma4_fixture_dir  # noqa: E402
 from tests.support.vlm_fixtures_idefics3 import FAMILIES, idefics3_fixture_dir  # noqa: E402
@@ -135,3 +143,97 @@ def test_mlx_vlm_gemma3n_text_embeddings_are_unscaled(fixtures_root):
     emb = scale_text(out.inputs_embeds, ids, model.embed_vision.vocab_offset, model.language_model.model.hidden_size)
     got = model.language_model(inputs_embeds=emb, per_layer_inputs=out.per_layer_inputs).logits
     assert mx.abs(got - want).max().item() == 0.0
+
+
+def test_mlx_lm_gemma3_text_has_no_shard():
+    """mlx-lm's gemma3_text and gemma3 ``Model`` have no ``shard()`` of their own (only the patch's, if it ran)."""
+    from mlx_lm.models import gemma3, gemma3_text
+
+    from worker.patches import gemma3_text_shard
+
+    for cls in (gemma3_text.Model, gemma3.Model):
+        shard = getattr(cls, "shard", None)
+        assert shard is None or shard.__module__ == gemma3_text_shard.__name__, \
+            fixed(f"the missing {cls.__module__}.Model.shard", "gemma3_text_shard")
+
+
+def _free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free local ports (mlx.launch's ring backend's default is fixed, 32323:
+    two launches at once would meet there)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        try:
+            for p in range(first, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return first
+        except OSError:
+            continue
+
+
+def _launch(cmd: list[str], timeout: float) -> str:
+    """Run ``mlx.launch`` (in its own session, whose processes are all killed past ``timeout``); its output.
+    (mlx.launch exits 0 even when a rank fails: the caller checks what the ranks wrote.)"""
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
+    proc = subprocess.Popen(cmd, cwd=TESTS.parent, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        return proc.communicate(timeout=timeout)[0][-6000:]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"mlx.launch ran past {timeout} s:\n{proc.communicate()[0][-6000:]}")
+
+
+def test_gemma3_sharded_over_two_ranks_gives_the_unsharded_logits(tmp_path, gemma3_dir, fixtures_root):
+    """gemma3_text and the Gemma 3 VLM wrapper (its text model), sharded by the patch over two ring ranks: each
+    rank's logits of a random prompt beyond the sliding window (one prefill, then 3 decode steps with the model's
+    own cache) equal mlx-lm's unsharded logits, and each rank holds half the heads."""
+    from mlx_lm.utils import load_model
+
+    paths = {"gemma3_text": gemma3_dir, "gemma3": vlm_fixture_dir("gemma3", fixtures_root)}
+    jobs = []
+    for i, (name, path) in enumerate(paths.items()):
+        cfg = json.loads((path / "config.json").read_text())
+        text = cfg.get("text_config") or cfg
+        ids = random_ids(text["sliding_window"] + 40, 30 + i)
+        jobs.append(dict(name=name, path=str(path), ids=ids, decode=3, out=str(tmp_path / name), text=text))
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    launch = Path(sys.executable).parent / "mlx.launch"
+    cmd = [str(launch), "-n", "2", "--backend", "ring", "-p", str(_free_ports(2)), sys.executable,
+           str(TESTS / "support" / "shard_ranks.py"), str(tmp_path / "jobs.json")]
+    log = _launch(cmd, timeout=120)
+    for job in jobs:
+        want = logits_of(load_model(Path(job["path"]))[0], job["ids"], job["decode"])
+        assert_varied(want.argmax(-1).tolist(), 5, f"mlx-lm {job['name']} argmax")
+        halves = [job["text"]["num_attention_heads"] // 2, job["text"]["num_key_value_heads"] // 2]
+        for rank in (0, 1):
+            assert Path(f"{job['out']}-rank{rank}.json").exists(), f"rank {rank} wrote nothing:\n{log}"
+            got = np.load(f"{job['out']}-rank{rank}.npy")
+            info = json.loads(Path(f"{job['out']}-rank{rank}.json").read_text())
+            assert info["size"] == 2 and all(h == halves for h in info["heads"]), (job["name"], rank, info)
+            assert got.shape == want.shape
+            diff = float(np.abs(got - want).max())
+            assert diff < 1e-4, f"{job['name']} rank {rank}: max |sharded - unsharded| = {diff}"
+
+
+def test_gemma3_shard_refuses_heads_not_divisible_by_the_group():
+    """Three ranks cannot split 4 query / 2 KV heads: a ValueError names them, before any layer is touched."""
+    from mlx_lm.models import gemma3_text
+
+    from worker.patches import gemma3_text_shard
+
+    gemma3_text_shard.ensure()
+    args = gemma3_text.ModelArgs(model_type="gemma3_text", hidden_size=64, num_hidden_layers=2,
+                                 intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 vocab_size=32)
+    model = gemma3_text.Model(args)
+
+    class Three:
+        def size(self):
+            return 3
+
+    with pytest.raises(ValueError, match="num_attention_heads=4, num_key_value_heads=2 not divisible by 3"):
+        model.shard(Three())
+    assert model.layers[0].self_attn.n_heads == 4

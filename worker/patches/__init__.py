@@ -9,4 +9,5 @@ bug, and its message says which module to delete (tests/unit/test_patches.py).
 - ``gemma3n_text_scale``: mlx-vlm's Gemma 3n input embeddings leave the text positions unscaled.
 - ``speculative_cache_split``: mlx-lm's speculative decoding splits main and draft caches at the main
   model's layer count (Gemma 4's cache list is shorter: the main cache is padded).
+- ``gemma3_text_shard``: mlx-lm's Gemma 3 (text and VLM wrapper) has no ``shard()`` for tensor parallelism.
 """
