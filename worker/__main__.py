@@ -37,7 +37,36 @@ def _parse(argv):
     ap = argparse.ArgumentParser(prog="mlx-worker", description=__doc__)
     ap.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
                     help="longest request line accepted (bytes); longer lines are skipped")
-    return ap.parse_args(argv)
+    ap.add_argument("--ranks", type=int, default=None,
+                    help="run the model over N ranks (processes) on this machine (PROTOCOL.md, Distributed)")
+    ap.add_argument("--hostfile", default=None,
+                    help="run the model over the hosts of this mlx hostfile (its first host is this machine)")
+    ap.add_argument("--backend", choices=("ring", "nccl"), default=None,
+                    help="mx.distributed's backend for the ranks (default: nccl with CUDA, else ring)")
+    ap.add_argument("--rank-timeout", type=float, default=60.0,
+                    help="seconds a rank may stay silent while a request runs before the worker exits")
+    args = ap.parse_args(argv)
+    if args.ranks is not None and args.ranks < 1:
+        ap.error("--ranks must be at least 1")
+    if args.ranks is not None and args.hostfile:
+        ap.error("give --ranks or --hostfile, not both")
+    return args
+
+
+def _rank_argv(argv: list) -> list:
+    """The flags the other ranks get: ours without those that start ranks."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--ranks", "--hostfile", "--backend"):
+            skip = True
+            continue
+        if a.split("=")[0] in ("--ranks", "--hostfile", "--backend"):
+            continue
+        out.append(a)
+    return out
 
 
 def main(argv=None) -> None:
@@ -46,6 +75,11 @@ def main(argv=None) -> None:
 
     blas.maybe_reexec(argv)
     args = _parse(argv)
+    followers = None
+    if (args.ranks or 1) > 1 or args.hostfile:
+        from .distributed import launch
+
+        followers = launch.start(args.ranks, args.hostfile, args.backend, _rank_argv(argv))
     out_fd = _protect_stdout()
     from .boot import offline
 
@@ -57,15 +91,24 @@ def main(argv=None) -> None:
         format="mlx-worker %(levelname)s: %(message)s",
     )
     from .boot.ready import ready_event
+    from .distributed import group
     from .scheduler import MAX_QUEUE
     from .server import Server
 
     offline.patch_downloads()
 
-    server = Server(out_fd, max(64, args.max_line_bytes))
+    world = group.init()
+    ranks = group.describe(world) if world is not None else None
+    if world is not None and world.rank != 0:
+        from .follower import follow
+
+        os._exit(follow(world, ranks))
+    server = Server(out_fd, max(64, args.max_line_bytes), world, ranks, args.rank_timeout)
     signal.signal(signal.SIGTERM, lambda *_: server.request_exit(0))
     signal.signal(signal.SIGINT, lambda *_: server.request_exit(0))
-    code = server.serve(sys.stdin.buffer, ready_event(server.max_line_bytes, MAX_QUEUE))
+    code = server.serve(sys.stdin.buffer, ready_event(server.max_line_bytes, MAX_QUEUE, ranks))
+    if followers is not None:
+        followers.stop()
     logging.shutdown()
     os._exit(code)
 

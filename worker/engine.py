@@ -22,8 +22,10 @@ from .generation import warmup
 from .loading import model as _model
 from .generation.batcher import Batcher
 from .protocol import (
-    CacheClear, CacheStats, Done, Generate, Load, LoadDraft, ModelInfo, Progress, Tokenize, Unload, WorkerError,
+    CacheClear, CacheStats, Done, Generate, Load, LoadDraft, ModelInfo, Progress, Ranks, Tokenize, Unload,
+    WorkerError,
 )
+from .distributed.group import RankLost, lost
 from .protocol.events import cancelled_done, error_event, internal_error
 
 log = logging.getLogger("worker")
@@ -83,7 +85,9 @@ def _copy(info: Optional[ModelInfo]) -> Optional[ModelInfo]:
 
 
 class Engine:
-    def __init__(self):
+    def __init__(self, world=None):
+        self.world = world  # a distributed.group.World with several ranks, else None
+        self.ranks: Optional[Ranks] = None  # the world as `ready` reports it (set by the server at boot)
         self.kit: Optional[_model.ModelKit] = None
         self.batcher: Optional[Batcher] = None  # with max_concurrent > 1 and a model that batches
         self.batch_off: Optional[str] = None  # why batching is off for the loaded model (it was asked for)
@@ -102,6 +106,7 @@ class Engine:
         except LoadCancelled:
             return cancelled_done(req)
         except Exception as exc:  # a bug of ours: the trace to stderr, the worker carries on
+            _raise_if_lost(exc)
             traceback.print_exc()
             return internal_error(req.id, exc)
         finally:
@@ -133,6 +138,7 @@ class Engine:
         except WorkerError as exc:
             return error_event(job.req.id, exc)
         except Exception as exc:
+            _raise_if_lost(exc)
             traceback.print_exc()
             return internal_error(job.req.id, exc)
 
@@ -141,6 +147,7 @@ class Engine:
         try:
             done = [(f.job, f.event) for f in self.batcher.tick()]
         except Exception as exc:  # a bug of ours, or the device failed: every request of the batch ends
+            _raise_if_lost(exc)
             traceback.print_exc()
             err = WorkerError("out_of_memory" if _oom(exc) else "internal",
                               f"the batch failed: {type(exc).__name__}: {exc}")
@@ -191,7 +198,9 @@ class Engine:
 
     def _progress(self, req, emit, cancelled):
         def progress(fraction: float):
-            if cancelled():
+            # with ranks a load is not cancelled midway (a rank that failed early would miss the shared
+            # check): it ends, then a cancel drops the model on every rank (Scheduler._conclude)
+            if self.world is None and cancelled():
                 raise LoadCancelled()
             emit(Progress(id=req.id, stage="load", fraction=fraction))
 
@@ -201,7 +210,8 @@ class Engine:
         self._drop_model()  # the old model is released before the new one is read
         progress = self._progress(req, emit, cancelled)
         try:
-            kit = _model.load(req.model_path, req.options, progress)
+            kit = self._agreed(lambda: _model.load(req.model_path, req.options, progress,
+                                                   self.world.group if self.world else None))
             off = _batching_off(kit)
             if warmup.wanted(kit.options):  # also compiles each batch size's kernels
                 progress(0.97)
@@ -211,10 +221,38 @@ class Engine:
             release_memory()  # whatever was built is unreachable now
             raise
         self.kit, self.batch_off = kit, off
+        if self.world is not None:
+            kit.info.ranks = msgspec.structs.replace(self.ranks, parallel=kit.parallel, ranks=self._shares(kit))
         if kit.info.max_concurrent > 1:
             self.batcher = Batcher(kit)
         return Done(id=req.id, request="load", model=_copy(kit.info), draft=_copy(kit.draft.info if kit.draft else None),
                     warnings=kit.warnings or None)
+
+    def _agreed(self, load: Callable):
+        """``load()`` on every rank; with ranks, it succeeds only where it succeeded on all of them (a path
+        missing on one host fails the load everywhere, with that rank's error)."""
+        if self.world is None:
+            return load()
+        try:
+            out, failure = load(), None
+        except WorkerError as exc:
+            out, failure = None, [exc.code, exc.message]
+        except Exception as exc:  # a bug of ours: the others must hear of it too
+            _raise_if_lost(exc)
+            traceback.print_exc()
+            out, failure = None, ["internal", f"{type(exc).__name__}: {exc}"]
+        failures = self.world.gather(failure)
+        for rank, f in enumerate(failures):
+            if f is not None:
+                out = None
+                release_memory()
+                raise WorkerError(f[0], f[1] if rank == 0 else f"rank {rank}: {f[1]}")
+        return out
+
+    def _shares(self, kit) -> list:
+        """Each rank's entry of `ranks`, with the bytes of the weights it holds."""
+        held = self.world.gather(kit.weights_bytes)
+        return [msgspec.structs.replace(r, weights_bytes=b) for r, b in zip(self.ranks.ranks, held)]
 
     def _unload(self, req: Unload, emit, cancelled):
         self._drop_model()
@@ -231,7 +269,7 @@ class Engine:
         release_memory()
         if req.model_path is not None:
             progress = self._progress(req, emit, cancelled)
-            draft = _model.load_draft(kit, req.model_path, progress)
+            draft = self._agreed(lambda: _model.load_draft(kit, req.model_path, progress))
             progress(1.0)
             kit.draft = draft
         return Done(id=req.id, request="load_draft", draft=_copy(kit.draft.info if kit.draft else None))
@@ -265,6 +303,14 @@ def _batching_off(kit) -> Optional[str]:
         kit.warnings.append(f"batching is off for this model ({why}): generate requests run one at a time")
         kit.info.max_concurrent = 1
     return why
+
+
+def _raise_if_lost(exc: Exception) -> None:
+    """A collective failed inside the model: a rank is gone, and the engine with it (Scheduler._engine_died)."""
+    if lost(exc) and not isinstance(exc, RankLost):
+        raise RankLost(f"a rank is gone: {exc}") from exc
+    if isinstance(exc, RankLost):
+        raise exc
 
 
 def _oom(exc: Exception) -> bool:

@@ -11,15 +11,19 @@ import logging
 import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
+
+import msgspec
 
 from .engine import Engine, Route
-from .protocol import AnyRequest, Fatal, Generate, Load, LoadDraft, Unload, WorkerError
-from .protocol.events import cancelled_done, internal_error
+from .protocol import AnyRequest, decode_request, Fatal, Generate, Load, LoadDraft, Unload, WorkerError
+from .distributed.group import RankLost
+from .protocol.events import cancelled_done, error_event, internal_error
 
 log = logging.getLogger("worker")
 
 MAX_QUEUE = 256
+HEARTBEAT_S = 1.0  # with ranks, an idle rank 0 shares an empty step this often: a lost rank is seen within it
 # Running requests of these types stop at their next cancel check; the others finish (they are short).
 CANCELLABLE_RUNNING = (Generate, Load, LoadDraft)
 
@@ -38,9 +42,39 @@ class Job:
                 emit(event)
 
 
+@dataclass(frozen=True)
+class Step:
+    """What the engine thread does next: start ``job`` (by ``route``), then tick the batch if it is busy."""
+
+    job: Optional[Job] = None
+    route: Optional[Route] = None
+    cancels: Optional[frozenset] = None  # with ranks: running requests cancelled as of this step
+    stop: bool = False  # the worker exits: the engine loop ends (on every rank)
+
+
+def step_to_wire(step: Step) -> bytes:
+    return msgspec.json.encode({
+        "req": msgspec.json.encode(step.job.req).decode() if step.job else None,
+        "route": step.route.value if step.route else None,
+        "cancels": sorted(step.cancels or ()), "stop": step.stop})
+
+
+def step_from_wire(data: bytes) -> Step:
+    d = msgspec.json.decode(data)
+    job = Job(decode_request(d["req"].encode())) if d["req"] is not None else None
+    return Step(job=job, route=Route(d["route"]) if d["route"] else None, cancels=frozenset(d["cancels"]),
+                stop=d["stop"])
+
+
 class Scheduler:
-    def __init__(self, engine: Engine, emit: Callable, on_engine_death: Callable[[], None]):
+    def __init__(self, engine: Engine, emit: Callable, on_engine_death: Callable[[], None], world=None):
         self.engine = engine
+        self.world = world  # a distributed.group.World with several ranks, else None
+        self.cancels: frozenset = frozenset()  # with ranks: the running requests cancelled as of this step
+        self.stopping = False  # the engine loop ends once the queue and the batch are empty
+        self.waiting = False  # the engine thread waits for work (rank 0's watchdog reads it)
+        self.loading = False  # the engine thread loads a model (no shared step until its end)
+        self.dead = False  # the engine is gone (its requests were answered with errors, then fatal)
         self.emit = emit
         self.on_engine_death = on_engine_death  # called with the lock held, before the lost jobs are answered
         self.lock = threading.Lock()
@@ -78,6 +112,12 @@ class Scheduler:
             target.cancel.set()
             return True
         return False
+
+    def stop(self) -> None:
+        """The exit path: the engine loop ends once the queue and the batch are empty (on every rank)."""
+        with self.lock:
+            self.stopping = True
+            self.work.notify()
 
     def tokenize_now(self) -> bool:
         """Tokenize is answered at once unless a load/unload before it could change the model."""
@@ -119,64 +159,133 @@ class Scheduler:
         try:
             self._run_jobs()
         except BaseException as exc:  # the MLX thread is gone: say so, then exit non-zero
-            traceback.print_exc()
+            if not isinstance(exc, RankLost):
+                traceback.print_exc()
             self._engine_died(exc)
 
     def _engine_died(self, exc: BaseException) -> None:
+        """Every live request ends with an error, then ``fatal``. Called once: by the engine thread, or by
+        the server's watchdog while the engine thread waits on a rank that stopped answering."""
         what = "the engine thread died"
         with self.lock:
+            if self.dead:
+                return
+            self.dead = True
             self.on_engine_death()  # no new work from here on
             lost = list(self.live.values())
             self.live.clear()
             self.queue.clear()
+        gone = isinstance(exc, RankLost)
         for job in lost:
             with job.emitting:  # answered once: the exit path skips what is answered here
                 if job.answered:
                     continue
                 job.answered = True
-            self.emit(internal_error(job.req.id, exc, f"the worker must exit: {what}"))
-        self.emit(Fatal(id=None, reason=f"{what}: {type(exc).__name__}: {exc}"))
+            if gone:
+                self.emit(error_event(job.req.id, WorkerError("rank_lost", f"the worker must exit: {exc}")))
+            else:
+                self.emit(internal_error(job.req.id, exc, f"the worker must exit: {what}"))
+        self.emit(Fatal(id=None, reason=str(exc) if gone else f"{what}: {type(exc).__name__}: {exc}"))
         self.idle.set()
 
     def _run_jobs(self) -> None:
         """FIFO from the queue: a generate the batch takes is admitted while others decode; any other
-        request (or a generate that must run alone) waits for the batch to end, then runs alone."""
-        engine = self.engine
+        request (or a generate that must run alone) waits for the batch to end, then runs alone.
+        With several ranks, each step rank 0 decides (``_decide``) is shared and every rank takes it."""
         while True:
-            job, route = self._next_job()
-            if job is not None:
-                emit = functools.partial(job.emit_unless_answered, self.emit)
-                if route is Route.BATCH:
-                    event = engine.admit(job, emit, job.cancel.is_set)
-                    if event is not None:
-                        self._conclude(job, event)
-                else:
-                    self._conclude(job, engine.run(job.req, emit, job.cancel.is_set))
-            if engine.batch_busy:
-                for done_job, event in engine.tick():
-                    self._conclude(done_job, event)
+            step = self._decide() if self.world is None else self._shared_step()
+            if step.stop:
+                return
+            self._take(step)
 
-    def _next_job(self) -> tuple:
-        """(job, its route) when the queue's head can start now, else (None, None); waits for work."""
+    def _take(self, step: "Step") -> None:
+        engine = self.engine
+        if step.cancels is not None:
+            self.cancels = step.cancels
+        job = step.job
+        if job is not None:
+            emit = functools.partial(job.emit_unless_answered, self.emit)
+            if step.route is Route.BATCH:
+                event = engine.admit(job, emit, self._batch_cancelled(job))
+                if event is not None:
+                    self._conclude(job, event)
+            else:
+                self.loading = isinstance(job.req, (Load, LoadDraft))  # the watchdog waits for a load
+                try:
+                    event = engine.run(job.req, emit, self._alone_cancelled(job))
+                finally:
+                    self.loading = False
+                self._conclude(job, event)
+        if engine.batch_busy:
+            for done_job, event in engine.tick():
+                self._conclude(done_job, event)
+
+    def _decide(self, wait_s: Optional[float] = None) -> "Step":
+        """The next step: the queue's head when it can start now, else a tick of the batch; waits for work
+        (at most ``wait_s``: then an empty step, a heartbeat of the ranks)."""
         engine = self.engine
         with self.work:
-            while not self.queue and not engine.batch_busy:
-                self.work.wait()
+            while not self.queue and not engine.batch_busy and not self.stopping:
+                self.waiting = True
+                woke = self.work.wait(wait_s)
+                self.waiting = False
+                if self.world is not None:
+                    self.world.touch()
+                if not woke and wait_s is not None:
+                    return Step(cancels=self._cancels())
+            if self.stopping and not self.queue and not engine.batch_busy:
+                return Step(stop=True)
+            cancels = self._cancels()
             if not self.queue:
-                return None, None
+                return Step(cancels=cancels)
             route = engine.route(self.queue[0].req)
             if not (engine.batch_room() if route is Route.BATCH else not engine.batch_busy):
-                return None, None
+                return Step(cancels=cancels)
             job = self.queue.popleft()
             self.running.append(job)
             self.idle.clear()
-            return job, route
+            return Step(job=job, route=route, cancels=cancels)
+
+    def _cancels(self) -> Optional[frozenset]:
+        """The running requests cancelled so far (lock held): shared with the ranks at each step."""
+        if self.world is None:
+            return None
+        return frozenset(j.req.id for j in self.running if j.cancel.is_set())
+
+    def _batch_cancelled(self, job: Job) -> Callable[[], bool]:
+        """A batched request's cancel check: its flag alone, or with ranks the flag as of this step."""
+        if self.world is None:
+            return job.cancel.is_set
+        rid = job.req.id
+        return lambda: rid in self.cancels
+
+    def _alone_cancelled(self, job: Job) -> Callable[[], bool]:
+        """A request run alone checks at each chunk and token: with ranks, rank 0's flag, shared."""
+        if self.world is None:
+            return job.cancel.is_set
+        return lambda: self.world.flag(job.cancel.is_set())
+
+    def _shared_step(self) -> "Step":
+        """Rank 0 decides and shares the step; the other ranks receive it."""
+        world = self.world
+        if world.rank == 0:
+            step = self._decide(HEARTBEAT_S)
+            world.share(step_to_wire(step))
+            return step
+        step = step_from_wire(world.share(None))
+        if step.job is not None:
+            self.live[step.job.req.id] = step.job
+            self.running.append(step.job)
+        return step
 
     def _conclude(self, job: Job, event) -> None:
         """A job's terminal event, exactly once (the exit path may have answered it already)."""
         with self.lock:  # from here no cancel can reach this job: its flag is final
             self.live.pop(job.req.id, None)
-        if job.cancel.is_set():
+        late = job.cancel.is_set()
+        if self.world is not None:
+            late = self.world.flag(late)  # rank 0's: a cancelled load drops the model on every rank
+        if late:
             event = self.engine.cancelled_late(job.req, event)  # `cancelled: true` never lies
         with job.emitting:
             if not job.answered:

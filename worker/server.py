@@ -4,6 +4,7 @@ to the scheduler (scheduler.py: the queue and the engine thread), the writer (ev
 
 import logging
 import threading
+import time
 import traceback
 from typing import BinaryIO, Optional
 
@@ -14,6 +15,7 @@ from .protocol import (
 )
 from .protocol.framing import id_in_head
 from .protocol.events import error_event, internal_error
+from .distributed.group import RankLost
 from .scheduler import Job, Scheduler
 from .writer import Writer
 
@@ -27,11 +29,14 @@ SHUTDOWN_GRACE_S = 60.0
 
 
 class Server:
-    def __init__(self, out_fd: int, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
+    def __init__(self, out_fd: int, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, world=None, ranks=None,
+                 rank_timeout_s: float = 60.0):
         self.max_line_bytes = max_line_bytes
         self.writer = Writer(out_fd, on_broken=self._stdout_broken)
-        self.engine = Engine()
-        self.scheduler = Scheduler(self.engine, self.emit, on_engine_death=self._engine_died)
+        self.engine = Engine(world)
+        self.engine.ranks = ranks
+        self.world, self.rank_timeout_s = world, rank_timeout_s
+        self.scheduler = Scheduler(self.engine, self.emit, on_engine_death=self._engine_died, world=world)
         self.exiting = threading.Event()
         self.exit_code = 0
         self.shutdown_job: Optional[Job] = None
@@ -45,6 +50,8 @@ class Server:
         self.scheduler.thread.start()
         reader = threading.Thread(target=self._read_loop, args=(stdin,), name="reader", daemon=True)
         reader.start()
+        if self.world is not None:
+            threading.Thread(target=self._watch_ranks, name="ranks-watchdog", daemon=True).start()
         self.exiting.wait()
         return self._finish()
 
@@ -73,10 +80,28 @@ class Server:
         self.scheduler.cancel_all()
         self.scheduler.idle.wait(SHUTDOWN_GRACE_S if self.shutdown_job else EXIT_GRACE_S)
         self.scheduler.answer_unfinished()
+        if self.world is not None:  # the other ranks end with the engine loop's last shared step
+            self.scheduler.stop()
+            self.scheduler.thread.join(EXIT_GRACE_S)
         if self.shutdown_job is not None:
             self.emit(Done(id=self.shutdown_job.req.id, request="shutdown"))
         self.writer.flush(FLUSH_S)
         return self.exit_code
+
+    def _watch_ranks(self) -> None:
+        """Rank 0's watchdog: a rank that stops answering (one shared step, or the model's own collectives
+        while a request runs, silent for ``rank_timeout_s``) ends every request with ``rank_lost`` and the
+        worker with ``fatal``: never a hang. A rank that dies is seen sooner, by the collective that fails."""
+        world, sched, limit = self.world, self.scheduler, self.rank_timeout_s
+        while not self.exiting.wait(min(0.5, limit / 4)):
+            now = time.monotonic()
+            inside = world.inside_since
+            stuck = inside is not None and now - inside > limit
+            quiet = not (sched.waiting or sched.loading) and now - world.last_done > limit
+            if stuck or quiet:
+                log.error("a rank has not answered for %.0f s: exiting", limit)
+                sched._engine_died(RankLost(f"a rank has not answered for {limit:g} s (--rank-timeout)"))
+                return
 
     # ------------------------------------------------------------ reader
 
@@ -161,4 +186,5 @@ class Server:
             queue=[j.req.id for j in sched.queue],
             engine_alive=sched.thread.is_alive(),
             cache=view.cache, draft_cache=view.draft_cache,
+            ranks=(view.model.ranks if view.model is not None and view.model.ranks else self.engine.ranks),
         )

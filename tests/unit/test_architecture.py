@@ -18,13 +18,15 @@ ALLOWED = {
     "protocol": set(),
     "boot": {"protocol"},
     "cuda": set(),
+    "distributed": {"protocol"},
     "cache": {"protocol"},
     "prompting": {"protocol", "cache"},
     "patches": {"protocol"},
     "loading": {"protocol", "cache", "prompting", "patches", "addons"},
     "addons": {"protocol", "prompting", "loading", "patches"},
     "generation": {"protocol", "cache", "prompting", "loading", "cuda", "patches"},
-    "process": {"protocol", "boot", "cuda", "cache", "prompting", "patches", "loading", "addons", "generation"},
+    "process": {"protocol", "boot", "cuda", "cache", "prompting", "patches", "loading", "addons", "generation",
+                "distributed"},
 }
 # Finer rules, as (importer prefix, forbidden prefix, why).
 FORBIDDEN = [
@@ -148,7 +150,7 @@ def test_no_import_cycles():
 
 def test_process_modules_are_only_the_top_level():
     top = sorted(m for m in graph() if room(m) == "process")
-    assert top == ["worker", "worker.__main__", "worker.engine", "worker.scheduler", "worker.server",
+    assert top == ["worker", "worker.__main__", "worker.engine", "worker.follower", "worker.scheduler", "worker.server",
                    "worker.writer"], top
 
 

@@ -36,6 +36,7 @@ FEATURES = {
     "reasoning": (Token, "channel"),
     "template_kwargs": (Prompt, "template_kwargs"),
     "batching": (LoadOptions, "max_concurrent"),
+    "distributed": (LoadOptions, "parallel"),
 }
 
 
@@ -52,7 +53,7 @@ def _version(pkg: str) -> str:
         return "missing"
 
 
-def ready_event(max_line_bytes: int, max_queue: int) -> Ready:
+def ready_event(max_line_bytes: int, max_queue: int, ranks=None) -> Ready:
     dev = mx.default_device()
     is_gpu = dev.type == mx.DeviceType.gpu
     info = DeviceInfo(
@@ -70,4 +71,5 @@ def ready_event(max_line_bytes: int, max_queue: int) -> Ready:
         pid=os.getpid(),
         capabilities=capabilities(),
         limits=Limits(max_line_bytes=max_line_bytes, max_queue=max_queue),
+        ranks=ranks,
     )

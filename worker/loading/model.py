@@ -19,6 +19,7 @@ from ..patches import gemma4_shared_kv, idefics3_llama
 from ..prompting.prefix_tokens import PrefixTokenizer, probe_texts
 from ..protocol import LoadOptions, ModelInfo, WorkerError, failing_as
 from ..prompting.tools import tool_format
+from . import sharding
 from .weights import nbytes, stored_dtype
 
 log = logging.getLogger("worker")
@@ -49,6 +50,7 @@ class ModelKit:
     weights_bytes: int = 0  # the text model and the vision tower (max_memory counts the draft too)
     encoder: object = None  # a PrefixTokenizer: prompts tokenized reusing the previous prompt's ids
     tool_format: object = None  # a tools.ToolFormat: how this model's tool calls look and parse
+    parallel: Optional[str] = None  # with several ranks: "tensor" or "pipeline" (sharding.py)
 
 
 def read_config(path: Path) -> dict:
@@ -140,8 +142,9 @@ def _dtype_name(d: mx.Dtype) -> str:
 
 
 def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[float], None],
-                     used: int = 0, what_else: str = ""):
-    """mlx-lm model + tokenizer + config + ModelInfo (vision left False) for a checkpoint directory."""
+                     used: int = 0, what_else: str = "", group=None):
+    """mlx-lm model + tokenizer + config + ModelInfo (vision left False) for a checkpoint directory; with a
+    ``group`` of several ranks, split over them (``info.parallel`` says how)."""
     tic = time.perf_counter()
     if options.prefill_step_size is None:
         on_cpu = mx.default_device().type == mx.DeviceType.cpu
@@ -160,6 +163,7 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
     target = compute_dtype(options, stored)
     if target is not None and target != stored:
         model.set_dtype(target, lambda d: mx.issubdtype(d, mx.floating))
+    parallel = sharding.split(model, config["model_type"], options.parallel, group)
     weights = check_memory(model, options.max_memory, used, what_else)
     check_kv_layout(model, config, options)
     with failing_as("model_load_failed", "could not read the weights"):
@@ -188,11 +192,13 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
         load_s=round(time.perf_counter() - tic, 4),
     )
     gemma4_shared_kv.fit(model, config, options)
-    return path, model, tokenizer, config, info, weights
+    return path, model, tokenizer, config, info, weights, parallel
 
 
-def load(path_str: str, options: LoadOptions, progress: Callable[[float], None]) -> ModelKit:
-    path, model, tokenizer, config, info, weights = _load_text_model(path_str, options, progress)
+def load(path_str: str, options: LoadOptions, progress: Callable[[float], None], group=None) -> ModelKit:
+    """The model at ``path_str``; with a ``group`` of several ranks, its text model split over them."""
+    path, model, tokenizer, config, info, weights, parallel = _load_text_model(
+        path_str, options, progress, group=group)
     if options.seed is not None:
         mx.random.seed(options.seed)
     warnings = []
@@ -214,8 +220,9 @@ def load(path_str: str, options: LoadOptions, progress: Callable[[float], None])
     info.tool_parser, info.tool_prompt = (fmt.parser, fmt.source) if fmt else (None, None)
     if getattr(tokenizer, "has_thinking", False):
         info.reasoning_markers = [tokenizer.think_start, tokenizer.think_end]
-    kit = ModelKit(path, model, tokenizer, config, options, info, make_store(path, model, options, info),
-                   warnings, addon, weights_bytes=weights,
+    rank = f"rank{group.rank()}of{group.size()}" if parallel else None
+    kit = ModelKit(path, model, tokenizer, config, options, info, make_store(path, model, options, info, rank),
+                   warnings, addon, weights_bytes=weights, parallel=parallel,
                    encoder=PrefixTokenizer(tokenizer._tokenizer, probe_texts(tokenizer)), tool_format=fmt)
     if options.draft_model_path:  # its own load stages report 0.96-0.97 (and check cancel)
         kit.draft = load_draft(kit, options.draft_model_path, lambda f: progress(round(0.96 + f / 100, 4)))
@@ -234,7 +241,7 @@ class DraftKit:
 def load_draft(kit: ModelKit, path_str: str, progress: Callable[[float], None]) -> DraftKit:
     """A draft model for speculative decoding; it must share the main model's vocabulary."""
     opts = kit.options
-    path, model, tokenizer, _, info, _ = _load_text_model(
+    path, model, tokenizer, _, info, _, _ = _load_text_model(
         path_str, opts, progress, kit.weights_bytes, "the main model (and its vision tower)")
     if info.vocab_size != kit.info.vocab_size:
         raise WorkerError("draft_incompatible", f"the draft model has {info.vocab_size} token ids and the main "
@@ -248,13 +255,16 @@ def load_draft(kit: ModelKit, path_str: str, progress: Callable[[float], None]) 
     return DraftKit(model, info, store)
 
 
-def make_store(path: Path, model: nn.Module, options: LoadOptions, info: ModelInfo) -> PromptCacheStore:
+def make_store(path: Path, model: nn.Module, options: LoadOptions, info: ModelInfo,
+               rank: Optional[str] = None) -> PromptCacheStore:
+    """The prompt cache; on disk under ``cache_dir`` (with several ranks, one folder per rank: each holds its
+    own share of every entry)."""
     disk = None
     if options.cache_dir:
         layout = layout_identity(dtype=info.compute_dtype, max_kv_size=options.max_kv_size,
                                  kv_bits=options.kv_bits, kv_group_size=options.kv_group_size)
         try:
-            disk = DiskCache(Path(options.cache_dir), model_identity(path), layout,
+            disk = DiskCache(Path(options.cache_dir) / (rank or ""), model_identity(path), layout,
                              len(make_cache(model)), options.cache_disk_bytes)
         except OSError as exc:
             raise WorkerError("invalid_params", f"options.cache_dir is not usable: {exc}")

@@ -21,6 +21,7 @@ CODES = {
     "draft_incompatible": -32010,  # load_draft: the draft model does not share the main model's vocabulary
     "out_of_memory": -32011,  # load: the model needs more memory than options.max_memory (or the machine) has
     "invalid_audio": -32012,  # an audio part is unreadable, not WAV/FLAC/MP3, too large or too long
+    "rank_lost": -32013,  # with several ranks: a rank died or stopped answering; the worker exits (fatal)
 }
 
 

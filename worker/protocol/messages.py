@@ -12,7 +12,7 @@ from typing_extensions import Annotated
 
 from .errors import CODES
 
-PROTOCOL_VERSION = "1.6"
+PROTOCOL_VERSION = "1.7"
 
 
 def doc(t, text: str):
@@ -56,6 +56,9 @@ class LoadOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     max_concurrent: doc(Optional[Annotated[int, Meta(ge=1, le=64)]],
                         "most generate requests decoded together in one batch; null: 8 on a GPU, 1 on a CPU "
                         "(where batching does not pay)") = None
+    parallel: doc(Optional[Literal["tensor", "pipeline"]],
+                  "with several ranks (Distributed): how the model is split; null: tensor when the model "
+                  "has mlx-lm's shard(), else pipeline; ignored with one rank") = None
 
 
 class Load(Request, tag="load", kw_only=True):
@@ -256,6 +259,20 @@ class Limits(Struct, kw_only=True):
     max_queue: doc(int, "most work requests waiting; more get queue_full")
 
 
+class RankInfo(Struct, omit_defaults=True, kw_only=True):
+    rank: doc(int, "0 is the rank that reads stdin and writes stdout")
+    host: doc(str, "the rank's host name")
+    memory_bytes: doc(int, "the rank's memory for the model: its GPU's, else its machine's")
+    weights_bytes: doc(Optional[int], "load, status: the bytes of the model's weights this rank holds") = None
+
+
+class Ranks(Struct, omit_defaults=True, kw_only=True):
+    size: doc(int, "how many ranks run the model")
+    backend: doc(str, "mx.distributed's backend: ring or nccl")
+    parallel: doc(Optional[Literal["tensor", "pipeline"]], "load, status: how the loaded model is split") = None
+    ranks: doc(list[RankInfo], "one per rank, in rank order")
+
+
 class Ready(Event, tag="ready", kw_only=True):
     protocol_version: doc(str, "major.minor: a host supports one major; minors only add")
     versions: doc(dict[str, str], "worker, mlx, mlx-lm, mlx-vlm and python versions")
@@ -263,6 +280,7 @@ class Ready(Event, tag="ready", kw_only=True):
     pid: doc(int, "the worker's process id")
     capabilities: doc(list[str], "request types and features this worker has (PROTOCOL.md, Capabilities)")
     limits: Limits
+    ranks: doc(Optional[Ranks], "with several ranks (Distributed): the world") = None
 
 
 class Progress(Event, tag="progress", kw_only=True):
@@ -356,6 +374,7 @@ class ModelInfo(Struct, omit_defaults=True, kw_only=True):
     reasoning_markers: doc(Optional[list[str]], "the thinking markers [start, end], for reasoning models") = None
     max_concurrent: doc(Optional[int], "most generate requests decoded together (the load option or the "
                         "device default; 1 when the model cannot batch)") = None
+    ranks: doc(Optional[Ranks], "with several ranks: the split (parallel) and each rank's share") = None
 
 
 StopReason = Literal["eos", "stop_string", "stop_token", "max_tokens", "context_full", "cancelled", "tool_calls"]
@@ -390,6 +409,7 @@ class Done(Event, tag="done", kw_only=True):
                  "first (several with batching)") = None
     queue: doc(Optional[list[str]], "status: queued request ids, in order") = None
     engine_alive: doc(Optional[bool], "status: the MLX thread is running") = None
+    ranks: doc(Optional[Ranks], "status, with several ranks: the world (and the loaded model's split)") = None
     # status, cache_clear (for cache_clear: what was dropped)
     cache: Optional[CacheStats] = None
     # status: the draft model's own prompt cache (with a draft loaded)
