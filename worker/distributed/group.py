@@ -133,7 +133,7 @@ def describe(world: World):
     """The world as ``ready`` reports it: every rank's host and memory (gathered: each rank says its own)."""
     from ..protocol import RankInfo, Ranks
 
-    mine = {"host": host_name(), "memory_bytes": memory_bytes()}
+    mine = {"host": host_name(), "pid": os.getpid(), "memory_bytes": memory_bytes()}
     every = world.gather(mine)
     return Ranks(size=world.size, backend=world.backend,
                  ranks=[RankInfo(rank=i, **r) for i, r in enumerate(every)])

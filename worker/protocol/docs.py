@@ -15,6 +15,7 @@ from .messages import AnyEvent, AnyRequest, GenerateParams, LoadOptions, Message
 from .messages import AudioPart, CacheStats, DeviceInfo, ImagePart, ImageUrl, ImageUrlPart, Limits, TextPart
 from .messages import FunctionCall, FunctionDef, NamedToolChoice, TokenLogprob, Tool, ToolCall, ToolChoiceFunction
 from .messages import TopLogprob
+from .ranks import RankInfo, Ranks
 from .schema import schema_text
 
 BEGIN, END = "<!-- BEGIN GENERATED: python -m worker.protocol.docs --write -->", "<!-- END GENERATED -->"
@@ -87,7 +88,7 @@ def generated_markdown() -> str:
     for cls in AnyEvent.__args__:
         parts += [f"#### {cls.__name__}", "", _table(cls), ""]
     parts += ["### Event parts", ""]
-    for cls in (ModelInfo, DeviceInfo, Limits, CacheStats, TokenLogprob, TopLogprob):
+    for cls in (ModelInfo, DeviceInfo, Limits, CacheStats, TokenLogprob, TopLogprob, Ranks, RankInfo):
         parts += [f"#### {cls.__name__}", "", _table(cls), ""]
     parts += ["### Error codes", "", "| code | number |", "|---|---|"]
     parts += [f"| `{c}` | {n} |" for c, n in CODES.items()]

@@ -14,10 +14,7 @@ from .errors import CODES
 
 PROTOCOL_VERSION = "1.7"
 
-
-def doc(t, text: str):
-    """``t`` with a meaning: it appears in PROTOCOL.md's tables and in the JSON Schema."""
-    return Annotated[t, Meta(description=text)]
+from .ranks import RankInfo, Ranks, doc  # noqa: F401  (the world of several ranks; doc lives there)
 
 
 NonNeg = Annotated[int, Meta(ge=0)]
@@ -257,20 +254,6 @@ class DeviceInfo(Struct, omit_defaults=True, kw_only=True):
 class Limits(Struct, kw_only=True):
     max_line_bytes: doc(int, "longest request line read, in bytes (its `\\n` or `\\r\\n` not counted)")
     max_queue: doc(int, "most work requests waiting; more get queue_full")
-
-
-class RankInfo(Struct, omit_defaults=True, kw_only=True):
-    rank: doc(int, "0 is the rank that reads stdin and writes stdout")
-    host: doc(str, "the rank's host name")
-    memory_bytes: doc(int, "the rank's memory for the model: its GPU's, else its machine's")
-    weights_bytes: doc(Optional[int], "load, status: the bytes of the model's weights this rank holds") = None
-
-
-class Ranks(Struct, omit_defaults=True, kw_only=True):
-    size: doc(int, "how many ranks run the model")
-    backend: doc(str, "mx.distributed's backend: ring or nccl")
-    parallel: doc(Optional[Literal["tensor", "pipeline"]], "load, status: how the loaded model is split") = None
-    ranks: doc(list[RankInfo], "one per rank, in rank order")
 
 
 class Ready(Event, tag="ready", kw_only=True):
