@@ -103,7 +103,7 @@ def main(argv=None) -> None:
         from .follower import follow
 
         os._exit(follow(world, ranks))
-    server = Server(out_fd, max(64, args.max_line_bytes), world, ranks, args.rank_timeout)
+    server = Server(out_fd, max(64, args.max_line_bytes), world, ranks, args.rank_timeout, followers)
     signal.signal(signal.SIGTERM, lambda *_: server.request_exit(0))
     signal.signal(signal.SIGINT, lambda *_: server.request_exit(0))
     code = server.serve(sys.stdin.buffer, ready_event(server.max_line_bytes, MAX_QUEUE, ranks))

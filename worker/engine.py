@@ -224,7 +224,7 @@ class Engine:
         if self.world is not None:
             kit.info.ranks = msgspec.structs.replace(self.ranks, parallel=kit.parallel, ranks=self._shares(kit))
         if kit.info.max_concurrent > 1:
-            self.batcher = Batcher(kit)
+            self.batcher = Batcher(kit, every_rank=self.world.every if self.world else None)
         return Done(id=req.id, request="load", model=_copy(kit.info), draft=_copy(kit.draft.info if kit.draft else None),
                     warnings=kit.warnings or None)
 

@@ -30,12 +30,12 @@ SHUTDOWN_GRACE_S = 60.0
 
 class Server:
     def __init__(self, out_fd: int, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, world=None, ranks=None,
-                 rank_timeout_s: float = 60.0):
+                 rank_timeout_s: float = 60.0, followers=None):
         self.max_line_bytes = max_line_bytes
         self.writer = Writer(out_fd, on_broken=self._stdout_broken)
         self.engine = Engine(world)
         self.engine.ranks = ranks
-        self.world, self.rank_timeout_s = world, rank_timeout_s
+        self.world, self.rank_timeout_s, self.followers = world, rank_timeout_s, followers
         self.scheduler = Scheduler(self.engine, self.emit, on_engine_death=self._engine_died, world=world)
         self.exiting = threading.Event()
         self.exit_code = 0
@@ -89,19 +89,26 @@ class Server:
         return self.exit_code
 
     def _watch_ranks(self) -> None:
-        """Rank 0's watchdog: a rank that stops answering (one shared step, or the model's own collectives
-        while a request runs, silent for ``rank_timeout_s``) ends every request with ``rank_lost`` and the
-        worker with ``fatal``: never a hang. A rank that dies is seen sooner, by the collective that fails."""
+        """Rank 0's watchdog: a rank whose process ended (the ranks this worker started), or that stops
+        answering (one shared step, or the model's own collectives while a request runs, silent for
+        ``rank_timeout_s``) ends every request with ``rank_lost`` and the worker with ``fatal``: never a hang.
+        (A collective with a dead peer does not always fail: MLX's ring may leave it pending.)"""
         world, sched, limit = self.world, self.scheduler, self.rank_timeout_s
         while not self.exiting.wait(min(0.5, limit / 4)):
+            dead = self.followers.dead() if self.followers is not None else []
             now = time.monotonic()
             inside = world.inside_since
             stuck = inside is not None and now - inside > limit
             quiet = not (sched.waiting or sched.loading) and now - world.last_done > limit
-            if stuck or quiet:
-                log.error("a rank has not answered for %.0f s: exiting", limit)
-                sched._engine_died(RankLost(f"a rank has not answered for {limit:g} s (--rank-timeout)"))
-                return
+            if dead:
+                why = ", ".join(f"rank {r} exited ({code})" for r, code in dead)
+            elif stuck or quiet:
+                why = f"a rank has not answered for {limit:g} s (--rank-timeout)"
+            else:
+                continue
+            log.error("%s: exiting", why)
+            sched._engine_died(RankLost(why))
+            return
 
     # ------------------------------------------------------------ reader
 

@@ -14,6 +14,7 @@ from typing import Optional
 
 import mlx.core as mx
 import msgspec
+from mlx_lm.generate import generation_stream
 
 _SIZE = mx.int64
 
@@ -42,9 +43,12 @@ class World:
         return self.group.size()
 
     def _sum(self, x: mx.array) -> mx.array:
+        """all_sum on the stream the model computes on (mlx-lm's generation_stream): the collectives inside
+        the model and these run in one order, the order the (identical) engine code submits them on every
+        rank. On another stream they could interleave differently on each rank, and the ring would hang."""
         self.inside_since = time.monotonic()
         try:
-            out = mx.distributed.all_sum(x, group=self.group, stream=mx.cpu)
+            out = mx.distributed.all_sum(x, group=self.group, stream=generation_stream)
             mx.eval(out)
             return out
         except RuntimeError as exc:
@@ -61,6 +65,10 @@ class World:
             return b""
         buf = mx.array(memoryview(mine), dtype=mx.uint8) if mine else mx.zeros((size,), dtype=mx.uint8)
         return bytes(memoryview(self._sum(buf)))
+
+    def every(self, value: bool) -> bool:
+        """True on every rank when ``value`` is true on every rank (a decision each rank must make alike)."""
+        return int(self._sum(mx.array([int(bool(value))], dtype=mx.int32)).item()) == self.size
 
     def flag(self, value: bool) -> bool:
         """Rank 0's ``value`` on every rank."""

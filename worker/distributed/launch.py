@@ -71,17 +71,22 @@ class Followers:
         return [(rank, p.process.poll()) for rank, p in self.procs if p.process.poll() is not None]
 
     def stop(self, grace: float = 2.0) -> None:
-        """Wait ``grace`` seconds for each follower to end by itself, then kill it (on its own host too)."""
+        """Wait ``grace`` seconds for each follower to end by itself, then kill it: SIGKILL here (a stopped
+        process ignores SIGTERM until it runs again), mlx's kill script on another host."""
         for rank, p in self.procs:
             try:
                 p.process.wait(grace)
+                continue
             except subprocess.TimeoutExpired:
                 log.warning("rank %d did not exit: killing it", rank)
-                try:
-                    p.terminate()
-                except Exception as exc:  # the kill script failed: the local shell at least goes
-                    log.warning("rank %d: %s", rank, exc)
+            try:
+                if getattr(p, "_is_local", True):
                     p.process.kill()
+                    p.process.wait(5)
+                else:
+                    p.terminate()
+            except Exception as exc:
+                log.warning("rank %d: %s", rank, exc)
 
 
 def start(ranks: Optional[int], hostfile: Optional[str], backend: Optional[str], argv: list) -> Followers:

@@ -60,6 +60,7 @@ class Batcher:
     kit: ModelKit
     batch: DecodeBatch = None
     admitting: List[Admission] = field(default_factory=list)
+    every_rank: Optional[Callable[[bool], bool]] = None  # with ranks: true only where true on all of them
 
     def __post_init__(self):
         self.batch = DecodeBatch(self.kit.model, self.kit.addon)
@@ -75,7 +76,8 @@ class Batcher:
         run = a.run
         tokens = run.n_prompt - run.lease.reused + run.budget
         need = tokens * self.kv_per_token
-        return mx.get_active_memory() + need <= mx.get_memory_limit()
+        fits = mx.get_active_memory() + need <= mx.get_memory_limit()
+        return self.every_rank(fits) if self.every_rank else fits  # each rank's memory is its own
 
     @property
     def busy(self) -> bool:

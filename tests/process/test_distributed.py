@@ -1,0 +1,253 @@
+"""Acceptance of the distributed worker (PROTOCOL.md, Distributed): ``python -m worker --ranks 2`` on this
+machine (ring backend) gives mlx-lm's tokens, the 1-rank worker's cache figures, tools and images; a cancel
+lands within one step; a rank killed or stopped ends the running request with ``rank_lost`` and the worker
+with ``fatal``, and no rank is left behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support import reference as ref
+from tests.support.client import Worker, generated_tokens
+from tests.support.fixtures import fixture_dir
+from tests.support.prompts import assert_varied, random_ids
+
+TWO = ["--ranks", "2"]
+
+
+@pytest.fixture(scope="module")
+def ranks2():
+    w = Worker(TWO)
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def single():
+    w = Worker()
+    yield w
+    w.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone too
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_ready_reports_the_world(ranks2):
+    world = ranks2.ready["ranks"]
+    assert world["size"] == 2 and world["backend"] == "ring"
+    assert [r["rank"] for r in world["ranks"]] == [0, 1]
+    assert world["ranks"][0]["pid"] == ranks2.proc.pid
+    assert world["ranks"][1]["pid"] != ranks2.proc.pid and _alive(world["ranks"][1]["pid"])
+    assert all(r["memory_bytes"] > 0 for r in world["ranks"])
+    assert "distributed" in ranks2.ready["capabilities"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_greedy_tokens_are_mlx_lm_s_over_two_ranks(ranks2, fixtures_root, family):
+    path = fixture_dir(family, fixtures_root)
+    model = ranks2.load(path)
+    split = model["ranks"]
+    assert split["parallel"] == "tensor" and len(split["ranks"]) == 2
+    full = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    held = [r["weights_bytes"] for r in split["ranks"]]
+    assert held[0] == held[1] and held[0] < 0.8 * full, (held, full)  # the layers are halved
+    # gemma3_text: a prompt beyond its sliding window (512), so the rotating layers wrap
+    for seed, n in ((1, 40), (2, 600 if family == "gemma3_text" else 90)):
+        ids = random_ids(n, seed)
+        want = ref.generate(path, ids, 24)
+        assert_varied(want, 4, what=f"mlx-lm's {family} output")
+        evs = ranks2.request({"type": "generate", "id": f"g{seed}", "prompt": {"tokens": ids},
+                              "params": {"max_tokens": 24}})
+        assert evs[-1]["type"] == "done", evs[-1]
+        assert generated_tokens(evs) == want
+
+
+def test_pipeline_is_refused_where_mlx_lm_has_none(ranks2, llama_dir):
+    evs = ranks2.request({"type": "load", "id": "lp", "model_path": str(llama_dir),
+                          "options": {"parallel": "pipeline"}})
+    assert evs[-1]["type"] == "error" and evs[-1]["code"] == "invalid_params", evs[-1]
+    assert "'tensor'" in evs[-1]["message"] and "pipeline" in evs[-1]["message"]
+    status = ranks2.request({"type": "status", "id": "st"})[-1]
+    assert status["state"] == "empty" and status["ranks"]["size"] == 2
+
+
+def _chat(w, rid, messages, n=16, **params):
+    evs = w.request({"type": "generate", "id": rid, "prompt": {"messages": messages},
+                     "params": {"max_tokens": n, **params}})
+    assert evs[-1]["type"] == "done", evs[-1]
+    return evs
+
+
+def test_a_follow_up_reuses_what_one_rank_reuses(ranks2, single, gemma3_dir):
+    """Two turns past the sliding window: the 2-rank worker answers and reuses exactly as the 1-rank one."""
+    out = {}
+    for name, w in (("two", ranks2), ("one", single)):
+        w.load(gemma3_dir)
+        first = [{"role": "user", "content": " ".join(f"w{i}" for i in random_ids(150, 5))}]
+        a = _chat(w, f"{name}-a", first)
+        second = first + [{"role": "assistant", "content": a[-1]["text"]},
+                          {"role": "user", "content": "and then?"}]
+        b = _chat(w, f"{name}-b", second)
+        out[name] = (generated_tokens(a), generated_tokens(b), b[-2]["cached_tokens"], b[-2]["prompt_tokens"])
+    assert_varied(out["one"][0] + out["one"][1], 4, what="the 1-rank worker's answers")
+    assert out["two"][2] > 0 and out["two"][2] < out["two"][3]
+    assert out["two"] == out["one"]
+
+
+def test_two_streams_decode_together(fixtures_root):
+    path = fixture_dir("qwen2", fixtures_root)
+    w = Worker(TWO)
+    try:
+        w.load(path, max_concurrent=2)
+        ids = {rid: random_ids(30 + 7 * i, 20 + i) for i, rid in enumerate(("s0", "s1"))}
+        for rid, p in ids.items():
+            w.send({"type": "generate", "id": rid, "prompt": {"tokens": p}, "params": {"max_tokens": 40}})
+        for rid, p in ids.items():
+            evs = w.collect(rid)
+            want = ref.generate(path, p, 40)
+            assert_varied(want, 4, what="mlx-lm's output")
+            assert generated_tokens(evs) == want
+            stats = evs[-2]
+            assert stats["batching"] == "on" and stats["concurrent"] == 2, stats
+    finally:
+        w.close()
+
+
+def test_a_tool_call_over_two_ranks(ranks2, single, tmp_path):
+    from tests.support.tool_fixtures import tool_fixture_dir
+
+    path = tool_fixture_dir("hermes", tmp_path)
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London"]}},
+        "required": ["city"], "additionalProperties": False}}}
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    got = {}
+    for name, w in (("two", ranks2), ("one", single)):
+        w.load(path)
+        evs = w.request({"type": "generate", "id": f"t-{name}", "prompt": {
+            "messages": ask, "tools": [weather], "tool_choice": "required"}, "params": {"max_tokens": 60}})
+        assert evs[-1]["type"] == "done" and evs[-1]["stop_reason"] == "tool_calls", evs[-1]
+        got[name] = [(e["call"]["function"], e["tokens"]) for e in evs if e["type"] == "tool_call"]
+    assert len(got["one"]) == 1 and got["one"][0][0]["name"] == "get_weather"  # ids are random: not compared
+    assert got["two"] == got["one"]
+
+
+def test_an_image_over_two_ranks(ranks2, single, tmp_path):
+    """The vision tower runs whole on every rank (same image, same embeddings); the text model is split."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.support.vlm_fixtures import vlm_fixture_dir
+
+    path = vlm_fixture_dir("gemma3", tmp_path)
+    img = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(img)
+    msg = [{"role": "user", "content": [{"type": "image", "path": str(img)},
+                                        {"type": "text", "text": "What is in the picture?"}]}]
+    got = {}
+    for name, w in (("two", ranks2), ("one", single)):
+        info = w.load(path)
+        assert info["vision"] is True
+        evs = _chat(w, f"i-{name}", msg, 24)
+        got[name] = (generated_tokens(evs), evs[-2]["prompt_tokens"])
+    assert_varied(got["one"][0], 4, what="the 1-rank worker's image answer")
+    assert got["two"] == got["one"]
+
+
+def test_a_cancel_lands_within_one_step(ranks2, llama_dir):
+    ranks2.load(llama_dir)
+    ranks2.send({"type": "generate", "id": "c", "prompt": {"tokens": random_ids(20, 9)},
+                 "params": {"max_tokens": 100000}})
+    for _ in range(5):
+        ranks2.wait_for("c", lambda e: e["type"] == "token")
+    ack = ranks2.request({"type": "cancel", "id": "cc", "target": "c"})
+    assert ack[-1]["cancelled"] is True
+    evs = ranks2.collect("c")
+    assert evs[-1]["type"] == "done" and evs[-1]["stop_reason"] == "cancelled"
+    late = [e for e in evs if e["type"] == "token" and e["seq"] > ack[-1]["seq"]]
+    assert len(late) <= 1, late
+    ids = random_ids(25, 10)
+    want = ref.generate(llama_dir, ids, 12)
+    after = ranks2.request({"type": "generate", "id": "after", "prompt": {"tokens": ids},
+                            "params": {"max_tokens": 12}})
+    assert generated_tokens(after) == want
+
+
+def _running_with_follower(path, args=()):
+    w = Worker([*TWO, *args])
+    follower = w.ready["ranks"]["ranks"][1]["pid"]
+    w.load(path)
+    w.send({"type": "generate", "id": "long", "prompt": {"tokens": random_ids(20, 11)},
+            "params": {"max_tokens": 100000}})
+    for _ in range(3):
+        w.wait_for("long", lambda e: e["type"] == "token")
+    return w, follower
+
+
+def _ends_with_rank_lost(w, follower, within_s):
+    t0 = time.monotonic()
+    evs = w.collect("long", timeout=within_s + 10)
+    assert evs[-1]["type"] == "error" and evs[-1]["code"] == "rank_lost", evs[-1]
+    fatal = w.next_event(timeout=within_s + 10)
+    assert fatal["type"] == "fatal", fatal
+    assert w.proc.wait(timeout=within_s + 10) == 70
+    assert time.monotonic() - t0 < within_s + 10
+    deadline = time.monotonic() + 10
+    while _alive(follower) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(follower), "a rank was left behind"
+
+
+def test_a_killed_rank_ends_the_request_and_the_worker(llama_dir):
+    w, follower = _running_with_follower(llama_dir)
+    try:
+        os.kill(follower, signal.SIGKILL)
+        _ends_with_rank_lost(w, follower, within_s=5)
+    finally:
+        w.close()
+
+
+def test_a_stopped_rank_is_given_up_after_the_rank_timeout(llama_dir):
+    w, follower = _running_with_follower(llama_dir, ["--rank-timeout", "2"])
+    try:
+        os.kill(follower, signal.SIGSTOP)
+        _ends_with_rank_lost(w, follower, within_s=4)
+    finally:
+        try:
+            os.kill(follower, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        w.close()
+
+
+def test_a_killed_rank_0_takes_the_others_with_it(llama_dir):
+    w = Worker(TWO)
+    follower = w.ready["ranks"]["ranks"][1]["pid"]
+    w.load(llama_dir)
+    w.proc.kill()
+    w.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while _alive(follower) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(follower), "rank 1 outlived rank 0"
+    w.close()
+
+
+def test_stdin_closing_ends_every_rank(llama_dir):
+    w = Worker(TWO)
+    follower = w.ready["ranks"]["ranks"][1]["pid"]
+    w.load(llama_dir)
+    w.proc.stdin.close()
+    assert w.proc.wait(timeout=15) == 0
+    assert not _alive(follower)
+    w.close()
