@@ -98,7 +98,9 @@ def main(argv=None) -> None:
     offline.patch_downloads()
 
     world = group.init()
-    ranks = group.describe(world) if world is not None else None
+    ranks = None
+    if world is not None:
+        ranks = group.describe(world)
     if world is not None and world.rank != 0:
         from .follower import follow
 

@@ -17,7 +17,7 @@ import msgspec
 
 from .engine import Engine, Route
 from .protocol import AnyRequest, decode_request, Fatal, Generate, Load, LoadDraft, Unload, WorkerError
-from .distributed.group import RankLost
+from .distributed.group import RankLost, seed_alike
 from .protocol.events import cancelled_done, error_event, internal_error
 
 log = logging.getLogger("worker")
@@ -48,7 +48,6 @@ class Step:
 
     job: Optional[Job] = None
     route: Optional[Route] = None
-    cancels: Optional[frozenset] = None  # with ranks: running requests cancelled as of this step
     stop: bool = False  # the worker exits: the engine loop ends (on every rank)
 
 
@@ -56,21 +55,20 @@ def step_to_wire(step: Step) -> bytes:
     return msgspec.json.encode({
         "req": msgspec.json.encode(step.job.req).decode() if step.job else None,
         "route": step.route.value if step.route else None,
-        "cancels": sorted(step.cancels or ()), "stop": step.stop})
+        "stop": step.stop})
 
 
 def step_from_wire(data: bytes) -> Step:
     d = msgspec.json.decode(data)
     job = Job(decode_request(d["req"].encode())) if d["req"] is not None else None
-    return Step(job=job, route=Route(d["route"]) if d["route"] else None, cancels=frozenset(d["cancels"]),
-                stop=d["stop"])
+    return Step(job=job, route=Route(d["route"]) if d["route"] else None, stop=d["stop"])
 
 
 class Scheduler:
     def __init__(self, engine: Engine, emit: Callable, on_engine_death: Callable[[], None], world=None):
         self.engine = engine
         self.world = world  # a distributed.group.World with several ranks, else None
-        self.cancels: frozenset = frozenset()  # with ranks: the running requests cancelled as of this step
+        self.cancels: Optional[frozenset] = None  # with ranks: batched requests cancelled, as last shared
         self.stopping = False  # the engine loop ends once the queue and the batch are empty
         self.waiting = False  # the engine thread waits for work (rank 0's watchdog reads it)
         self.loading = False  # the engine thread loads a model (no shared step until its end)
@@ -192,6 +190,8 @@ class Scheduler:
         """FIFO from the queue: a generate the batch takes is admitted while others decode; any other
         request (or a generate that must run alone) waits for the batch to end, then runs alone.
         With several ranks, each step rank 0 decides (``_decide``) is shared and every rank takes it."""
+        if self.world is not None:
+            seed_alike(self.world)  # MLX's random key is per thread: this one's
         while True:
             step = self._decide() if self.world is None else self._shared_step()
             if step.stop:
@@ -200,8 +200,7 @@ class Scheduler:
 
     def _take(self, step: "Step") -> None:
         engine = self.engine
-        if step.cancels is not None:
-            self.cancels = step.cancels
+        self.cancels = None  # shared afresh at the first check after the admission, and after the tick
         job = step.job
         if job is not None:
             emit = functools.partial(job.emit_unless_answered, self.emit)
@@ -217,6 +216,7 @@ class Scheduler:
                     self.loading = False
                 self._conclude(job, event)
         if engine.batch_busy:
+            self.cancels = None
             for done_job, event in engine.tick():
                 self._conclude(done_job, event)
 
@@ -232,32 +232,34 @@ class Scheduler:
                 if self.world is not None:
                     self.world.touch()
                 if not woke and wait_s is not None:
-                    return Step(cancels=self._cancels())
+                    return Step()
             if self.stopping and not self.queue and not engine.batch_busy:
                 return Step(stop=True)
-            cancels = self._cancels()
             if not self.queue:
-                return Step(cancels=cancels)
+                return Step()
             route = engine.route(self.queue[0].req)
             if not (engine.batch_room() if route is Route.BATCH else not engine.batch_busy):
-                return Step(cancels=cancels)
+                return Step()
             job = self.queue.popleft()
             self.running.append(job)
             self.idle.clear()
-            return Step(job=job, route=route, cancels=cancels)
-
-    def _cancels(self) -> Optional[frozenset]:
-        """The running requests cancelled so far (lock held): shared with the ranks at each step."""
-        if self.world is None:
-            return None
-        return frozenset(j.req.id for j in self.running if j.cancel.is_set())
+            return Step(job=job, route=route)
 
     def _batch_cancelled(self, job: Job) -> Callable[[], bool]:
-        """A batched request's cancel check: its flag alone, or with ranks the flag as of this step."""
+        """A batched request's cancel check: its flag; with ranks, rank 0's flags shared at the first check of
+        an admission or a tick (one collective for the whole batch; the tokens it checks are computed)."""
         if self.world is None:
             return job.cancel.is_set
         rid = job.req.id
-        return lambda: rid in self.cancels
+        return lambda: rid in self._shared_cancels()
+
+    def _shared_cancels(self) -> frozenset:
+        if self.cancels is None:
+            with self.lock:
+                mine = sorted(j.req.id for j in self.running if j.cancel.is_set())
+            data = self.world.share(msgspec.json.encode(mine) if self.world.rank == 0 else None)
+            self.cancels = frozenset(msgspec.json.decode(data) if data else ())
+        return self.cancels
 
     def _alone_cancelled(self, job: Job) -> Callable[[], bool]:
         """A request run alone checks at each chunk and token: with ranks, rank 0's flag, shared."""

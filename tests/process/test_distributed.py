@@ -251,3 +251,114 @@ def test_stdin_closing_ends_every_rank(llama_dir):
     assert w.proc.wait(timeout=15) == 0
     assert not _alive(follower)
     w.close()
+
+
+def _logprobs_under_mlx_lm(path, ids, out):
+    """Each generated token's log-probability under mlx-lm's unsplit model, given everything before it."""
+    import mlx.core as mx
+
+    model, _ = ref.load_model(path)
+    logits = model(mx.array([ids + out]))[0, len(ids) - 1:-1].astype(mx.float32)
+    lps = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return [lps[i, t].item() for i, t in enumerate(out)]
+
+
+@pytest.mark.parametrize("concurrent", [1, 2])
+def test_unseeded_sampling_draws_alike_on_every_rank(ranks2, llama_dir, concurrent):
+    """An unseeded sampler draws from each rank's own random key: were they apart, rank 1 would feed the split
+    model another token than rank 0 and every later logprob rank 0 reports would be off mlx-lm's."""
+    ranks2.load(llama_dir, max_concurrent=concurrent)
+    ids = random_ids(30, 12)
+    evs = ranks2.request({"type": "generate", "id": f"u{concurrent}", "prompt": {"tokens": ids},
+                          "params": {"max_tokens": 24, "temperature": 1.5, "top_logprobs": 1}})
+    assert evs[-1]["type"] == "done", evs[-1]
+    out = generated_tokens(evs)
+    got = [lp["logprob"] for e in evs if e["type"] == "token" for lp in e["logprobs"]]
+    assert_varied(out, 8, what="the sampled tokens")
+    want = _logprobs_under_mlx_lm(llama_dir, ids, out)
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3, list(zip(got, want))
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string", "maxLength": 6}},
+          "required": ["a", "b"], "additionalProperties": False}
+FEATURES = {  # name: (load options, generate params)
+    "logprobs": ({}, {"top_logprobs": 3}),
+    "penalties": ({}, {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.3}),
+    "logit_bias": ({}, {"logit_bias": {"50": 5.0, "61": -100}}),
+    "seeded": ({}, {"temperature": 0.9, "top_p": 0.9, "seed": 7}),
+    "json_schema": ({}, {"json_schema": SCHEMA}),
+    "stop_string": ({}, {"stop": ["e"]}),
+    "kv_bits": ({"kv_bits": 8, "kv_group_size": 32}, {}),
+    "max_kv_size": ({"max_kv_size": 24}, {}),
+    "draft": ({"draft": True}, {"num_draft_tokens": 3}),
+}
+
+
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_features_over_two_ranks_are_one_rank_s(ranks2, single, llama_dir, name):
+    """Each feature gives over two ranks what it gives over one (each is checked against mlx-lm alone in its
+    own tests); logprobs to float32 noise (the split model sums its halves in another order)."""
+    options, params = FEATURES[name]
+    if options.pop("draft", None):  # the model as its own draft (whole on every rank): most tokens come from it
+        options = {**options, "draft_model_path": str(llama_dir)}
+    ids = random_ids(40, 31)
+    got = {}
+    for label, w in (("two", ranks2), ("one", single)):
+        w.load(llama_dir, **options)
+        evs = w.request({"type": "generate", "id": f"{name}-{label}", "prompt": {"tokens": ids},
+                         "params": {"max_tokens": 30, **params}})
+        assert evs[-1]["type"] == "done", evs[-1]
+        lps = [(lp["id"], lp["logprob"], [t["id"] for t in lp["top"]])
+               for e in evs if e["type"] == "token" for lp in e.get("logprobs") or []]
+        drafted = [d for e in evs if e["type"] == "token" for d in e.get("from_draft") or []]
+        got[label] = (generated_tokens(evs), evs[-1]["text"], evs[-1]["stop_reason"], lps, drafted)
+    one, two = got["one"], got["two"]
+    assert_varied(one[0] + [0, 1, 2], 4, what=f"the 1-rank worker's {name} output")
+    assert two[:3] == one[:3] and two[4] == one[4]
+    assert [(i, top) for i, _, top in two[3]] == [(i, top) for i, _, top in one[3]]
+    assert all(abs(a[1] - b[1]) < 1e-4 for a, b in zip(two[3], one[3]))
+    if name == "logprobs":
+        assert len(one[3]) == len(one[0]) > 0
+    if name == "draft":
+        assert sum(one[4]) > len(one[4]) / 2, one[4]
+
+
+def test_a_batched_cancel_lands_within_one_step(llama_dir):
+    """In the batch a cancel reaches every rank with the next shared step; the other stream runs on."""
+    w = Worker(TWO)
+    try:
+        w.load(llama_dir, max_concurrent=2)
+        keep = random_ids(20, 41)
+        w.send({"type": "generate", "id": "k", "prompt": {"tokens": keep}, "params": {"max_tokens": 60}})
+        w.send({"type": "generate", "id": "c", "prompt": {"tokens": random_ids(20, 42)},
+                "params": {"max_tokens": 100000}})
+        for _ in range(5):
+            w.wait_for("c", lambda e: e["type"] == "token")
+        ack = w.request({"type": "cancel", "id": "cc", "target": "c"})
+        assert ack[-1]["cancelled"] is True
+        evs = w.collect("c")
+        assert evs[-1]["stop_reason"] == "cancelled"
+        late = [e for e in evs if e["type"] == "token" and e["seq"] > ack[-1]["seq"]]
+        assert len(late) <= 1, late
+        kept = w.collect("k")
+        assert generated_tokens(kept) == ref.generate(llama_dir, keep, 60)
+    finally:
+        w.close()
+
+
+def test_the_disk_cache_over_two_ranks(llama_dir, tmp_path):
+    """With cache_dir each rank keeps its own share of every entry; a new 2-rank worker resumes from them."""
+    ids = random_ids(300, 51)
+    reused = []
+    for attempt in range(2):
+        w = Worker(TWO)
+        try:
+            w.load(llama_dir, cache_dir=str(tmp_path))
+            evs = w.request({"type": "generate", "id": f"d{attempt}", "prompt": {"tokens": ids},
+                             "params": {"max_tokens": 8}})
+            assert generated_tokens(evs) == ref.generate(llama_dir, ids, 8)
+            reused.append(evs[-2]["cached_tokens"])
+        finally:
+            w.close()
+    assert reused == [0, len(ids) - 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0of2", "rank1of2"]

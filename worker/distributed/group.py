@@ -137,6 +137,14 @@ def host_name() -> str:
     return socket.gethostname()
 
 
+def seed_alike(world: World) -> None:
+    """The calling thread's random key from one seed (rank 0's) on every rank: an unseeded sampler then draws
+    the same token on every rank. Drawn apart, the ranks would feed different tokens to one split model.
+    (MLX's random key is per thread: the engine thread calls this.)"""
+    seed = int.from_bytes(os.urandom(4), "little") if world.rank == 0 else 0
+    mx.random.seed(int.from_bytes(world.share(seed.to_bytes(4, "little")), "little"))
+
+
 def describe(world: World):
     """The world as ``ready`` reports it: every rank's host and memory (gathered: each rank says its own)."""
     from ..protocol import RankInfo, Ranks
