@@ -9,6 +9,7 @@ import collections
 import functools
 import logging
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -23,7 +24,10 @@ from .protocol.events import cancelled_done, error_event, internal_error
 log = logging.getLogger("worker")
 
 MAX_QUEUE = 256
-HEARTBEAT_S = 1.0  # with ranks, an idle rank 0 shares an empty step this often: a lost rank is seen within it
+# With ranks, an idle rank 0 shares an empty step every IDLE_STEP_S, and the other ranks nap IDLE_NAP_S after
+# one: a rank waiting inside a collective spins a CPU core (MLX's ring), so they wait in a nap instead. The first
+# step of a request that comes while all are idle waits for their nap (at most IDLE_NAP_S).
+IDLE_STEP_S, IDLE_NAP_S = 0.05, 0.045
 # Running requests of these types stop at their next cancel check; the others finish (they are short).
 CANCELLABLE_RUNNING = (Generate, Load, LoadDraft)
 
@@ -72,6 +76,7 @@ class Scheduler:
         self.stopping = False  # the engine loop ends once the queue and the batch are empty
         self.waiting = False  # the engine thread waits for work (rank 0's watchdog reads it)
         self.loading = False  # the engine thread loads a model (no shared step until its end)
+        self.napping = False  # a rank other than 0, after an idle step: it naps before the next
         self.dead = False  # the engine is gone (its requests were answered with errors, then fatal)
         self.emit = emit
         self.on_engine_death = on_engine_death  # called with the lock held, before the lost jobs are answered
@@ -271,10 +276,13 @@ class Scheduler:
         """Rank 0 decides and shares the step; the other ranks receive it."""
         world = self.world
         if world.rank == 0:
-            step = self._decide(HEARTBEAT_S)
+            step = self._decide(IDLE_STEP_S)
             world.share(step_to_wire(step))
             return step
+        if self.napping:
+            time.sleep(IDLE_NAP_S)
         step = step_from_wire(world.share(None))
+        self.napping = step.job is None and not step.stop and not self.engine.batch_busy
         if step.job is not None:
             self.live[step.job.req.id] = step.job
             self.running.append(step.job)
