@@ -82,7 +82,7 @@ def smollm2_dir():
 # between differently shaped computations, which holds there and not on OpenBLAS, whose blocking depends on shape.)
 LONGEST_FIRST = ("test_real_gemma", "test_batch_soak", "test_vision_qwen3", "test_vision_matrix", "test_tools",
                  "test_errors", "test_vision_gemma4", "test_real_model", "test_promises", "test_features",
-                 "test_option_matrix", "test_cuda_batch", "test_conformance", "test_batching", "test_generate")
+                 "test_option_matrix", "test_cuda_batch", "test_distributed", "test_conformance", "test_batching", "test_generate")
 
 
 def pytest_collection_modifyitems(config, items):

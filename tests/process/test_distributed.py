@@ -362,3 +362,52 @@ def test_the_disk_cache_over_two_ranks(llama_dir, tmp_path):
             w.close()
     assert reused == [0, len(ids) - 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0of2", "rank1of2"]
+
+
+@pytest.mark.real_model
+def test_smollm2_splits_over_three_ranks_and_says_why_not_two(smollm2_dir):
+    """SmolLM2-135M has 9 attention heads and 3 KV heads: two ranks cannot split them (refused, naming what
+    works), three can, and give mlx-lm's tokens."""
+    w = Worker(TWO)
+    try:
+        evs = w.request({"type": "load", "id": "l2", "model_path": str(smollm2_dir)})
+        assert evs[-1]["type"] == "error" and evs[-1]["code"] == "invalid_params", evs[-1]
+        assert "num_attention_heads 9" in evs[-1]["message"] and "works with 3 ranks" in evs[-1]["message"]
+    finally:
+        w.close()
+    messages = [{"role": "user", "content": "Name three colors."}]
+    want = ref.generate(smollm2_dir, ref.chat_ids(smollm2_dir, messages), 12)
+    assert_varied(want, 4, what="mlx-lm's SmolLM2 output")
+    w = Worker(["--ranks", "3"])
+    try:
+        assert w.load(smollm2_dir)["ranks"]["parallel"] == "tensor"
+        evs = w.request({"type": "generate", "id": "g", "prompt": {"messages": messages},
+                         "params": {"max_tokens": 12}})
+        assert generated_tokens(evs) == want
+    finally:
+        w.close()
+
+
+def test_mlx_launch_starts_the_worker_too(llama_dir):
+    """``mlx.launch -n 2 ... -m worker``: the ranks find their world in mlx.launch's environment; rank 0 alone
+    writes protocol lines. (mlx.launch relays stdin without ever closing it: the host ends with `shutdown`.)"""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
+    w = Worker(cmd=[launcher, "-n", "2", "--backend", "ring", "-p", str(port), "--", sys.executable, "-m", "worker"])
+    try:
+        assert w.ready["ranks"]["size"] == 2
+        ids = random_ids(30, 61)
+        w.load(llama_dir)
+        evs = w.request({"type": "generate", "id": "g", "prompt": {"tokens": ids}, "params": {"max_tokens": 16}})
+        assert generated_tokens(evs) == ref.generate(llama_dir, ids, 16)
+        assert w.request({"type": "shutdown", "id": "bye"})[-1]["type"] == "done"
+        assert w.proc.wait(timeout=20) == 0
+        assert all(not line.strip() or line.startswith(b"{") for line in w.raw_lines)
+    finally:
+        if w.proc.poll() is None:
+            w.proc.kill()
+        w.close()

@@ -163,7 +163,7 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
     target = compute_dtype(options, stored)
     if target is not None and target != stored:
         model.set_dtype(target, lambda d: mx.issubdtype(d, mx.floating))
-    parallel = sharding.split(model, config["model_type"], options.parallel, group)
+    parallel = sharding.split(model, config, options.parallel, group)
     weights = check_memory(model, options.max_memory, used, what_else)
     check_kv_layout(model, config, options)
     with failing_as("model_load_failed", "could not read the weights"):

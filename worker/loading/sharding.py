@@ -33,19 +33,41 @@ def modes(model: nn.Module) -> list:
     return out
 
 
-def split(model: nn.Module, model_type: str, wanted: Optional[str], group) -> Optional[str]:
+def _indivisible(config: dict, n: int) -> list:
+    """The sizes a tensor split over ``n`` ranks must divide and does not (attention heads, the MLP)."""
+    text = config.get("text_config") or config
+    keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    return [(k, text[k]) for k in keys if isinstance(text.get(k), int) and text[k] % n]
+
+
+def _ranks_that_work(config: dict, n_max: int = 16) -> list:
+    return [n for n in range(2, n_max + 1) if not _indivisible(config, n)]
+
+
+def split(model: nn.Module, config: dict, wanted: Optional[str], group) -> Optional[str]:
     """Split ``model`` over ``group`` (None: one rank, nothing to split); returns the mode used."""
     if group is None or group.size() < 2:
         return None
+    model_type, n = config["model_type"], group.size()
     can = modes(model)
+    odd = _indivisible(config, n)
+    if odd and "tensor" in can:
+        can.remove("tensor")
+        if not can and wanted in (None, "tensor"):
+            sizes = ", ".join(f"{k} {v}" for k, v in odd)
+            works = _ranks_that_work(config)
+            raise WorkerError("invalid_params", f"{model_type} cannot be split over {n} ranks: {sizes} not "
+                              f"divisible by {n}; tensor parallel works with "
+                              f"{', '.join(map(str, works)) or 'no'} ranks (pipeline: mlx-lm has none for it)")
     if not can:
-        raise WorkerError("invalid_params", f"{model_type} cannot be split over {group.size()} ranks: mlx-lm has "
+        raise WorkerError("invalid_params", f"{model_type} cannot be split over {n} ranks: mlx-lm has "
                           "neither shard() nor pipeline() for it; run it with one rank")
     mode = wanted or can[0]
     if mode not in can:
-        raise WorkerError("invalid_params", f"options.parallel {mode!r} is not available for {model_type}; "
-                          f"what works: {', '.join(repr(m) for m in can)}")
-    with failing_as("invalid_params", f"{model_type} cannot be split {mode}-parallel over {group.size()} ranks"):
+        why = f" ({', '.join(f'{k} {v}' for k, v in odd)} not divisible by {n})" if odd and mode == "tensor" else ""
+        raise WorkerError("invalid_params", f"options.parallel {mode!r} is not available for {model_type} over "
+                          f"{n} ranks{why}; what works: {', '.join(repr(m) for m in can)}")
+    with failing_as("invalid_params", f"{model_type} cannot be split {mode}-parallel over {n} ranks"):
         if mode == "tensor":
             model.shard(group)
         else:
