@@ -223,6 +223,7 @@ class Engine:
         self.kit, self.batch_off = kit, off
         if self.world is not None:
             kit.info.ranks = msgspec.structs.replace(self.ranks, parallel=kit.parallel, ranks=self._shares(kit))
+            kit.cache.agree = self.world.agree  # every rank keeps and evicts the same entries
         if kit.info.max_concurrent > 1:
             self.batcher = Batcher(kit, every_rank=self.world.every if self.world else None)
         return Done(id=req.id, request="load", model=_copy(kit.info), draft=_copy(kit.draft.info if kit.draft else None),

@@ -411,3 +411,27 @@ def test_mlx_launch_starts_the_worker_too(llama_dir):
         if w.proc.poll() is None:
             w.proc.kill()
         w.close()
+
+
+@pytest.mark.parametrize("parallel", ["tensor", "pipeline"])
+def test_a_hybrid_model_in_both_modes(ranks2, single, tmp_path_factory, parallel):
+    """Qwen 3.5 (linear-attention and attention layers; mlx-lm has both shard() and pipeline() for it): two
+    turns over two ranks give the 1-rank worker's tokens and reuse (its recurrent layers need snapshots)."""
+    from tests.support.vlm_fixtures_qwen3 import qwen3_fixture_dir
+
+    path = qwen3_fixture_dir("qwen3_5", tmp_path_factory.mktemp("q35"))
+    first = random_ids(70, 71)
+    got = {}
+    for name, w in (("two", ranks2), ("one", single)):
+        info = w.load(path, parallel=parallel)
+        if name == "two":
+            assert info["ranks"]["parallel"] == parallel
+        a = w.request({"type": "generate", "id": f"a-{name}", "prompt": {"tokens": first},
+                       "params": {"max_tokens": 16}})
+        second = first + generated_tokens(a) + random_ids(20, 72)
+        b = w.request({"type": "generate", "id": f"b-{name}", "prompt": {"tokens": second},
+                       "params": {"max_tokens": 16}})
+        got[name] = (generated_tokens(a), generated_tokens(b), b[-2]["cached_tokens"])
+    assert_varied(got["one"][0] + got["one"][1], 6, what="the 1-rank worker's output")
+    assert got["one"][2] > 0
+    assert got["two"] == got["one"]

@@ -128,15 +128,17 @@ class DiskCache:
             self.entries.remove(entry)
         entry.disk_name = None
 
-    def enforce_budget(self) -> List[Entry]:
-        """Delete the oldest files beyond the disk budget; returns the entries removed."""
+    def enforce_budget(self, agreed=lambda sizes: sizes) -> List[Entry]:
+        """Delete the oldest files beyond the disk budget; returns the entries removed. ``agreed``: the sizes
+        every rank decides on (rank 0's)."""
         removed = []
 
-        def size(e):
+        def file_size(e):
             p = self.dir / f"{e.disk_name}.safetensors"
             return p.stat().st_size if p.exists() else 0
 
-        while self.entries and sum(size(e) for e in self.entries) > self.max_bytes:
+        sizes = dict(zip([id(e) for e in self.entries], agreed([file_size(e) for e in self.entries])))
+        while self.entries and sum(sizes[id(e)] for e in self.entries) > self.max_bytes:
             victim = min(self.entries, key=lambda e: e.used)
             self.remove(victim)
             removed.append(victim)

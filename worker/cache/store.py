@@ -8,7 +8,7 @@ why fewer tokens than possible were reused.
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
@@ -58,6 +58,9 @@ class PromptCacheStore:
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.disk = disk
+        # with several ranks: rank 0's figures on every rank (distributed.group.World.agree), so that each
+        # rank keeps, drops and evicts the same entries even where its own share of them has another size
+        self.agree: Optional[Callable] = None
         # layers that cannot be cut back (sliding windows, recurrent state): reuse needs snapshots
         self.bounded = any(bounded(c) for c in self.fresh())
         self.entries: List[Entry] = []
@@ -65,6 +68,9 @@ class PromptCacheStore:
         self._unsaved: Optional[Entry] = None
         if disk is not None:
             self.entries.extend(disk.index())
+
+    def _agreed(self, figures):
+        return self.agree(figures) if self.agree is not None else figures
 
     def fresh(self) -> list:
         return make_cache(self.model, self.max_kv_size, self.kv_bits)
@@ -129,15 +135,15 @@ class PromptCacheStore:
             return  # nothing reusable, or we cannot tell which tokens it holds
         tokens = list(tokens[:n])
         snapshots = keep(snapshots, n)
-        while snapshots and cache_nbytes(cache) + sum(s.nbytes for s in snapshots) > self.max_bytes:
-            snapshots = snapshots[1:]  # the oldest go first: the entry itself must fit its budget
+        kv, snap_bytes = self._agreed([cache_nbytes(cache), [s.nbytes for s in snapshots]])
+        while snapshots and kv + sum(snap_bytes) > self.max_bytes:
+            snapshots, snap_bytes = snapshots[1:], snap_bytes[1:]  # the oldest go first: the entry must fit
         if key is not None:
             self._drop([e for e in self.entries if e.key == key])
         if can_trim_prompt_cache(cache):  # an entry that this one extends is now redundant
             self._drop([e for e in self.entries if e.key == key and len(e.tokens) <= n
                         and tokens[: len(e.tokens)] == e.tokens])
-        entry = Entry(tokens, cache, cache_nbytes(cache) + sum(s.nbytes for s in snapshots), key,
-                      snapshots=snapshots)
+        entry = Entry(tokens, cache, kv + sum(snap_bytes), key, snapshots=snapshots)
         self.entries.append(entry)
         self._evict()
         if self.disk is not None and entry in self.entries:
@@ -210,7 +216,7 @@ class PromptCacheStore:
                 self.entries.remove(victim)
 
     def _evict_disk_only(self) -> None:
-        for e in self.disk.enforce_budget():
+        for e in self.disk.enforce_budget(self._agreed):
             if e in self.entries and e.cache is None:
                 self.entries.remove(e)
 

@@ -66,6 +66,11 @@ class World:
         buf = mx.array(memoryview(mine), dtype=mx.uint8) if mine else mx.zeros((size,), dtype=mx.uint8)
         return bytes(memoryview(self._sum(buf)))
 
+    def agree(self, obj):
+        """Rank 0's ``obj`` (msgspec-encodable) on every rank: a figure each rank measures for itself (cache
+        bytes, with pipeline layers of other kinds on each rank) that every rank must decide on alike."""
+        return msgspec.json.decode(self.share(msgspec.json.encode(obj) if self.rank == 0 else None))
+
     def every(self, value: bool) -> bool:
         """True on every rank when ``value`` is true on every rank (a decision each rank must make alike)."""
         return int(self._sum(mx.array([int(bool(value))], dtype=mx.int32)).item()) == self.size
