@@ -308,10 +308,10 @@ def _batching_off(kit) -> Optional[str]:
 
 def _raise_if_lost(exc: Exception) -> None:
     """A collective failed inside the model: a rank is gone, and the engine with it (Scheduler._engine_died)."""
-    if lost(exc) and not isinstance(exc, RankLost):
-        raise RankLost(f"a rank is gone: {exc}") from exc
     if isinstance(exc, RankLost):
         raise exc
+    if lost(exc):
+        raise RankLost(f"a rank is gone: {exc}") from exc
 
 
 def _oom(exc: Exception) -> bool:
