@@ -53,6 +53,15 @@ def _parse(argv):
     return args
 
 
+def _local_ranks(argv: list, env) -> None:
+    """``--ranks N``: N ranks will share this machine's CPUs (the BLAS threads of each, boot/blas_find.py)."""
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith("--ranks=") else (
+            argv[i + 1] if a == "--ranks" and i + 1 < len(argv) else None)
+        if value is not None and value.isdigit():
+            env.setdefault("MLX_WORKER_LOCAL_RANKS", value)
+
+
 def _rank_argv(argv: list) -> list:
     """The flags the other ranks get: ours without those that start ranks."""
     out, skip = [], False
@@ -71,6 +80,7 @@ def _rank_argv(argv: list) -> list:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    _local_ranks(argv, os.environ)
     from .boot import blas
 
     blas.maybe_reexec(argv)

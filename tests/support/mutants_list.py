@@ -336,6 +336,9 @@ MUTANTS = [
     M("distributed-load-failure-not-shared", "worker/engine.py",
       "failures = self.world.gather(failure)", "failures = [failure]",
       ("tests/process/test_distributed.py::test_a_load_that_fails_on_one_rank_fails_on_all",)),
+    M("distributed-local-ranks-take-every-cpu", "worker/boot/blas_find.py",
+      "threads = str(max(1, effective_cpus() // local_ranks))", "threads = str(effective_cpus())",
+      ("tests/unit/test_blas_unit.py::test_local_ranks_share_the_cpus",)),
     # ---- the OpenAI server (openai_server/)
     M("openai-no-cancel-on-disconnect", "openai_server/app.py",
       'self.service.worker.send_nowait({"type": "cancel", "id": f"cancel-{self.rid}", "target": self.rid})', "pass",

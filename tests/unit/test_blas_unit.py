@@ -392,6 +392,22 @@ def test_tuning_openblas_threads_only(clean_env):
     assert "OPENBLAS_CORETYPE" not in blas._tuning_env(c, {"OPENBLAS_CORETYPE": "Haswell"})[0]
 
 
+def test_local_ranks_share_the_cpus(clean_env, monkeypatch):
+    """``--ranks N`` sets MLX_WORKER_LOCAL_RANKS: each of the N ranks gets its part of the CPUs (at least 1)."""
+    c = Candidate("/x/libopenblas.so.0", "openblas", "system")
+    monkeypatch.setattr(blas_find, "effective_cpus", lambda: 8)
+    assert blas._tuning_env(c, {"MLX_WORKER_LOCAL_RANKS": "2"})[0] == {"OPENBLAS_NUM_THREADS": "4"}
+    assert blas._tuning_env(c, {"MLX_WORKER_LOCAL_RANKS": "3"})[0] == {"OPENBLAS_NUM_THREADS": "2"}
+    assert blas._tuning_env(c, {"MLX_WORKER_LOCAL_RANKS": "16"})[0] == {"OPENBLAS_NUM_THREADS": "1"}
+    assert blas._tuning_env(c, {"MLX_WORKER_LOCAL_RANKS": "x"})[0] == {"OPENBLAS_NUM_THREADS": "8"}
+    env = {}
+    from worker.__main__ import _local_ranks
+    _local_ranks(["--max-line-bytes", "99", "--ranks", "2"], env)
+    assert env == {"MLX_WORKER_LOCAL_RANKS": "2"}
+    _local_ranks(["--ranks=4"], env)
+    assert env == {"MLX_WORKER_LOCAL_RANKS": "2"}  # a value already set is kept (the re-exec, the host's)
+
+
 def test_tuning_blis_threads(clean_env):
     c = Candidate("/usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4", "blis", "system")
     assert blas._tuning_env(c, {})[0] == {"BLIS_NUM_THREADS": str(blas.effective_cpus())}

@@ -280,7 +280,13 @@ def _lib_dirs() -> list:
 def _tuning_env(cand: Candidate, env) -> tuple:
     """(env changes, extra libraries to preload before ``cand``) for the chosen library."""
     changes, extra = {}, []
-    threads = str(effective_cpus())
+    # ranks started together on this machine (``--ranks N``) share its CPUs: each gets its part of them
+    # (bench/README.md, Distributed: N ranks of all the CPUs each oversubscribe them and decode slower)
+    try:
+        local_ranks = max(1, int(env.get("MLX_WORKER_LOCAL_RANKS") or 1))
+    except ValueError:
+        local_ranks = 1
+    threads = str(max(1, effective_cpus() // local_ranks))
     if cand.kind == "openblas":
         if not any(env.get(k) for k in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")):
             changes["OPENBLAS_NUM_THREADS"] = threads

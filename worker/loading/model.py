@@ -168,6 +168,8 @@ def _load_text_model(path_str: str, options: LoadOptions, progress: Callable[[fl
     check_kv_layout(model, config, options)
     with failing_as("model_load_failed", "could not read the weights"):
         mx.eval(model.parameters())
+    if parallel:
+        mx.clear_cache()  # the whole tensors each rank read to cut its share from
     progress(0.8)
     with failing_as("model_load_failed", "could not load the tokenizer"):
         tokenizer = load_tokenizer(path, {"trust_remote_code": options.trust_remote_code},
