@@ -1,8 +1,9 @@
 """One worker over 1 and 2 ranks on this machine (``python -m worker --ranks 2``, ring backend, tensor parallel):
 decode tok/s, TTFT of a ~512-token prompt, and each rank's model memory (``weights_bytes`` from ``load``, the
-process's VmRSS after it). Two more configurations set ``OPENBLAS_NUM_THREADS=1`` (2 ranks, and 1 rank to tell the
-ranks' gain from the thread count's): the worker gives each process as many OpenBLAS threads as the machine has
-CPUs (``worker/boot/blas.py``), so 2 ranks on 2 cores run 4 BLAS threads.
+process's VmRSS after it). With ``--ranks N`` the worker gives each rank CPUs / N OpenBLAS threads
+(``worker/boot/blas_find.py``); two more configurations show why: 2 ranks with ``OPENBLAS_NUM_THREADS=2`` (every
+CPU each: 4 BLAS threads on 2 cores, the worker's first default) and 1 rank with ``OPENBLAS_NUM_THREADS=1`` (to tell
+the ranks' gain from the thread count's).
 
 Only one worker runs at a time (idle ranks still take some CPU: they would slow the one measured); each
 round starts a fresh worker of each configuration in turn (the order rotates), loads each model, warms it up and
@@ -27,8 +28,8 @@ from ..common import RESULTS, TMP, TimedWorker, loadavg, log, med, next_id, smol
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1"}
 CONFIGS = {  # name: (worker flags, extra environment)
     "1 rank": ([], {}),
-    "2 ranks": (["--ranks", "2"], {}),
-    "2 ranks, OPENBLAS_NUM_THREADS=1": (["--ranks", "2"], ONE_THREAD),
+    "2 ranks": (["--ranks", "2"], {}),  # each rank gets CPUs / 2 BLAS threads (worker/boot/blas_find.py)
+    "2 ranks, OPENBLAS_NUM_THREADS=2": (["--ranks", "2"], {"OPENBLAS_NUM_THREADS": "2"}),  # every CPU each
     "1 rank, OPENBLAS_NUM_THREADS=1": ([], ONE_THREAD),  # is a gain the ranks' or the one thread's?
 }
 PROMPT_TOKENS = 512
