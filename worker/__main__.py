@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGINT, lambda *_: server.request_exit(0))
     code = server.serve(sys.stdin.buffer, ready_event(server.max_line_bytes, MAX_QUEUE, ranks))
     if followers is not None:
-        followers.stop()
+        followers.stop(grace=2.0 if code == 0 else 0.5)  # after a lost rank, the others are not waited for
     logging.shutdown()
     os._exit(code)
 

@@ -80,7 +80,7 @@ class Server:
         self.scheduler.cancel_all()
         self.scheduler.idle.wait(SHUTDOWN_GRACE_S if self.shutdown_job else EXIT_GRACE_S)
         self.scheduler.answer_unfinished()
-        if self.world is not None:  # the other ranks end with the engine loop's last shared step
+        if self.world is not None and not self.scheduler.dead:  # the other ranks end with the last step
             self.scheduler.stop()
             self.scheduler.thread.join(EXIT_GRACE_S)
         if self.shutdown_job is not None:

@@ -69,6 +69,8 @@ export interface Done {
   model?: ModelInfo | null;
   /** status: queued request ids, in order */
   queue?: Array<string> | null;
+  /** status, with several ranks: the world (and the loaded model's split) */
+  ranks?: Ranks | null;
   /** generate, models with thinking markers: the reasoning text */
   reasoning?: string | null;
   /** the type of the request this ends */
@@ -96,7 +98,7 @@ export interface Done {
 
 export interface Error {
   /** stable: match on this */
-  code: "context_overflow" | "draft_incompatible" | "internal" | "invalid_audio" | "invalid_image" | "invalid_params" | "invalid_request" | "line_too_long" | "model_load_failed" | "model_not_found" | "no_model" | "out_of_memory" | "parse_error" | "queue_full" | "remote_code_refused" | "shutting_down" | "unknown_type";
+  code: "context_overflow" | "draft_incompatible" | "internal" | "invalid_audio" | "invalid_image" | "invalid_params" | "invalid_request" | "line_too_long" | "model_load_failed" | "model_not_found" | "no_model" | "out_of_memory" | "parse_error" | "queue_full" | "rank_lost" | "remote_code_refused" | "shutting_down" | "unknown_type";
   /** the request this event belongs to; null for ready, fatal and unattributable errors */
   id: string | null;
   /** for people; may change between versions */
@@ -253,6 +255,8 @@ export interface LoadOptions {
   max_kv_size?: number | null;
   /** refuse to load when all weights (model, vision tower, draft) exceed this many bytes */
   max_memory?: number | null;
+  /** with several ranks (Distributed): how the model is split; null: tensor when the model has mlx-lm's shard(), else pipeline; ignored with one rank */
+  parallel?: "pipeline" | "tensor" | null;
   /** prompt tokens per prefill chunk; null: 256 on a CPU, 2048 on a GPU */
   prefill_step_size?: number | null;
   /** quantize the KV cache once it holds this many tokens */
@@ -299,6 +303,8 @@ export interface ModelInfo {
   path: string;
   /** prompt tokens per prefill chunk (the option, or the device default) */
   prefill_step_size: number;
+  /** with several ranks: the split (parallel) and each rank's share */
+  ranks?: Ranks | null;
   /** the thinking markers [start, end], for reasoning models */
   reasoning_markers?: Array<string> | null;
   /** the dtype of the checkpoint's weights */
@@ -362,6 +368,30 @@ export interface Prompt {
   tools?: Array<Tool> | null;
 }
 
+export interface RankInfo {
+  /** the rank's host name */
+  host: string;
+  /** the rank's memory for the model: its GPU's, else its machine's */
+  memory_bytes: number;
+  /** the rank's process id on its host */
+  pid: number;
+  /** 0 is the rank that reads stdin and writes stdout */
+  rank: number;
+  /** load, status: the bytes of the model's weights this rank holds */
+  weights_bytes?: number | null;
+}
+
+export interface Ranks {
+  /** mx.distributed's backend: ring or nccl */
+  backend: string;
+  /** load, status: how the loaded model is split */
+  parallel?: "pipeline" | "tensor" | null;
+  /** one per rank, in rank order */
+  ranks: Array<RankInfo>;
+  /** how many ranks run the model */
+  size: number;
+}
+
 export interface Ready {
   /** request types and features this worker has (PROTOCOL.md, Capabilities) */
   capabilities: Array<string>;
@@ -373,6 +403,8 @@ export interface Ready {
   pid: number;
   /** major.minor: a host supports one major; minors only add */
   protocol_version: string;
+  /** with several ranks (Distributed): the world */
+  ranks?: Ranks | null;
   /** 1 for ready, then +1 per line: a gap means a lost line */
   seq: number;
   type: "ready";

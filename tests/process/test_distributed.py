@@ -104,23 +104,19 @@ def test_a_follow_up_reuses_what_one_rank_reuses(ranks2, single, gemma3_dir):
     assert out["two"] == out["one"]
 
 
-def test_two_streams_decode_together(fixtures_root):
+def test_two_streams_decode_together(ranks2, fixtures_root):
     path = fixture_dir("qwen2", fixtures_root)
-    w = Worker(TWO)
-    try:
-        w.load(path, max_concurrent=2)
-        ids = {rid: random_ids(30 + 7 * i, 20 + i) for i, rid in enumerate(("s0", "s1"))}
-        for rid, p in ids.items():
-            w.send({"type": "generate", "id": rid, "prompt": {"tokens": p}, "params": {"max_tokens": 40}})
-        for rid, p in ids.items():
-            evs = w.collect(rid)
-            want = ref.generate(path, p, 40)
-            assert_varied(want, 4, what="mlx-lm's output")
-            assert generated_tokens(evs) == want
-            stats = evs[-2]
-            assert stats["batching"] == "on" and stats["concurrent"] == 2, stats
-    finally:
-        w.close()
+    ranks2.load(path, max_concurrent=2)
+    ids = {rid: random_ids(30 + 7 * i, 20 + i) for i, rid in enumerate(("s0", "s1"))}
+    for rid, p in ids.items():
+        ranks2.send({"type": "generate", "id": rid, "prompt": {"tokens": p}, "params": {"max_tokens": 40}})
+    for rid, p in ids.items():
+        evs = ranks2.collect(rid)
+        want = ref.generate(path, p, 40)
+        assert_varied(want, 4, what="mlx-lm's output")
+        assert generated_tokens(evs) == want
+        stats = evs[-2]
+        assert stats["batching"] == "on" and stats["concurrent"] == 2, stats
 
 
 def test_a_tool_call_over_two_ranks(ranks2, single, tmp_path):
@@ -218,10 +214,10 @@ def test_a_killed_rank_ends_the_request_and_the_worker(llama_dir):
 
 
 def test_a_stopped_rank_is_given_up_after_the_rank_timeout(llama_dir):
-    w, follower = _running_with_follower(llama_dir, ["--rank-timeout", "2"])
+    w, follower = _running_with_follower(llama_dir, ["--rank-timeout", "1"])
     try:
         os.kill(follower, signal.SIGSTOP)
-        _ends_with_rank_lost(w, follower, within_s=4)
+        _ends_with_rank_lost(w, follower, within_s=3)
     finally:
         try:
             os.kill(follower, signal.SIGKILL)
@@ -323,27 +319,24 @@ def test_features_over_two_ranks_are_one_rank_s(ranks2, single, llama_dir, name)
         assert sum(one[4]) > len(one[4]) / 2, one[4]
 
 
-def test_a_batched_cancel_lands_within_one_step(llama_dir):
-    """In the batch a cancel reaches every rank with the next shared step; the other stream runs on."""
-    w = Worker(TWO)
-    try:
-        w.load(llama_dir, max_concurrent=2)
-        keep = random_ids(20, 41)
-        w.send({"type": "generate", "id": "k", "prompt": {"tokens": keep}, "params": {"max_tokens": 60}})
-        w.send({"type": "generate", "id": "c", "prompt": {"tokens": random_ids(20, 42)},
-                "params": {"max_tokens": 400}})
-        for _ in range(5):
-            w.wait_for("c", lambda e: e["type"] == "token")
-        ack = w.request({"type": "cancel", "id": "cc", "target": "c"})
-        assert ack[-1]["cancelled"] is True
-        evs = w.collect("c")
-        assert evs[-1]["stop_reason"] == "cancelled"
-        late = [e for e in evs if e["type"] == "token" and e["seq"] > ack[-1]["seq"]]
-        assert len(late) <= 1, late
-        kept = w.collect("k")
-        assert generated_tokens(kept) == ref.generate(llama_dir, keep, 60)
-    finally:
-        w.close()
+def test_a_batched_cancel_lands_within_one_step(ranks2, llama_dir):
+    """In the batch a cancel reaches every rank at the next check after it; the other stream runs on."""
+    w = ranks2
+    w.load(llama_dir, max_concurrent=2)
+    keep = random_ids(20, 41)
+    w.send({"type": "generate", "id": "k", "prompt": {"tokens": keep}, "params": {"max_tokens": 60}})
+    w.send({"type": "generate", "id": "c", "prompt": {"tokens": random_ids(20, 42)},
+            "params": {"max_tokens": 400}})
+    for _ in range(5):
+        w.wait_for("c", lambda e: e["type"] == "token")
+    ack = w.request({"type": "cancel", "id": "cc", "target": "c"})
+    assert ack[-1]["cancelled"] is True
+    evs = w.collect("c")
+    assert evs[-1]["stop_reason"] == "cancelled"
+    late = [e for e in evs if e["type"] == "token" and e["seq"] > ack[-1]["seq"]]
+    assert len(late) <= 1, late
+    kept = w.collect("k")
+    assert generated_tokens(kept) == ref.generate(llama_dir, keep, 60)
 
 
 def test_the_disk_cache_over_two_ranks(llama_dir, tmp_path):
@@ -376,13 +369,13 @@ def test_smollm2_splits_over_three_ranks_and_says_why_not_two(smollm2_dir):
     finally:
         w.close()
     messages = [{"role": "user", "content": "Name three colors."}]
-    want = ref.generate(smollm2_dir, ref.chat_ids(smollm2_dir, messages), 12)
+    want = ref.generate(smollm2_dir, ref.chat_ids(smollm2_dir, messages), 8)
     assert_varied(want, 4, what="mlx-lm's SmolLM2 output")
     w = Worker(["--ranks", "3"])
     try:
         assert w.load(smollm2_dir)["ranks"]["parallel"] == "tensor"
         evs = w.request({"type": "generate", "id": "g", "prompt": {"messages": messages},
-                         "params": {"max_tokens": 12}})
+                         "params": {"max_tokens": 8}})
         assert generated_tokens(evs) == want
     finally:
         w.close()
