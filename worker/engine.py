@@ -7,6 +7,7 @@ the reader thread answers ``status`` and early ``tokenize`` from it and never se
 """
 
 import enum
+import functools
 import gc
 import logging
 import traceback
@@ -25,7 +26,7 @@ from .protocol import (
     CacheClear, CacheStats, Done, Generate, Load, LoadDraft, ModelInfo, Progress, Ranks, Tokenize, Unload,
     WorkerError,
 )
-from .distributed.group import RankLost, lost
+from .distributed.group import RankLost, agreed_failure, first_failure, lost
 from .protocol.events import cancelled_done, error_event, internal_error
 
 log = logging.getLogger("worker")
@@ -224,6 +225,7 @@ class Engine:
         if self.world is not None:
             kit.info.ranks = msgspec.structs.replace(self.ranks, parallel=kit.parallel, ranks=self._shares(kit))
             kit.cache.agree = self.world.agree  # every rank keeps and evicts the same entries
+            kit.agree_failure = functools.partial(agreed_failure, self.world)  # a request fails on every rank
         if kit.info.max_concurrent > 1:
             self.batcher = Batcher(kit, every_rank=self.world.every if self.world else None)
         return Done(id=req.id, request="load", model=_copy(kit.info), draft=_copy(kit.draft.info if kit.draft else None),
@@ -242,12 +244,11 @@ class Engine:
             _raise_if_lost(exc)
             traceback.print_exc()
             out, failure = None, ["internal", f"{type(exc).__name__}: {exc}"]
-        failures = self.world.gather(failure)
-        for rank, f in enumerate(failures):
-            if f is not None:
-                out = None
-                release_memory()
-                raise WorkerError(f[0], f[1] if rank == 0 else f"rank {rank}: {f[1]}")
+        failed = first_failure(self.world.gather(failure))
+        if failed is not None:
+            out = None
+            release_memory()
+            raise failed
         return out
 
     def _shares(self, kit) -> list:

@@ -14,12 +14,10 @@ HERE = Path(__file__).resolve().parents[1] / "support" / "conformance"
 CASES = load_cases(sorted(HERE.glob("*.jsonl")))
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1-rank", "2-ranks"])
-def runner(request, llama_dir):
-    """The suite against the worker, and against the worker over two ranks (PROTOCOL.md, Distributed)."""
+@pytest.fixture(scope="module")
+def runner(llama_dir):
+    """The suite against the worker (tests/process/test_distributed.py runs it over two ranks too)."""
     cmd = shlex.split(os.environ.get("MLX_WORKER_CMD", "")) or [sys.executable, "-m", "worker"]
-    if request.param > 1:
-        cmd = [*cmd, "--ranks", str(request.param)]
     r = Runner(cmd, str(llama_dir), cwd=str(HERE.parent.parent))
     yield r
     r.close()

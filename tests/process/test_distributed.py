@@ -3,11 +3,12 @@ machine (ring backend) gives mlx-lm's tokens, the 1-rank worker's cache figures,
 lands within one step; a rank killed or stopped ends the running request with ``rank_lost`` and the worker
 with ``fatal``, and no rank is left behind."""
 
+import copy
 import os
 import signal
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from tests.support.fixtures import fixture_dir
 from tests.support.prompts import assert_varied, random_ids
 
 TWO = ["--ranks", "2"]
+CONFORMANCE = Path(__file__).resolve().parents[1] / "support" / "conformance"
 
 
 @pytest.fixture(scope="module")
@@ -249,12 +251,15 @@ def test_stdin_closing_ends_every_rank(llama_dir):
     w.close()
 
 
-def _logprobs_under_mlx_lm(path, ids, out):
-    """Each generated token's log-probability under mlx-lm's unsplit model, given everything before it."""
+def _logprobs_under_mlx_lm(path, ids, out, banned=()):
+    """Each generated token's log-probability under mlx-lm's unsplit model, given everything before it (with
+    the ``banned`` ids' logits lowered by 100, as the request's logit_bias does)."""
     import mlx.core as mx
 
     model, _ = ref.load_model(path)
     logits = model(mx.array([ids + out]))[0, len(ids) - 1:-1].astype(mx.float32)
+    if banned:
+        logits[:, mx.array(list(banned))] -= 100
     lps = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     return [lps[i, t].item() for i, t in enumerate(out)]
 
@@ -263,15 +268,16 @@ def _logprobs_under_mlx_lm(path, ids, out):
 def test_unseeded_sampling_draws_alike_on_every_rank(ranks2, llama_dir, concurrent):
     """An unseeded sampler draws from each rank's own random key: were they apart, rank 1 would feed the split
     model another token than rank 0 and every later logprob rank 0 reports would be off mlx-lm's."""
-    ranks2.load(llama_dir, max_concurrent=concurrent)
+    eos = ranks2.load(llama_dir, max_concurrent=concurrent)["eos_token_ids"]
     ids = random_ids(30, 12)
     evs = ranks2.request({"type": "generate", "id": f"u{concurrent}", "prompt": {"tokens": ids},
-                          "params": {"max_tokens": 24, "temperature": 1.5, "top_logprobs": 1}})
+                          "params": {"max_tokens": 24, "temperature": 1.5, "top_logprobs": 1,
+                                     "logit_bias": {str(t): -100 for t in eos}}})  # 24 draws, never cut short
     assert evs[-1]["type"] == "done", evs[-1]
     out = generated_tokens(evs)
     got = [lp["logprob"] for e in evs if e["type"] == "token" for lp in e["logprobs"]]
     assert_varied(out, 8, what="the sampled tokens")
-    want = _logprobs_under_mlx_lm(llama_dir, ids, out)
+    want = _logprobs_under_mlx_lm(llama_dir, ids, out, eos)
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3, list(zip(got, want))
 
 
@@ -444,3 +450,26 @@ def test_a_load_that_fails_on_one_rank_fails_on_all(ranks2, llama_dir, tmp_path)
     evs = ranks2.request({"type": "generate", "id": "g-after", "prompt": {"tokens": ids},
                           "params": {"max_tokens": 12}})
     assert generated_tokens(evs) == ref.generate(llama_dir, ids, 12)
+
+
+# The conformance suite (tests/process/test_conformance.py runs it against one rank) against two ranks. It runs in
+# this file so that one pytest process runs every test of several ranks (ranks waiting in MLX's ring spin a CPU:
+# two files of ranks at once on two cores would slow each other and the rest of the suite).
+from tests.support.conformance.runner import CaseFailure, Runner, load_cases  # noqa: E402
+
+CASES = load_cases(sorted(CONFORMANCE.glob("*.jsonl")))
+
+
+@pytest.fixture(scope="module")
+def runner2(llama_dir):
+    r = Runner([sys.executable, "-m", "worker", *TWO], str(llama_dir), cwd=str(CONFORMANCE.parents[1]))
+    yield r
+    r.close()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_conformance_over_two_ranks(runner2, case):
+    try:
+        runner2.run_case(copy.deepcopy(case))
+    except CaseFailure as e:
+        pytest.fail(str(e), pytrace=False)

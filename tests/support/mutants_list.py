@@ -334,7 +334,7 @@ MUTANTS = [
       "    odd = _indivisible(config, n)\n", "    odd = []\n",
       ("tests/process/test_distributed.py::test_smollm2_splits_over_three_ranks_and_says_why_not_two",)),
     M("distributed-load-failure-not-shared", "worker/engine.py",
-      "failures = self.world.gather(failure)", "failures = [failure]",
+      "failed = first_failure(self.world.gather(failure))", "failed = first_failure([failure])",
       ("tests/process/test_distributed.py::test_a_load_that_fails_on_one_rank_fails_on_all",)),
     M("distributed-local-ranks-take-every-cpu", "worker/boot/blas_find.py",
       "threads = str(max(1, effective_cpus() // local_ranks))", "threads = str(effective_cpus())",

@@ -38,3 +38,14 @@ def test_a_tensor_split_needs_every_head_count_and_the_mlp_divisible():
     vlm = {"text_config": {"num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 100}}
     assert _indivisible(vlm, 8) == [("num_key_value_heads", 4), ("intermediate_size", 100)]
     assert _ranks_that_work(vlm) == [2, 4]
+
+
+def test_the_first_rank_s_failure_is_every_rank_s():
+    """A request or a load that fails on one rank (a path missing on its host) fails on all, with its error."""
+    from worker.distributed.group import first_failure
+
+    assert first_failure([None, None]) is None
+    e = first_failure([None, ["invalid_image", "no such file: /x.png"]])
+    assert (e.code, e.message) == ("invalid_image", "rank 1: no such file: /x.png")
+    e = first_failure([["invalid_params", "a"], ["invalid_image", "b"]])
+    assert (e.code, e.message) == ("invalid_params", "a")

@@ -97,6 +97,22 @@ class World:
         return out
 
 
+def first_failure(failures: list):
+    """The first of every rank's failures (``[code, message]`` or None, in rank order) as a WorkerError that
+    names the rank when it is not rank 0; None when every rank succeeded."""
+    from ..protocol import WorkerError
+
+    for rank, f in enumerate(failures):
+        if f is not None:
+            return WorkerError(f[0], f[1] if rank == 0 else f"rank {rank}: {f[1]}")
+    return None
+
+
+def agreed_failure(world: World, failure):
+    """``failure`` (a WorkerError or None) of this rank -> the first rank's, on every rank alike."""
+    return first_failure(world.gather(None if failure is None else [failure.code, failure.message]))
+
+
 def init() -> Optional[World]:
     """The world this process belongs to (MLX_RANK set by ``--ranks``, ``--hostfile`` or mlx.launch), or None
     when it runs alone."""

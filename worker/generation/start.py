@@ -44,18 +44,26 @@ def start(kit: ModelKit, req: Generate, emit, cancelled) -> Run:
     """Validate, build the prompt, take the best cache: everything before the first forward pass."""
     tic = time.perf_counter()
     params, opts = req.params, kit.options
-    check_params(kit, req)
-    plan = build_prompt(kit, req)
     out = Outcome()
-    out.marks["prompt"] = time.perf_counter()
-    n_prompt = len(plan.ids)
-    ctx = kit.info.context_length if opts.max_kv_size is None else None
-    if ctx is not None and n_prompt >= ctx:
-        raise WorkerError("context_overflow", f"the prompt has {n_prompt} tokens; the context holds {ctx}")
-    budget = params.max_tokens if ctx is None else min(params.max_tokens, ctx - n_prompt)
-    initial = initial_channel(kit.tokenizer, plan.ids)
-    constraint = constraints.for_request(kit, req, initial)
-    spec = speculation_for(kit, req, plan, budget)
+    try:
+        check_params(kit, req)
+        plan = build_prompt(kit, req)
+        out.marks["prompt"] = time.perf_counter()
+        n_prompt = len(plan.ids)
+        ctx = kit.info.context_length if opts.max_kv_size is None else None
+        if ctx is not None and n_prompt >= ctx:
+            raise WorkerError("context_overflow", f"the prompt has {n_prompt} tokens; the context holds {ctx}")
+        budget = params.max_tokens if ctx is None else min(params.max_tokens, ctx - n_prompt)
+        initial = initial_channel(kit.tokenizer, plan.ids)
+        constraint = constraints.for_request(kit, req, initial)
+        spec = speculation_for(kit, req, plan, budget)
+        failure = None
+    except WorkerError as exc:
+        failure = exc
+    if kit.agree_failure is not None:  # with ranks: an input one rank cannot read fails the request on all
+        failure = kit.agree_failure(failure)
+    if failure is not None:
+        raise failure
     quant = dict(kv_bits=opts.kv_bits, kv_group_size=opts.kv_group_size, quantized_kv_start=opts.quantized_kv_start)
     lease = kit.cache.take(plan.key, req.cache_key)
     out.marks["take"] = time.perf_counter()

@@ -51,6 +51,8 @@ class ModelKit:
     encoder: object = None  # a PrefixTokenizer: prompts tokenized reusing the previous prompt's ids
     tool_format: object = None  # a tools.ToolFormat: how this model's tool calls look and parse
     parallel: Optional[str] = None  # with several ranks: "tensor" or "pipeline" (sharding.py)
+    # with several ranks: a request's input failure (or None) -> the first rank's, the same on every rank
+    agree_failure: Optional[Callable] = None
 
 
 def read_config(path: Path) -> dict:
