@@ -80,9 +80,9 @@ def smollm2_dir():
 # (pytest-xdist, --dist loadfile) a long file started last would leave one core idle at the end.
 # (The test processes keep MLX's bundled reference BLAS: several in-process checks assert bit-exact equality
 # between differently shaped computations, which holds there and not on OpenBLAS, whose blocking depends on shape.)
-LONGEST_FIRST = ("test_real_gemma", "test_batch_soak", "test_vision_qwen3", "test_vision_matrix", "test_tools",
+LONGEST_FIRST = ("test_real_gemma", "test_distributed", "test_batch_soak", "test_vision_qwen3", "test_vision_matrix", "test_tools",
                  "test_errors", "test_vision_gemma4", "test_real_model", "test_promises", "test_features",
-                 "test_option_matrix", "test_cuda_batch", "test_distributed", "test_conformance", "test_batching", "test_generate")
+                 "test_option_matrix", "test_cuda_batch", "test_conformance", "test_batching", "test_generate")
 
 
 def pytest_collection_modifyitems(config, items):
