@@ -24,10 +24,11 @@ from .protocol.events import cancelled_done, error_event, internal_error
 log = logging.getLogger("worker")
 
 MAX_QUEUE = 256
-# With ranks, an idle rank 0 shares an empty step every IDLE_STEP_S, and the other ranks nap IDLE_NAP_S after
-# one: a rank waiting inside a collective spins a CPU core (MLX's ring), so they wait in a nap instead. The first
-# step of a request that comes while all are idle waits for their nap (at most IDLE_NAP_S).
-IDLE_STEP_S, IDLE_NAP_S = 0.05, 0.045
+# With ranks, an idle rank 0 shares an empty step every IDLE_STEP_S, and the other ranks nap that long less
+# NAP_MARGIN_S after one: a rank waiting inside a collective spins a CPU core (MLX's ring), so they wait in a nap
+# instead. After IDLE_STEPS_BEFORE_LONG empty steps in a row (a second idle) the step is LONG_IDLE_STEP_S. The
+# first step of a request that comes while all are idle waits for their nap (at most 45 ms, 245 ms after 1 s).
+IDLE_STEP_S, LONG_IDLE_STEP_S, NAP_MARGIN_S, IDLE_STEPS_BEFORE_LONG = 0.05, 0.25, 0.005, 20
 # Running requests of these types stop at their next cancel check; the others finish (they are short).
 CANCELLABLE_RUNNING = (Generate, Load, LoadDraft)
 
@@ -76,7 +77,7 @@ class Scheduler:
         self.stopping = False  # the engine loop ends once the queue and the batch are empty
         self.waiting = False  # the engine thread waits for work (rank 0's watchdog reads it)
         self.loading = False  # the engine thread loads a model (no shared step until its end)
-        self.napping = False  # a rank other than 0, after an idle step: it naps before the next
+        self.idle_steps = 0  # with ranks: empty steps in a row (the ranks then nap; _shared_step)
         self.dead = False  # the engine is gone (its requests were answered with errors, then fatal)
         self.emit = emit
         self.on_engine_death = on_engine_death  # called with the lock held, before the lost jobs are answered
@@ -275,17 +276,19 @@ class Scheduler:
     def _shared_step(self) -> "Step":
         """Rank 0 decides and shares the step; the other ranks receive it."""
         world = self.world
+        wait = LONG_IDLE_STEP_S if self.idle_steps >= IDLE_STEPS_BEFORE_LONG else IDLE_STEP_S
         if world.rank == 0:
-            step = self._decide(IDLE_STEP_S)
+            step = self._decide(wait)
             world.share(step_to_wire(step))
-            return step
-        if self.napping:
-            time.sleep(IDLE_NAP_S)
-        step = step_from_wire(world.share(None))
-        self.napping = step.job is None and not step.stop and not self.engine.batch_busy
-        if step.job is not None:
-            self.live[step.job.req.id] = step.job
-            self.running.append(step.job)
+        else:
+            if self.idle_steps:
+                time.sleep(wait - NAP_MARGIN_S)
+            step = step_from_wire(world.share(None))
+            if step.job is not None:
+                self.live[step.job.req.id] = step.job
+                self.running.append(step.job)
+        idle = step.job is None and not step.stop and not self.engine.batch_busy
+        self.idle_steps = self.idle_steps + 1 if idle else 0  # alike on every rank: the steps are shared
         return step
 
     def _conclude(self, job: Job, event) -> None:

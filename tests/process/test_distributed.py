@@ -345,20 +345,24 @@ def test_a_batched_cancel_lands_within_one_step(ranks2, llama_dir):
     assert generated_tokens(kept) == ref.generate(llama_dir, keep, 60)
 
 
-def test_the_disk_cache_over_two_ranks(llama_dir, tmp_path):
+def test_the_disk_cache_over_two_ranks(ranks2, llama_dir, tmp_path):
     """With cache_dir each rank keeps its own share of every entry; a new 2-rank worker resumes from them."""
     ids = random_ids(300, 51)
+    want = ref.generate(llama_dir, ids, 8)
     reused = []
     for attempt in range(2):
-        w = Worker(TWO)
+        w = ranks2 if attempt == 0 else Worker(TWO)
         try:
             w.load(llama_dir, cache_dir=str(tmp_path))
             evs = w.request({"type": "generate", "id": f"d{attempt}", "prompt": {"tokens": ids},
                              "params": {"max_tokens": 8}})
-            assert generated_tokens(evs) == ref.generate(llama_dir, ids, 8)
+            assert generated_tokens(evs) == want
             reused.append(evs[-2]["cached_tokens"])
         finally:
-            w.close()
+            if w is not ranks2:
+                w.close()
+            else:
+                w.request({"type": "unload", "id": "d-unload"})  # its entry is on disk (written after done)
     assert reused == [0, len(ids) - 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0of2", "rank1of2"]
 
@@ -457,7 +461,15 @@ def test_a_load_that_fails_on_one_rank_fails_on_all(ranks2, llama_dir, tmp_path)
 # two files of ranks at once on two cores would slow each other and the rest of the suite).
 from tests.support.conformance.runner import CaseFailure, Runner, load_cases  # noqa: E402
 
-CASES = load_cases(sorted(CONFORMANCE.glob("*.jsonl")))
+# Left out: the cases of lines the reader refuses (framing, decoding, ids), answered by rank 0's reader thread
+# before any rank sees a request: the same code with one rank or several (test_conformance.py runs them).
+READER_ONLY = {"parse_error_json", "parse_error_utf8", "invalid_request_not_object", "invalid_request_no_id",
+               "invalid_request_numeric_id", "invalid_request_no_type", "unknown_type", "invalid_params_wrong_type",
+               "invalid_params_unknown_field", "invalid_params_out_of_range", "invalid_params_missing_field",
+               "invalid_params_cancel_target_type", "invalid_params_image_part", "invalid_params_too_many_stops",
+               "invalid_params_two_prompt_kinds", "line_too_long", "line_of_exactly_the_limit_ending_in_crlf",
+               "oversized_request_is_answered_with_its_id", "empty_lines_ignored", "crlf_accepted"}
+CASES = [c for c in load_cases(sorted(CONFORMANCE.glob("*.jsonl"))) if c["name"] not in READER_ONLY]
 
 
 @pytest.fixture(scope="module")
