@@ -228,10 +228,9 @@ def test_a_stopped_rank_is_given_up_after_the_rank_timeout(llama_dir):
         w.close()
 
 
-def test_a_killed_rank_0_takes_the_others_with_it(llama_dir):
+def test_a_killed_rank_0_takes_the_others_with_it():
     w = Worker(TWO)
     follower = w.ready["ranks"]["ranks"][1]["pid"]
-    w.load(llama_dir)
     w.proc.kill()
     w.proc.wait(10)
     deadline = time.monotonic() + 10
@@ -241,10 +240,9 @@ def test_a_killed_rank_0_takes_the_others_with_it(llama_dir):
     w.close()
 
 
-def test_stdin_closing_ends_every_rank(llama_dir):
+def test_stdin_closing_ends_every_rank():
     w = Worker(TWO)
     follower = w.ready["ranks"]["ranks"][1]["pid"]
-    w.load(llama_dir)
     w.proc.stdin.close()
     assert w.proc.wait(timeout=15) == 0
     assert not _alive(follower)
@@ -368,27 +366,14 @@ def test_the_disk_cache_over_two_ranks(ranks2, llama_dir, tmp_path):
 
 
 @pytest.mark.real_model
-def test_smollm2_splits_over_three_ranks_and_says_why_not_two(smollm2_dir):
-    """SmolLM2-135M has 9 attention heads and 3 KV heads: two ranks cannot split them (refused, naming what
-    works), three can, and give mlx-lm's tokens."""
-    w = Worker(TWO)
-    try:
-        evs = w.request({"type": "load", "id": "l2", "model_path": str(smollm2_dir)})
-        assert evs[-1]["type"] == "error" and evs[-1]["code"] == "invalid_params", evs[-1]
-        assert "num_attention_heads 9" in evs[-1]["message"] and "works with 3 ranks" in evs[-1]["message"]
-    finally:
-        w.close()
-    messages = [{"role": "user", "content": "Name three colors."}]
-    want = ref.generate(smollm2_dir, ref.chat_ids(smollm2_dir, messages), 8)
-    assert_varied(want, 4, what="mlx-lm's SmolLM2 output")
-    w = Worker(["--ranks", "3"])
-    try:
-        assert w.load(smollm2_dir)["ranks"]["parallel"] == "tensor"
-        evs = w.request({"type": "generate", "id": "g", "prompt": {"messages": messages},
-                         "params": {"max_tokens": 8}})
-        assert generated_tokens(evs) == want
-    finally:
-        w.close()
+def test_smollm2_cannot_split_over_two_ranks_and_says_what_works(ranks2, smollm2_dir):
+    """SmolLM2-135M has 9 attention heads and 3 KV heads: two ranks cannot split them. The load is refused,
+    naming the rank counts that work (3 ranks give mlx-lm's tokens: bench/README.md, Distributed; not run here,
+    three ranks on two cores take ~25 s of the suite)."""
+    evs = ranks2.request({"type": "load", "id": "l2", "model_path": str(smollm2_dir)})
+    assert evs[-1]["type"] == "error" and evs[-1]["code"] == "invalid_params", evs[-1]
+    assert "num_attention_heads 9" in evs[-1]["message"] and "works with 3 ranks" in evs[-1]["message"]
+    assert ranks2.request({"type": "status", "id": "s-smol"})[-1]["state"] == "empty"
 
 
 def test_mlx_launch_starts_the_worker_too(llama_dir):
@@ -405,8 +390,8 @@ def test_mlx_launch_starts_the_worker_too(llama_dir):
         assert w.ready["ranks"]["size"] == 2
         ids = random_ids(30, 61)
         w.load(llama_dir)
-        evs = w.request({"type": "generate", "id": "g", "prompt": {"tokens": ids}, "params": {"max_tokens": 16}})
-        assert generated_tokens(evs) == ref.generate(llama_dir, ids, 16)
+        evs = w.request({"type": "generate", "id": "g", "prompt": {"tokens": ids}, "params": {"max_tokens": 8}})
+        assert generated_tokens(evs) == ref.generate(llama_dir, ids, 8)
         assert w.request({"type": "shutdown", "id": "bye"})[-1]["type"] == "done"
         assert w.proc.wait(timeout=20) == 0
         assert all(not line.strip() or line.startswith(b"{") for line in w.raw_lines)

@@ -332,7 +332,7 @@ MUTANTS = [
       ("tests/process/test_distributed.py::test_greedy_tokens_are_mlx_lm_s_over_two_ranks",)),
     M("distributed-indivisible-split-not-refused", "worker/loading/sharding.py",
       "    odd = _indivisible(config, n)\n", "    odd = []\n",
-      ("tests/process/test_distributed.py::test_smollm2_splits_over_three_ranks_and_says_why_not_two",)),
+      ("tests/process/test_distributed.py::test_smollm2_cannot_split_over_two_ranks_and_says_what_works",)),
     M("distributed-load-failure-not-shared", "worker/engine.py",
       "failed = first_failure(self.world.gather(failure))", "failed = first_failure([failure])",
       ("tests/process/test_distributed.py::test_a_load_that_fails_on_one_rank_fails_on_all",)),
