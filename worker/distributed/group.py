@@ -16,6 +16,8 @@ import mlx.core as mx
 import msgspec
 from mlx_lm.generate import generation_stream
 
+from .launch import cuda_available
+
 _SIZE = mx.int64
 
 
@@ -118,18 +120,11 @@ def init() -> Optional[World]:
     when it runs alone."""
     if "MLX_RANK" not in os.environ:
         return None
-    backend = os.environ.get("MLX_WORKER_BACKEND") or ("nccl" if _cuda() else "ring")
+    backend = os.environ.get("MLX_WORKER_BACKEND") or ("nccl" if cuda_available() else "ring")
     group = mx.distributed.init(strict=True, backend=backend)
     if group.size() < 2:
         return None
     return World(group, backend)
-
-
-def _cuda() -> bool:
-    try:
-        return bool(mx.cuda.is_available())
-    except AttributeError:
-        return False
 
 
 def lost(exc: BaseException) -> bool:

@@ -95,7 +95,7 @@ def start(ranks: Optional[int], hostfile: Optional[str], backend: Optional[str],
 
     hosts = hosts_for(ranks, hostfile)
     n = len(hosts.hosts)
-    backend = backend or hosts.backend or ("nccl" if _cuda() else "ring")
+    backend = backend or hosts.backend or ("nccl" if cuda_available() else "ring")
     env = list(hosts.envs) + [f"MLX_WORKER_BACKEND={backend}"]
     files = {}
     if backend == "ring":
@@ -147,7 +147,8 @@ def _pipe_to_stderr(p, rank: int) -> None:
         threading.Thread(target=pump, args=(stream, is_stdout), name=f"rank{rank}-out", daemon=True).start()
 
 
-def _cuda() -> bool:
+def cuda_available() -> bool:
+    """Whether MLX runs on CUDA here (then NCCL is the ranks' backend); mlx.core is imported only when asked."""
     import mlx.core as mx
 
     try:
