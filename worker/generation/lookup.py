@@ -1,0 +1,66 @@
+"""Prompt lookup: draft-free speculation. The tokens proposed for a request are those that followed the latest
+earlier occurrence of its last few tokens (an n-gram of its prompt and output), as llama.cpp's lookup decoding and
+transformers' ``prompt_lookup_num_tokens`` do; the model verifies them like a draft model's (batch_speculation.py).
+
+Auto mode (``params.prompt_lookup: null``) proposes only while it pays: a request whose proposals are mostly
+rejected stops proposing (``AUTO_MIN_RATE``: below it a verify pass of several tokens costs more than the tokens
+it gains; bench/README.md *Prompt lookup* has the measurement).
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+NGRAM_MAX = 3  # the longest suffix looked up first
+NGRAM_MIN = 2  # single tokens match too often to pay
+AUTO_TRIAL = 24  # auto mode: proposed tokens before the rate is judged
+AUTO_MIN_RATE = 0.3  # auto mode: the accepted share of proposed tokens below which proposing stops
+
+
+class Lookup:
+    """An index of a request's token history: each n-gram (NGRAM_MIN..NGRAM_MAX) -> where its latest
+    occurrence's continuation begins. ``extend`` as tokens come, ``propose`` before a step."""
+
+    def __init__(self, tokens: List[int], k: int, auto: bool):
+        self.k, self.auto = k, auto
+        self.tokens: List[int] = []
+        self.index: Dict[Tuple[int, ...], int] = {}
+        self.proposed = self.accepted = 0
+        self.extend(tokens)
+
+    def extend(self, tokens: List[int]) -> None:
+        h = self.tokens
+        for t in tokens:
+            i = len(h)  # the position t lands at: every n-gram ending just before it continues with it
+            for n in range(NGRAM_MIN, NGRAM_MAX + 1):
+                if i >= n:
+                    self.index[tuple(h[i - n:i])] = i
+            h.append(t)
+
+    def trim(self, n: int) -> None:
+        """Forget the last ``n`` tokens (rare: tokens fed but never reported); entries pointing past the end
+        stay harmless (a proposal is cut at the history's end)."""
+        if n > 0:
+            del self.tokens[-n:]
+
+    @property
+    def paying(self) -> bool:
+        if not self.auto or self.proposed < AUTO_TRIAL:
+            return True
+        return self.accepted >= AUTO_MIN_RATE * self.proposed
+
+    def propose(self, extra: Optional[List[int]] = None) -> List[int]:
+        """Up to ``k`` tokens that followed the latest earlier occurrence of the history's last n-gram
+        (``extra``: tokens known to follow the history but not added yet)."""
+        if not self.paying:
+            return []
+        h = self.tokens + (extra or [])
+        for n in range(NGRAM_MAX, NGRAM_MIN - 1, -1):
+            if len(h) <= n:
+                continue
+            at = self.index.get(tuple(h[-n:]))
+            if at is not None:
+                return h[at:at + self.k]
+        return []
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.proposed += proposed
+        self.accepted += accepted
