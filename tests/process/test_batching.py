@@ -389,12 +389,6 @@ def test_bad_requests_fail_alone_in_a_running_batch(llama_dir):
 def test_requests_that_cannot_batch_run_alone_and_say_why(llama_dir):
     w = Worker()
     try:
-        done = w.request({"type": "load", "id": "l", "model_path": str(llama_dir),
-                          "options": {"max_concurrent": 4, "kv_bits": 8, "kv_group_size": 32}})[-1]
-        assert done["model"]["max_concurrent"] == 1
-        assert any("batching is off" in x for x in done["warnings"])
-        evs = w.request({"type": "generate", "id": "g", "prompt": {"tokens": [3, 4]}, "params": {"max_tokens": 4}})
-        assert _stats(evs)["batching"] == "off: kv_bits"
         done = w.request({"type": "load", "id": "l2", "model_path": str(llama_dir),
                           "options": {"max_concurrent": 4, "draft_model_path": str(llama_dir)}})[-1]
         assert done["model"]["max_concurrent"] == 4
@@ -516,3 +510,124 @@ def test_a_request_that_does_not_fit_waits_for_the_others(llama_dir, monkeypatch
         done += b.tick()
     assert [f.job.req.id for f in done] == ["first", "big"]
     assert done[1].event.stop_reason == "max_tokens"
+
+def _mlx_lm_alone(path, ids, n, cache=None, **kw):
+    """Raw mlx-lm's greedy tokens for ``ids`` alone (generate_step on ``cache``, with ``kw``: kv_bits ...), in
+    the worker's CPU prefill chunks."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    model, tok = ref.load_model(path)
+    out = []
+    for t, _ in generate_step(mx.array(ids), model, max_tokens=n, prompt_cache=cache, prefill_step_size=256, **kw):
+        if t in tok.eos_token_ids:
+            break
+        out.append(t)
+    return out
+
+
+def _batched(w, reqs):
+    """Send every request at once to ``w``; each one's events, all of them decoded in the batch."""
+    for r in reqs:
+        w.send({"type": "generate", **r})
+    got = {r["id"]: w.collect(r["id"]) for r in reqs}
+    for rid, evs in got.items():
+        assert evs[-1]["type"] == "done" and _stats(evs)["batching"] == "on", (rid, evs[-1])
+    assert max(_stats(evs)["concurrent"] for evs in got.values()) >= len(reqs) - 1
+    return got
+
+
+def test_kv_bits_requests_are_batched_with_their_tokens_alone(w, llama_dir):
+    """kv_bits in the batch: four requests (one prompt over two prefill chunks, each quantized after it as
+    alone) give raw mlx-lm's tokens with the same kv_bits alone. With quantized_kv_start past a prompt, a
+    request's cache is quantized when it joins the batch: mlx-lm alone with quantized_kv_start at its prompt's
+    length (a prompt past it is quantized during its prefill, as alone)."""
+    kv = {"kv_bits": 4, "kv_group_size": 32}
+    assert w.load(llama_dir, max_concurrent=4, prefill_step_size=256, **kv)["max_concurrent"] == 4
+    # the first decodes longest: it goes on alone in the cache the batch gives back
+    reqs = [{"id": f"q{i}", "prompt": {"tokens": random_ids(n, 70 + i)}, "params": {"max_tokens": m}}
+            for i, (n, m) in enumerate(((7, 28), (40, 12), (300, 16), (90, 10)))]
+    got = _batched(w, reqs)
+    for r in reqs:
+        want = _mlx_lm_alone(llama_dir, r["prompt"]["tokens"], r["params"]["max_tokens"], quantized_kv_start=0, **kv)
+        assert_varied(want, 4, what=f"mlx-lm's quantized output for {r['id']}")
+        assert generated_tokens(got[r["id"]]) == want, r["id"]
+
+    w.load(llama_dir, max_concurrent=4, prefill_step_size=256, quantized_kv_start=64, **kv)
+    reqs = [{"id": f"s{i}", "prompt": {"tokens": random_ids(n, 80 + i)}, "params": {"max_tokens": 16}}
+            for i, n in enumerate((20, 120, 40))]
+    got = _batched(w, reqs)
+    for r in reqs:
+        ids = r["prompt"]["tokens"]
+        want = _mlx_lm_alone(llama_dir, ids, 16, quantized_kv_start=min(64, len(ids)), **kv)
+        assert_varied(want, 4, what=f"mlx-lm's quantized output for {r['id']}")
+        assert generated_tokens(got[r["id"]]) == want, r["id"]
+    # (the check tells "quantized when it joins" from "not yet": unquantized, the short one differs)
+    assert _mlx_lm_alone(llama_dir, reqs[0]["prompt"]["tokens"], 16) != generated_tokens(got["s0"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_w64"])
+def test_max_kv_size_requests_are_batched_with_their_tokens_alone(w, family, llama_dir, gemma3_w64_dir):
+    """max_kv_size in the batch: windows that keep their first 4 tokens (Gemma 3: beside its own 64-token
+    sliding layers). Prompts shorter than the 4 kept tokens, inside the window and past it, each decoding past
+    the window while batched, give raw mlx-lm's tokens alone on PROTOCOL.md's layout (each full-attention
+    layer mlx-lm's RotatingKVCache(max_kv_size, keep=4))."""
+    from mlx_lm.models import cache as mlx_cache
+
+    path, size = (llama_dir, 32) if family == "llama" else (gemma3_w64_dir, 48)
+    model, _ = ref.load_model(path)
+    assert w.load(path, max_concurrent=4, max_kv_size=size, prefill_step_size=256)["max_concurrent"] == 4
+    reqs = [{"id": f"m{i}", "prompt": {"tokens": random_ids(n, 90 + i)}, "params": {"max_tokens": size + 16}}
+            for i, n in enumerate((2, 20, size + 13, 150))]
+    got = _batched(w, reqs)
+    for r in reqs:
+        cache = [mlx_cache.RotatingKVCache(max_size=size, keep=4) if type(c) is mlx_cache.KVCache else c
+                 for c in mlx_cache.make_prompt_cache(model)]
+        want = _mlx_lm_alone(path, r["prompt"]["tokens"], size + 16, cache)
+        assert_varied(want, 4, what=f"mlx-lm's windowed output for {r['id']}")
+        assert generated_tokens(got[r["id"]]) == want, r["id"]
+        assert len(r["prompt"]["tokens"]) + len(want) > size + 8, "it did not decode past the window"
+
+
+def _continued(prompt, events):
+    """The prompt of a follow-up to ``prompt`` answered with ``events``: the messages with the answer and a new
+    question, or the tokens with the answer's and a few more."""
+    if "messages" in prompt:
+        return {"messages": prompt["messages"] + [{"role": "assistant", "content": events[-1]["text"]},
+                                                  {"role": "user", "content": "And then?"}]}
+    return {"tokens": prompt["tokens"] + generated_tokens(events) + random_ids(5, 10)}
+
+
+def test_an_image_request_in_the_batch_with_kv_bits(w, tmp_path_factory):
+    """Gemma 3 vision with kv_bits (global layers quantized, sliding ones exact): an image question and text
+    requests decoded together give what they give alone (``max_concurrent: 1``), and so do their follow-ups,
+    which reuse the caches the batch gave back."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.support.fixtures import build_once
+    from tests.support.vlm_fixtures import build_vlm_fixture
+
+    root = tmp_path_factory.mktemp("batch-kv-image")  # a head size of 32: kv_group_size 32 divides it
+    path = build_once(root / "vlm-gemma3-head32", lambda tmp: build_vlm_fixture(
+        "gemma3", tmp, text_overrides={"head_dim": 32, "query_pre_attn_scalar": 32}))
+    img = root / "a.png"
+    Image.fromarray(np.random.default_rng(8).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(img)
+    image_msg = [{"role": "user", "content": [{"type": "image", "path": str(img)},
+                                              {"type": "text", "text": "What is this?"}]}]
+    first = [{"id": "image", "prompt": {"messages": image_msg}, "params": {"max_tokens": 12}},
+             {"id": "text", "prompt": {"messages": [{"role": "user", "content": "Tell me a story."}]},
+              "params": {"max_tokens": 16}},
+             {"id": "tokens", "prompt": {"tokens": random_ids(30, 9)}, "params": {"max_tokens": 20}}]
+    outs = {}
+    for concurrent in (1, 4):
+        w.load(path, max_concurrent=concurrent, kv_bits=4, kv_group_size=32)
+        one = {r["id"]: w.request({"type": "generate", **r}) for r in first} if concurrent == 1 else _batched(w, first)
+        follow = [{"id": f"{r['id']}2", "prompt": _continued(r["prompt"], one[r["id"]]), "params": {"max_tokens": 8}}
+                  for r in first]
+        two = {r["id"]: w.request({"type": "generate", **r}) for r in follow} if concurrent == 1 else _batched(w, follow)
+        outs[concurrent] = {**one, **two}
+    for rid, evs in outs[1].items():
+        assert_varied(generated_tokens(evs), 3, what=f"the {rid!r} request's output alone")
+        assert generated_tokens(outs[4][rid]) == generated_tokens(evs), rid
+    assert all(outs[4][f"{r['id']}2"][-1]["cached_tokens"] > 0 for r in first), "the follow-ups reused nothing"

@@ -9,13 +9,14 @@ The forward pass of its last prompt token samples its first token; it then joins
 logprobs, cancel); a request that ends leaves the batch with its own cache, stored as a solo run stores it.
 """
 
+import functools
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Union
 
 import mlx.core as mx
-from mlx_lm.generate import generation_stream
+from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.models.cache import TokenBuffer
 
 from ..cache.snapshots import bounded
@@ -144,7 +145,8 @@ class Batcher:
                 n = at[0] - a.pos if at else n  # a chunk ends at a checkpoint, for its snapshot
                 with mx.stream(generation_stream), state:
                     emb = a.embeddings[a.pos:a.pos + n] if a.embeddings is not None else None
-                    prefill_chunk(model, cache, suffix[a.pos:a.pos + n], emb)
+                    prefill_chunk(model, cache, suffix[a.pos:a.pos + n], emb,
+                                  functools.partial(maybe_quantize_kv_cache, **run.quant))
                 a.pos += n
                 if at:
                     snapshot_policy.snapshot_into(run.snapshots, cache, run.lease.reused + a.pos)
@@ -171,6 +173,8 @@ class Batcher:
             emb = a.embeddings[-1:][None] if a.embeddings is not None else None
             kw = {"input_embeddings": emb} if emb is not None else {}
             logits = self.kit.model(mx.array([last])[None], cache=cache, **kw)[:, -1, :]
+            # kv_bits: a sequence joins quantized, whatever its length (PROTOCOL.md, quantized_kv_start)
+            maybe_quantize_kv_cache(cache, **{**run.quant, "quantized_kv_start": 0})
             context = mx.array(run.plan.ids) if seq.processors else None
             y, logprobs = sample(logits, seq.processors, context, seq.sampler)
             mx.async_eval(y, logprobs)

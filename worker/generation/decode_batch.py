@@ -17,6 +17,7 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 from mlx_lm.models import cache as mlx_cache
 
+from ..cache.batch_layers import merge_layers
 from ..cache.snapshots import Snapshot, clone
 from ..cuda.batch_kernels import batch_kernels
 from .run import Run
@@ -25,12 +26,7 @@ from .step import log_softmax, process
 
 def blocker(kit) -> Optional[str]:
     """Why this model's requests cannot be batched (they run alone), or None."""
-    opts = kit.options
-    if opts.kv_bits is not None:
-        return "kv_bits"  # mlx-lm's batch caches do not hold quantized layers
     for layer in kit.cache.fresh():
-        if isinstance(layer, mlx_cache.RotatingKVCache) and layer.keep:
-            return "max_kv_size"  # BatchRotatingKVCache keeps no first tokens
         if not hasattr(type(layer), "merge"):
             return f"cache layout ({type(layer).__name__})"
     return None
@@ -53,7 +49,7 @@ class Seq:
 
 
 def merge(caches: List[list]) -> list:
-    return [layers[0].merge(list(layers)) for layers in zip(*caches)]
+    return [merge_layers(list(layers)) for layers in zip(*caches)]
 
 
 class DecodeBatch:

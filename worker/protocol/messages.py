@@ -44,7 +44,7 @@ class LoadOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     cache_disk_bytes: doc(NonNeg, "byte budget of cache_dir") = 8 << 30
     kv_bits: doc(Optional[Literal[4, 8]], "quantize the KV cache to this many bits") = None
     kv_group_size: doc(Literal[32, 64, 128], "KV quantization group size (must divide the head size)") = 64
-    quantized_kv_start: doc(NonNeg, "quantize the KV cache once it holds this many tokens") = 0
+    quantized_kv_start: doc(NonNeg, "quantize the KV cache once it holds this many tokens or joins the batch") = 0
     draft_model_path: doc(Optional[Annotated[str, Meta(min_length=1)]],
                           "a draft model for speculative decoding, loaded with the model") = None
     max_memory: doc(Optional[Pos], "refuse to load when all weights (model, vision tower, draft) exceed "
