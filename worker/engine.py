@@ -18,10 +18,11 @@ import mlx.core as mx
 import msgspec
 
 from .generation import decode_batch as _batch
+from .generation import memory
 from .generation import solo as _generate
 from .generation import warmup
 from .loading import model as _model
-from .generation.batcher import Batcher
+from .generation.batcher import Batcher, PrefillFailed
 from .protocol import (
     CacheClear, CacheStats, Done, Generate, Load, LoadDraft, ModelInfo, Progress, Ranks, Tokenize, Unload,
     WorkerError,
@@ -52,6 +53,7 @@ class EngineView:
     cache: Optional[CacheStats] = None
     draft_cache: Optional[CacheStats] = None
     tokenizer: object = None  # read-only use: encode for an early `tokenize`
+    kv: object = None  # the KV memory ledger: read its `figures` (replaced, never changed) for `status`
 
 
 def tokenize(tokenizer, req: Tokenize) -> Done:
@@ -106,10 +108,10 @@ class Engine:
             return error_event(req.id, exc)
         except LoadCancelled:
             return cancelled_done(req)
-        except Exception as exc:  # a bug of ours: the trace to stderr, the worker carries on
+        except Exception as exc:  # a bug of ours, or an allocation failed: the trace to stderr, the worker carries on
             _raise_if_lost(exc)
             traceback.print_exc()
-            return internal_error(req.id, exc)
+            return _failure(req.id, exc)
         finally:
             self._publish()
 
@@ -147,8 +149,13 @@ class Engine:
         """One prefill chunk and one decode step of the batch: the (job, terminal event) pairs that ended."""
         try:
             done = [(f.job, f.event) for f in self.batcher.tick()]
-        except Exception as exc:  # a bug of ours, or the device failed: every request of the batch ends
-            _raise_if_lost(exc)
+        except PrefillFailed as failed:  # on the request's own cache: it alone ends, the others go on
+            _raise_if_lost(failed.__cause__)
+            traceback.print_exc()
+            done = [(failed.job, _failure(failed.job.req.id, failed.__cause__, "its prefill failed"))]
+            release_memory()
+        except Exception as exc:  # a bug of ours, or the device failed in a decode step: the batch shares it,
+            _raise_if_lost(exc)  # so every request of the batch ends
             traceback.print_exc()
             err = WorkerError("out_of_memory" if _oom(exc) else "internal",
                               f"the batch failed: {type(exc).__name__}: {exc}")
@@ -190,7 +197,7 @@ class Engine:
         draft = kit.draft
         self.view = EngineView(model=_copy(kit.info), draft=_copy(draft.info if draft else None),
                                  cache=CacheStats(**kit.cache.stats()), tokenizer=kit.tokenizer,
-                                 draft_cache=CacheStats(**draft.cache.stats()) if draft else None)
+                                 draft_cache=CacheStats(**draft.cache.stats()) if draft else None, kv=kit.kv)
 
     def _drop_model(self) -> None:
         self.kit, self.batcher, self.batch_off = None, None, None
@@ -217,6 +224,7 @@ class Engine:
             if warmup.wanted(kit.options):  # also compiles each batch size's kernels
                 progress(0.97)
                 kit.info.warmup_s = warmup.warm_up(kit, kit.info.max_concurrent)
+            kit.kv = memory.ledger_for(kit)  # the KV layouts measured, the ceiling chosen
             progress(1.0)  # the last cancel check: nothing is published before it
         except BaseException:
             release_memory()  # whatever was built is unreachable now
@@ -274,6 +282,7 @@ class Engine:
             draft = self._agreed(lambda: _model.load_draft(kit, req.model_path, progress))
             progress(1.0)
             kit.draft = draft
+        kit.kv = memory.ledger_for(kit)  # the draft's KV too, and its weights out of the default ceiling
         return Done(id=req.id, request="load_draft", draft=_copy(kit.draft.info if kit.draft else None))
 
     def _tokenize(self, req: Tokenize, emit, cancelled):
@@ -293,7 +302,12 @@ class Engine:
             label = f"off: {self.batch_off}"
         elif self.batcher is not None:
             label = "off: speculative"  # the only generate the batch does not take
-        return _generate.run(self._kit(), req, emit, cancelled, batching=label)
+        kit = self._kit()
+        try:
+            return _generate.run(kit, req, emit, cancelled, batching=label)
+        finally:
+            if kit.kv is not None:
+                kit.kv.release(req.id)  # solo.run reserved it; finish() released it unless the run failed
 
 
 def _batching_off(kit) -> Optional[str]:
@@ -316,5 +330,15 @@ def _raise_if_lost(exc: Exception) -> None:
 
 
 def _oom(exc: Exception) -> bool:
+    """An allocation failed (MLX's messages: "[metal::malloc] ...", "... out of memory")."""
     text = str(exc).lower()
-    return "out of memory" in text or "malloc" in text or "allocat" in text
+    return isinstance(exc, MemoryError) or "out of memory" in text or "malloc" in text or "allocat" in text
+
+
+def _failure(rid, exc: Exception, what: str = ""):
+    """The error event of an unexpected failure: ``out_of_memory`` when an allocation failed, else ``internal``."""
+    if not _oom(exc):
+        return internal_error(rid, exc, what)
+    said = f"{what}: " if what else ""
+    return error_event(rid, WorkerError("out_of_memory", f"{said}out of memory: {type(exc).__name__}: {exc} (a "
+                                        "smaller options.kv_memory or max_concurrent leaves more room)"))

@@ -192,6 +192,6 @@ class Server:
             active=running[0].req.id if running else None, running=[j.req.id for j in running],
             queue=[j.req.id for j in sched.queue],
             engine_alive=sched.thread.is_alive(),
-            cache=view.cache, draft_cache=view.draft_cache,
+            cache=view.cache, draft_cache=view.draft_cache, kv_memory=view.kv.figures if view.kv else None,
             ranks=(view.model.ranks if view.model is not None and view.model.ranks else self.engine.ranks),
         )

@@ -66,6 +66,8 @@ export interface Done {
   engine_alive?: boolean | null;
   /** the request this event belongs to; null for ready, fatal and unattributable errors */
   id: string | null;
+  /** status, with a model loaded: the KV cache reserved and free */
+  kv_memory?: KvMemory | null;
   model?: ModelInfo | null;
   /** status: queued request ids, in order */
   queue?: Array<string> | null;
@@ -208,6 +210,15 @@ export interface ImageUrlPart {
   type: "image_url";
 }
 
+export interface KvMemory {
+  /** options.kv_memory, or its default, in bytes */
+  ceiling: number;
+  /** ceiling - reserved (never below 0) */
+  free: number;
+  /** KV bytes the running generate requests have reserved (the rows of a batch count at its longest row's size: the batch pads them to it) */
+  reserved: number;
+}
+
 export interface Limits {
   /** longest request line read, in bytes (its `\n` or `\r\n` not counted) */
   max_line_bytes: number;
@@ -249,6 +260,8 @@ export interface LoadOptions {
   kv_bits?: 4 | 8 | null;
   /** KV quantization group size (must divide the head size) */
   kv_group_size?: 32 | 64 | 128;
+  /** KV bytes the running generates may reserve (each its prompt + max_tokens); null: 0.75 of what the device leaves after the weights and the prompt cache */
+  kv_memory?: number | null;
   /** most generate requests decoded together in one batch; null: 8 on a GPU, 1 on a CPU (where batching does not pay) */
   max_concurrent?: number | null;
   /** keep at most this many tokens of KV (a rotating window); null: unbounded */
@@ -259,7 +272,7 @@ export interface LoadOptions {
   parallel?: "pipeline" | "tensor" | null;
   /** prompt tokens per prefill chunk; null: 256 on a CPU, 2048 on a GPU */
   prefill_step_size?: number | null;
-  /** quantize the KV cache once it holds this many tokens */
+  /** quantize the KV cache once it holds this many tokens or joins the batch */
   quantized_kv_start?: number;
   /** seed MLX's random generator at load */
   seed?: number | null;

@@ -478,17 +478,18 @@ def test_closing_stdin_ends_every_running_request_once(llama_dir):
     assert all(e["type"] == "done" and e["stop_reason"] == "cancelled" for e in ends), ends
 
 
-def test_a_request_that_does_not_fit_waits_for_the_others(llama_dir, monkeypatch):
-    """Admission by memory, in process: while another request decodes, a request whose KV estimate does
-    not fit beside the allocated memory does not start its prefill; it starts once the batch is empty."""
-    import mlx.core as mx
-
+def test_a_request_that_does_not_fit_waits_for_the_others(llama_dir):
+    """Admission by memory, in process: while another request decodes, a request whose KV reservation does
+    not fit beside the running one's under the ceiling (tests/process/test_kv_memory.py: on the wire) does not
+    start its prefill; it starts once the batch is empty."""
     from worker.loading import model as M
     from worker.protocol import Generate, GenerateParams, LoadOptions, Prompt
     from worker.generation.batcher import Batcher
+    from worker.generation.memory import Ledger
 
     kit = M.load(str(llama_dir), LoadOptions(max_concurrent=4), lambda f: None)
     b = Batcher(kit)
+    kit.kv = Ledger(kit.kv.layout, ceiling=kit.kv.need(3 + 6))  # `first` alone, exactly
 
     class Job:
         def __init__(self, rid, n):
@@ -498,13 +499,13 @@ def test_a_request_that_does_not_fit_waits_for_the_others(llama_dir, monkeypatch
     b.admit(Job("first", 6), events.append, lambda: False)
     while not b.batch.seqs:
         b.tick()
-    monkeypatch.setattr(mx, "get_memory_limit", lambda: mx.get_active_memory() + 10)
     b.admit(Job("big", 4), events.append, lambda: False)
     done = []
     while not done:
         done = b.tick()
         if not done:
             assert not b.admitting[0].started and b.waits > 0
+            assert kit.kv.figures.reserved == kit.kv.ceiling and kit.kv.figures.free == 0
     assert [f.job.req.id for f in done] == ["first"]
     while b.busy:
         done += b.tick()

@@ -121,6 +121,23 @@ def test_two_streams_decode_together(ranks2, fixtures_root):
         assert stats["batching"] == "on" and stats["concurrent"] == 2, stats
 
 
+def test_the_kv_ceiling_holds_on_every_rank(ranks2, llama_dir):
+    """`kv_memory` over two ranks, each holding half of every token's KV (1 KiB of the llama fixture's 2): a
+    request that can never fit is refused on every rank alike; one that fits only alone waits for the other (each
+    rank's fit, agreed); both give mlx-lm's tokens."""
+    ceiling = (5 + 40 + 255) * 1024  # one row of 45 tokens (+ less than one allocation step), per rank
+    ranks2.load(llama_dir, max_concurrent=3, kv_memory=ceiling)
+    ids = {"a": random_ids(5, 40), "huge": random_ids(5, 41), "b": random_ids(5, 42)}
+    for rid, n in (("a", 40), ("huge", 400), ("b", 16)):
+        ranks2.send({"type": "generate", "id": rid, "prompt": {"tokens": ids[rid]}, "params": {"max_tokens": n}})
+    huge = ranks2.collect("huge")
+    assert [e["type"] for e in huge] == ["error"] and huge[0]["code"] == "out_of_memory", huge
+    a, b = ranks2.collect("a"), ranks2.collect("b")
+    assert b[0]["seq"] > a[-1]["seq"], "b started beside a"
+    assert generated_tokens(a) == ref.generate(llama_dir, ids["a"], 40)
+    assert generated_tokens(b) == ref.generate(llama_dir, ids["b"], 16)
+
+
 def test_a_tool_call_over_two_ranks(ranks2, single, tmp_path):
     from tests.support.tool_fixtures import tool_fixture_dir
 

@@ -260,7 +260,8 @@ def test_model_exception_fails_only_that_request(faulty_worker, llama_dir, trigg
             "params": {"max_tokens": 8}})
     events = w.collect(rid)
     err = _one_terminal(events)
-    assert err["type"] == "error" and err["code"] == "internal" and "injected" in err["message"], err
+    code = "out_of_memory" if when == "prefill" else "internal"  # MLX's allocator says "[metal::malloc] ..."
+    assert err["type"] == "error" and err["code"] == code and "injected" in err["message"], err
     if when == "decode":
         assert generated_tokens(events), "tokens were streamed before the failure"
     after = w.collect(f"next-{when}")

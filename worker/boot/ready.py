@@ -30,6 +30,7 @@ FEATURES = {
     "kv_bits": (LoadOptions, "kv_bits"),
     "max_kv_size": (LoadOptions, "max_kv_size"),
     "max_memory": (LoadOptions, "max_memory"),
+    "kv_memory": (LoadOptions, "kv_memory"),
     "warmup": (LoadOptions, "warmup"),
     "prompt_progress": (Progress, "processed"),
     "tools": (Prompt, "tools"),

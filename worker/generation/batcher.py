@@ -22,7 +22,7 @@ from mlx_lm.models.cache import TokenBuffer
 from ..cache.snapshots import bounded
 from ..loading.model import ModelKit
 from ..protocol import Done, Error
-from . import snapshot_policy
+from . import memory, snapshot_policy
 from .decode_batch import DecodeBatch, Seq
 from .finish import finish, give_back
 from .prefill import chunk_size, prefill_chunk, stops
@@ -56,6 +56,14 @@ class Finished:
     event: Union[Done, Error]
 
 
+class PrefillFailed(Exception):
+    """A prefill chunk of one request failed (on its own cache): that request alone ends, with the cause."""
+
+    def __init__(self, job):
+        super().__init__(f"the prefill of {job.req.id} failed")
+        self.job = job
+
+
 @dataclass
 class Batcher:
     kit: ModelKit
@@ -66,18 +74,17 @@ class Batcher:
     def __post_init__(self):
         self.batch = DecodeBatch(self.kit.model, self.kit.addon)
         self.bounded = [bounded(c) for c in self.kit.cache.fresh()]
-        self.kv_per_token = _kv_bytes_per_token(self.kit)
+        if self.kit.kv is None:  # the engine sets it at load
+            self.kit.kv = memory.ledger_for(self.kit)
         self.waits = 0  # ticks an admission waited for memory (tests and logs)
 
     def fits(self, a: Admission) -> bool:
-        """Admission by memory: a request whose KV cache (prompt + max_tokens, at most the context) would
-        not fit beside what is allocated waits while others run; alone, it always runs."""
+        """Admission by memory (memory.py): a request whose KV reservation (prompt + max_tokens, or its window)
+        does not fit the ceiling beside the running ones' waits while they run; alone, it always fits (start()
+        refused it otherwise)."""
         if not self.batch.seqs:
             return True
-        run = a.run
-        tokens = run.n_prompt - run.lease.reused + run.budget
-        need = tokens * self.kv_per_token
-        fits = mx.get_active_memory() + need <= mx.get_memory_limit()
+        fits = self.kit.kv.fits(*memory.claim(a.run))
         return self.every_rank(fits) if self.every_rank else fits  # each rank's memory is its own
 
     @property
@@ -116,6 +123,7 @@ class Batcher:
         out += [Finished(a.job, make_event(a.run.req)) for a in self.admitting]
         self.batch = DecodeBatch(self.kit.model, self.kit.addon)
         self.admitting.clear()
+        self.kit.kv.clear()
         return out
 
     # ------------------------------------------------------------------
@@ -133,6 +141,7 @@ class Batcher:
                         log.info("batching: %s waits for memory (%d running)", run.req.id, len(self.batch))
                     return []
                 a.started = True
+                self.kit.kv.reserve(run.req.id, *memory.claim(run))  # released by finish() or below
                 if not self.batch.seqs:
                     mx.reset_peak_memory()
                 a.on_prefill(0, total)
@@ -158,9 +167,12 @@ class Batcher:
             run.out.reason = "cancelled"
             run.end_stream()
             return [Finished(a.job, finish(run, cache))]
-        except BaseException:
+        except BaseException as exc:
             self.admitting.remove(a)
+            self.kit.kv.release(run.req.id)
             give_back(run)
+            if isinstance(exc, Exception):  # its own cache failed (out of memory?): the others go on
+                raise PrefillFailed(a.job) from exc
             raise
         self.admitting.remove(a)
         self._join(a, suffix[-1], cache, state)
@@ -208,14 +220,3 @@ class Batcher:
     def _take(self, row: int):
         """How to snapshot a row's bounded layers holding n tokens (None: the model has none)."""
         return lambda n: self.batch.snapshot(row, n, self.bounded) if any(self.bounded) else None
-
-
-def _kv_bytes_per_token(kit) -> int:
-    """KV bytes one token adds to a fresh cache (a one-token forward pass; layers allocate 256 at once)."""
-    cache = kit.cache.fresh()
-    kit.model(mx.array([[0]]), cache=cache)
-    mx.eval([c.state for c in cache])
-    per = sum(c.nbytes for c in cache) // 256
-    del cache
-    mx.clear_cache()
-    return max(1, per)

@@ -23,6 +23,8 @@ def finish(run: Run, cache: list) -> Done:
     """Store the request's cache, emit its stats, return its terminal event."""
     kit, req, out, params = run.kit, run.req, run.out, run.req.params
     out.marks["decoded"] = time.perf_counter()
+    if kit.kv is not None:
+        kit.kv.release(req.id)  # its KV reservation (memory.py)
     kit.cache.put(run.plan.key + out.generated, cache, req.cache_key, run.snapshots + run.decode_snaps)
     if run.plan.remember is not None and out.generated:
         run.plan.remember(out.generated)

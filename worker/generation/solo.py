@@ -16,6 +16,7 @@ from ..loading.model import ModelKit
 from ..protocol import Done, Generate
 from . import snapshot_policy
 from .finish import finish, give_back
+from .memory import claim
 from .prefill import prefill, stops
 from .run import Cancelled, Run
 from .sampling import processors_for
@@ -91,6 +92,8 @@ def _decode(run: Run, gen) -> None:
 def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bool], batching=None) -> Done:
     r = start(kit, req, emit, cancelled)
     r.batching = batching
+    if kit.kv is not None:  # released by finish(), or by the engine when the run fails
+        kit.kv.reserve(req.id, *claim(r))
     if req.params.seed is not None:
         mx.random.seed(req.params.seed)
     on_prefill = r.prefill_reporter()

@@ -57,6 +57,8 @@ def start(kit: ModelKit, req: Generate, emit, cancelled) -> Run:
         initial = initial_channel(kit.tokenizer, plan.ids)
         constraint = constraints.for_request(kit, req, initial)
         spec = speculation_for(kit, req, plan, budget)
+        if kit.kv is not None:  # refused before any compute when its KV cannot fit even alone (memory.py)
+            kit.kv.check(n_prompt, budget, spec.on and kit.draft is not None)
         failure = None
     except WorkerError as exc:
         failure = exc

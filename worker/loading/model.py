@@ -53,6 +53,7 @@ class ModelKit:
     parallel: Optional[str] = None  # with several ranks: "tensor" or "pipeline" (sharding.py)
     # with several ranks: a request's input failure (or None) -> the first rank's, the same on every rank
     agree_failure: Optional[Callable] = None
+    kv: object = None  # the KV memory ledger (generation/memory.py), set by the engine at load
 
 
 def read_config(path: Path) -> dict:

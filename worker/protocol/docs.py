@@ -12,7 +12,7 @@ import msgspec.inspect as mi
 
 from .errors import CODES
 from .messages import AnyEvent, AnyRequest, GenerateParams, LoadOptions, Message, ModelInfo, Prompt
-from .messages import AudioPart, CacheStats, DeviceInfo, ImagePart, ImageUrl, ImageUrlPart, Limits, TextPart
+from .messages import AudioPart, CacheStats, KvMemory, DeviceInfo, ImagePart, ImageUrl, ImageUrlPart, Limits, TextPart
 from .messages import FunctionCall, FunctionDef, NamedToolChoice, TokenLogprob, Tool, ToolCall, ToolChoiceFunction
 from .messages import TopLogprob
 from .ranks import RankInfo, Ranks
@@ -88,7 +88,7 @@ def generated_markdown() -> str:
     for cls in AnyEvent.__args__:
         parts += [f"#### {cls.__name__}", "", _table(cls), ""]
     parts += ["### Event parts", ""]
-    for cls in (ModelInfo, DeviceInfo, Limits, CacheStats, TokenLogprob, TopLogprob, Ranks, RankInfo):
+    for cls in (ModelInfo, DeviceInfo, Limits, CacheStats, KvMemory, TokenLogprob, TopLogprob, Ranks, RankInfo):
         parts += [f"#### {cls.__name__}", "", _table(cls), ""]
     parts += ["### Error codes", "", "| code | number |", "|---|---|"]
     parts += [f"| `{c}` | {n} |" for c, n in CODES.items()]

@@ -19,7 +19,9 @@ CODES = {
     "shutting_down": -32008,  # the worker is exiting and takes no new work
     "invalid_image": -32009,  # an image part is unreadable, not an image, too large or a decompression bomb
     "draft_incompatible": -32010,  # load_draft: the draft model does not share the main model's vocabulary
-    "out_of_memory": -32011,  # load: the model needs more memory than options.max_memory (or the machine) has
+    # load: the model needs more memory than options.max_memory (or the machine) has; generate: its KV cannot fit
+    # options.kv_memory even alone (refused before any compute), or an allocation failed while it ran
+    "out_of_memory": -32011,
     "invalid_audio": -32012,  # an audio part is unreadable, not WAV/FLAC/MP3, too large or too long
     "rank_lost": -32013,  # with several ranks: a rank died or stopped answering; the worker exits (fatal)
 }

@@ -15,6 +15,7 @@ from .errors import CODES
 PROTOCOL_VERSION = "1.7"
 
 from .ranks import RankInfo, Ranks, doc  # noqa: F401  (the world of several ranks; doc lives there)
+from .kv_memory import KvMemory  # noqa: E402  (status.kv_memory)
 
 
 NonNeg = Annotated[int, Meta(ge=0)]
@@ -49,6 +50,8 @@ class LoadOptions(Struct, forbid_unknown_fields=True, kw_only=True):
                           "a draft model for speculative decoding, loaded with the model") = None
     max_memory: doc(Optional[Pos], "refuse to load when all weights (model, vision tower, draft) exceed "
                     "this many bytes") = None
+    kv_memory: doc(Optional[Pos], "KV bytes the running generates may reserve (each its prompt + max_tokens); "
+                   "null: 0.75 of what the device leaves after the weights and the prompt cache") = None
     warmup: doc(Optional[bool], "compile the decode kernels at load; null: on a GPU only") = None
     max_concurrent: doc(Optional[Annotated[int, Meta(ge=1, le=64)]],
                         "most generate requests decoded together in one batch; null: 8 on a GPU, 1 on a CPU "
@@ -397,6 +400,7 @@ class Done(Event, tag="done", kw_only=True):
     cache: Optional[CacheStats] = None
     # status: the draft model's own prompt cache (with a draft loaded)
     draft_cache: Optional[CacheStats] = None
+    kv_memory: doc(Optional[KvMemory], "status, with a model loaded: the KV cache reserved and free") = None
 
 
 class Error(Event, tag="error", kw_only=True):
