@@ -512,6 +512,7 @@ def test_a_request_that_does_not_fit_waits_for_the_others(llama_dir):
     assert [f.job.req.id for f in done] == ["first", "big"]
     assert done[1].event.stop_reason == "max_tokens"
 
+
 def _mlx_lm_alone(path, ids, n, cache=None, **kw):
     """Raw mlx-lm's greedy tokens for ``ids`` alone (generate_step on ``cache``, with ``kw``: kv_bits ...), in
     the worker's CPU prefill chunks."""
