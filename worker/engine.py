@@ -120,8 +120,8 @@ class Engine:
     def route(self, req) -> Route:
         if self.batcher is None or not isinstance(req, Generate):
             return Route.ALONE
-        if self.kit.draft is not None and req.params.speculative:
-            return Route.ALONE
+        if self.kit.info.max_concurrent == 1:  # one at a time: the batch takes only what needs it
+            return Route.BATCH if req.params.prompt_lookup else Route.ALONE
         return Route.BATCH
 
     @property
@@ -234,7 +234,7 @@ class Engine:
             kit.info.ranks = msgspec.structs.replace(self.ranks, parallel=kit.parallel, ranks=self._shares(kit))
             kit.cache.agree = self.world.agree  # every rank keeps and evicts the same entries
             kit.agree_failure = functools.partial(agreed_failure, self.world)  # a request fails on every rank
-        if kit.info.max_concurrent > 1:
+        if kit.info.max_concurrent > 1 or (off is None and _batch.blocker(kit) is None):
             self.batcher = Batcher(kit, every_rank=self.world.every if self.world else None)
         return Done(id=req.id, request="load", model=_copy(kit.info), draft=_copy(kit.draft.info if kit.draft else None),
                     warnings=kit.warnings or None)
@@ -297,11 +297,7 @@ class Engine:
         return Done(id=req.id, request="cache_clear", cache=CacheStats(**dropped))
 
     def _generate(self, req: Generate, emit, cancelled):
-        label = None  # what stats.batching says of a generate run alone
-        if self.batch_off is not None:
-            label = f"off: {self.batch_off}"
-        elif self.batcher is not None:
-            label = "off: speculative"  # the only generate the batch does not take
+        label = f"off: {self.batch_off}" if self.batch_off is not None else None  # stats.batching, run alone
         kit = self._kit()
         try:
             return _generate.run(kit, req, emit, cancelled, batching=label)

@@ -170,6 +170,10 @@ export interface GenerateParams {
   num_draft_tokens?: number;
   /** subtracted once per seen token */
   presence_penalty?: number;
+  /** draft-free speculation from n-grams of the prompt and output (greedy output unchanged); null: on in the batch while it pays (PROTOCOL.md) */
+  prompt_lookup?: boolean | null;
+  /** prompt lookup: most tokens per step */
+  prompt_lookup_tokens?: number;
   /** how many recent tokens the penalties look at */
   repetition_context_size?: number;
   /** divide the logits of recent tokens (cached ones included) */
@@ -252,7 +256,7 @@ export interface LoadOptions {
   cache_max_bytes?: number | null;
   /** prompt-cache entries kept in memory */
   cache_max_entries?: number;
-  /** a draft model for speculative decoding, loaded with the model */
+  /** a draft model, loaded with it */
   draft_model_path?: string | null;
   /** compute dtype; auto: float32 on a CPU for half-precision checkpoints, else stored */
   dtype?: "auto" | "bfloat16" | "float16" | "float32" | "stored";
@@ -266,7 +270,7 @@ export interface LoadOptions {
   max_concurrent?: number | null;
   /** keep at most this many tokens of KV (a rotating window); null: unbounded */
   max_kv_size?: number | null;
-  /** refuse to load when all weights (model, vision tower, draft) exceed this many bytes */
+  /** refuse to load when all weights (model, tower, draft) exceed it */
   max_memory?: number | null;
   /** with several ranks (Distributed): how the model is split; null: tensor when the model has mlx-lm's shard(), else pipeline; ignored with one rank */
   parallel?: "pipeline" | "tensor" | null;
@@ -442,21 +446,23 @@ export interface Stats {
   cached_tokens: number;
   /** with batching: the most sequences decoded together while it decoded */
   concurrent?: number | null;
-  /** speculative: generated tokens that came from the draft */
+  /** speculative / prompt lookup: tokens proposed and accepted */
   draft_tokens_accepted?: number | null;
-  /** speculative: tokens the draft proposed */
+  /** speculative / prompt lookup: tokens proposed */
   draft_tokens_proposed?: number | null;
   /** tokens sampled, a final EOS / stop token included */
   generated_tokens: number;
-  /** tokens per second after the first; absent when fewer than 2 tokens were generated */
+  /** tokens per second after the first; absent with fewer than 2 */
   generation_tps?: number | null;
   /** the request this event belongs to; null for ready, fatal and unattributable errors */
   id: string | null;
   /** MLX's peak memory during the request */
   peak_memory_bytes: number;
+  /** prompt lookup asked for (or auto): "on", or "off: <why>" */
+  prompt_lookup?: string | null;
   /** tokens in the prompt */
   prompt_tokens: number;
-  /** uncached prompt tokens per second (to the first token); absent when no token was generated */
+  /** uncached prompt tokens / ttft_s; absent without a token */
   prompt_tps?: number | null;
   /** models with thinking markers: generated tokens of the reasoning */
   reasoning_tokens?: number | null;
@@ -466,7 +472,7 @@ export interface Stats {
   speculative?: string | null;
   /** the whole request, in the engine */
   total_s: number;
-  /** start of the request to its first token, in the engine; absent when no token was generated */
+  /** request start to first token, in the engine; absent without a token */
   ttft_s?: number | null;
   type: "stats";
 }
@@ -485,7 +491,7 @@ export interface TextPart {
 export interface Token {
   /** for models with thinking markers: which part of the output `text` belongs to (markers are not in it) */
   channel?: "answer" | "reasoning" | null;
-  /** when the draft model decodes: one per id in `tokens` */
+  /** with a draft model or prompt lookup: one per id in `tokens`, true for an accepted proposal */
   from_draft?: Array<boolean> | null;
   /** the request this event belongs to; null for ready, fatal and unattributable errors */
   id: string | null;

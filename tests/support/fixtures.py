@@ -368,6 +368,24 @@ def build_draft_fixture(path: str | Path, seed: int = 0) -> Path:
     return _build("llama", Path(path), seed, DRAFT_SPEC)
 
 
+def build_noisy_copy(src: str | Path, path: str | Path, scale: float, seed: int = 0) -> Path:
+    """``src``'s checkpoint with gaussian noise (``scale`` times each tensor's std) on its weights: a draft model
+    that agrees with ``src`` often but not always (speculative decoding's partial acceptance)."""
+    import mlx.core as mx
+
+    src, path = Path(src), Path(path)
+    shutil.copytree(src, path, dirs_exist_ok=True)
+    weights = mx.load(str(src / "model.safetensors"))
+    key = mx.random.key(seed)
+    out = {}
+    for name in sorted(weights):
+        w = weights[name]
+        key, sub = mx.random.split(key)
+        out[name] = w + scale * mx.std(w) * mx.random.normal(w.shape, key=sub).astype(w.dtype)
+    mx.save_safetensors(str(path / "model.safetensors"), out)
+    return path
+
+
 def build_once(target: str | Path, build) -> Path:
     """Run ``build(tmp_dir)`` once for ``target``: in a temp dir beside it, renamed into place, so a
     half-written directory is never returned and concurrent builders do not clash."""
@@ -391,8 +409,14 @@ def build_once(target: str | Path, build) -> Path:
 def fixture_dir(family: str, root: str | Path, seed: int = 0) -> Path:
     """Build `family` once under `root` (e.g. a session tmp dir) and return the cached dir.
 
-    family may also be "llama_draft".
+    family may also be "llama_draft", or "<family>_noisy<scale>" (the family's checkpoint of this seed with
+    noise on its weights: a draft that agrees with it often, see build_noisy_copy).
     """
+    if "_noisy" in family:
+        base, scale = family.split("_noisy")
+        src = fixture_dir(base, root, seed)
+        return build_once(Path(root) / f"{family}-seed{seed}",
+                          lambda tmp: build_noisy_copy(src, tmp, float(scale), seed))
     if family == "llama_draft":
         return build_once(Path(root) / f"{family}-seed{seed}", lambda tmp: build_draft_fixture(tmp, seed))
     return build_once(Path(root) / f"{family}-seed{seed}", lambda tmp: build_fixture(family, tmp, seed))

@@ -20,6 +20,32 @@ class Mutant(NamedTuple):
 M = Mutant
 
 MUTANTS = [
+    # ---- speculation in the batch: a draft model, prompt lookup
+    M("spec-rewind-not-per-row", "worker/generation/decode_batch.py",
+      "            if max(extra) > 0:\n", "            if False:\n",
+      ("tests/process/test_batch_speculation.py::test_draft_and_lookup_in_the_batch_give_mlx_lm_s_tokens",)),
+    M("spec-cache-keeps-a-rejected-token", "worker/generation/batch_speculation.py",
+      "        rewinds.append(width - n)\n", "        rewinds.append(max(0, width - n - 1))\n",
+      ("tests/process/test_batch_speculation.py::test_draft_and_lookup_in_the_batch_give_mlx_lm_s_tokens",)),
+    M("spec-draft-cache-a-token-off", "worker/generation/batch_speculation.py",
+      "            d_rewinds[id(s)] = kd - n\n", "            d_rewinds[id(s)] = max(0, kd - n - 1)\n",
+      ("tests/process/test_batch_speculation.py::test_the_model_as_its_own_draft_has_every_proposal_accepted",)),
+    M("spec-processor-context-not-rewound", "worker/generation/batch_speculation.py",
+      "            s.context._size -= width - n\n", "            pass\n",
+      ("tests/process/test_batch_speculation.py::test_every_kind_of_request_beside_drafted_ones",)),
+    M("spec-sampled-rows-greedy", "worker/generation/batch_speculation.py",
+      "mx.argmax(logprobs[i], axis=-1) if s.greedy else s.sampler(logprobs[i])", "mx.argmax(logprobs[i], axis=-1)",
+      ("tests/process/test_batch_speculation.py::test_every_kind_of_request_beside_drafted_ones",)),
+    M("lookup-history-not-extended", "worker/generation/batcher.py",
+      "                    seq.lookup.extend(run.out.generated[before:])\n", "                    pass\n",
+      ("tests/process/test_batch_speculation.py::test_draft_and_lookup_in_the_batch_give_mlx_lm_s_tokens",)),
+    M("lookup-auto-never-pauses", "worker/generation/lookup.py",
+      "                self.resume_at = len(self.tokens) + AUTO_PAUSE\n", "                pass\n",
+      ("tests/unit/test_lookup.py",)),
+    M("lookup-auto-pauses-for-good", "worker/generation/lookup.py",
+      "        return not self.auto or len(self.tokens) >= self.resume_at\n",
+      "        return not self.auto or (len(self.tokens) >= self.resume_at and not self.resume_at)\n",
+      ("tests/unit/test_lookup.py",)),
     # ---- the prompt cache: shared prefixes, pins, snapshots
     M("shared-prefix-not-copied", "worker/cache/store.py",
       "            cache = clone(cache)\n", "            pass  # the entry's own layers, trimmed in place\n",

@@ -44,6 +44,40 @@ def generate(path, ids, max_tokens, temperature=0.0, seed=None, stop_at_eos=True
     return out
 
 
+def generate_processed(path, ids, max_tokens, **processors):
+    """Greedy generate_step with mlx-lm's own logits processors (``make_logits_processors``' arguments):
+    (tokens, each token's logprob)."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model, tok = load_model(path)
+    out, lps = [], []
+    for t, lp in generate_step(mx.array(ids), model, max_tokens=max_tokens,
+                               logits_processors=make_logits_processors(**processors)):
+        if t in tok.eos_token_ids:
+            break
+        out.append(t)
+        lps.append(lp[t].item())
+    return out, lps
+
+
+def logprobs_of(path, ids, out, banned=()):
+    """Each token of ``out``'s log-probability under mlx-lm's model given ``ids`` and the tokens before it (with
+    the ``banned`` ids' logits lowered by 100, as a logit_bias of -100 does)."""
+    model, _ = load_model(path)
+    logits = model(mx.array([ids + out]))[0, len(ids) - 1:-1].astype(mx.float32)
+    if banned:
+        logits[:, mx.array(list(banned))] -= 100
+    lps = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return [lps[i, t].item() for i, t in enumerate(out)]
+
+
+def greedy_choices(path, ids, out):
+    """At each position of ``out``: the token greedy decoding would pick there, given ``ids`` and ``out``
+    before it."""
+    model, _ = load_model(path)
+    return mx.argmax(model(mx.array([ids + out]))[0, len(ids) - 1:-1], axis=-1).tolist()
+
+
 def decode(path, ids):
     """Text the way mlx-lm's stream_generate builds it (its streaming detokenizer)."""
     _, tok = load_model(path)

@@ -25,6 +25,7 @@ FEATURES = {
     "logit_bias": (GenerateParams, "logit_bias"),
     "json_schema": (GenerateParams, "json_schema"),
     "speculative": (GenerateParams, "speculative"),
+    "prompt_lookup": (GenerateParams, "prompt_lookup"),
     "prompt_cache": (Generate, "cache_key"),
     "prompt_cache_disk": (LoadOptions, "cache_dir"),
     "kv_bits": (LoadOptions, "kv_bits"),

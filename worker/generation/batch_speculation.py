@@ -32,16 +32,26 @@ def _room(layer, n: int) -> bool:
     return bool(trimmable and trimmable())
 
 
-def _draft_proposals(batch, ys: List[int], k: int) -> mx.array:
+def _draft_proposals(batch, k: int) -> mx.array:
     """[D, k] greedy proposals of the draft rows (their draft caches take [last, y] and k-1 proposals)."""
     rows = {id(s): i for i, s in enumerate(batch.seqs)}
-    x = mx.array([[s.last, ys[rows[id(s)]]] for s in batch.draft_seqs])
+    pending = batch.y[mx.array([rows[id(s)] for s in batch.draft_seqs])]
+    x = mx.stack([mx.array([s.last for s in batch.draft_seqs]), pending], axis=1)
     out = []
     for _ in range(k):
         logits = batch.draft_model(x, cache=batch.drafts.cache)[:, -1, :]
         x = mx.argmax(logits, axis=-1)[:, None]
         out.append(x)
     return mx.concatenate(out, axis=1)
+
+
+def _lookup_proposals(s) -> List[int]:
+    """A lookup row's proposals, from its reported tokens alone (the pending one is not read back, so a step
+    without proposals keeps the batch's pipelining): the continuation's first token is the lookup's guess of
+    the pending token, the rest are proposed after it (verification holds whatever the guess)."""
+    if s.first or s.lookup is None:
+        return []
+    return s.lookup.propose()[1:s.k + 1]
 
 
 def _sample_all(batch, logits: mx.array, inputs: mx.array):
@@ -72,27 +82,25 @@ def speculative_step(batch) -> Optional[List[tuple]]:
     if any(s.rope is not None for s in seqs) or not all(_room(c, kd + 1) for c in batch.cache):
         batch.drop_drafts(list(batch.draft_seqs))
         return None
-    ys = batch.y.tolist()
-    props = [[] if s.first or s.draft or s.lookup is None else s.lookup.propose([ys[i]])[:s.k]
-             for i, s in enumerate(seqs)]
+    props = [_lookup_proposals(s) for s in seqs]
     width = max([kd] + [len(p) for p in props])
     if width == 0:
         return None
     if not all(_room(c, width + 1) for c in batch.cache):
         batch.drop_drafts(list(batch.draft_seqs))
         return None
-    drafted = _draft_proposals(batch, ys, kd) if kd else None
-    d_rows = {id(s): j for j, s in enumerate(batch.draft_seqs)}
-    host = mx.array([[y] + p + [0] * (width - len(p)) for y, p in zip(ys, props)])
-    if drafted is not None:
+    fed = mx.array([p + [0] * (width - len(p)) for p in props])
+    if kd:  # the draft rows' proposals in their rows, the others' kept
+        d_rows = {id(s): j for j, s in enumerate(batch.draft_seqs)}
         pick = mx.array([d_rows.get(id(s), 0) for s in seqs])
         is_draft = mx.array([id(s) in d_rows for s in seqs])[:, None]
-        spread = mx.pad(drafted[pick], [(0, 0), (1, width - kd)])
-        host = mx.where(is_draft, mx.concatenate([host[:, :1], spread[:, 1:]], axis=1), host)
-    logits = batch.model(host, cache=batch.cache)
-    samples, logprobs = _sample_all(batch, logits, host)
-    mx.eval(samples, host)
-    return _accept(batch, ys, host.tolist(), samples.tolist(), logprobs, props, width, kd)
+        fed = mx.where(is_draft, mx.pad(_draft_proposals(batch, kd)[pick], [(0, 0), (0, width - kd)]), fed)
+    fed = mx.concatenate([batch.y[:, None], fed], axis=1)
+    logits = batch.model(fed, cache=batch.cache)
+    samples, logprobs = _sample_all(batch, logits, fed)
+    mx.eval(samples, fed)
+    fed = fed.tolist()
+    return _accept(batch, [f[0] for f in fed], fed, samples.tolist(), logprobs, props, width, kd)
 
 
 def _accept(batch, ys, fed, samples, logprobs, props, width: int, kd: int) -> List[tuple]:

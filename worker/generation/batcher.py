@@ -25,7 +25,8 @@ from ..protocol import Done, Error
 from . import memory, snapshot_policy
 from .decode_batch import DecodeBatch, Seq
 from .finish import finish, give_back
-from .prefill import chunk_size, prefill_chunk, stops
+from .lookup import Lookup
+from .prefill import chunk_size, prefill, prefill_chunk, stops
 from .run import Cancelled, Run
 from .sampling import keyed_sampler, processors_for
 from .start import start
@@ -96,14 +97,16 @@ class Batcher:
 
     def admit(self, job, emit, cancelled) -> None:
         """Start a request (validation, prompt, cache); its errors propagate to the caller."""
-        run = start(self.kit, job.req, emit, cancelled)
-        run.batching = "on"
-        params, plan = job.req.params, run.plan
+        run = start(self.kit, job.req, emit, cancelled, batched=True)
+        run.batching = "on" if self.kit.info.max_concurrent > 1 else None
+        params, plan, spec = job.req.params, run.plan, run.spec
         procs = processors_for(params, []) + ([run.constraint] if run.constraint else [])
         sampler = keyed_sampler(params, params.seed) if params.seed is not None else run.sampler
         seq = Seq(run=run, job=job, sampler=sampler, processors=procs,
                   context=TokenBuffer(plan.ids) if procs else None, wants_logprobs=run.want_lp,
-                  greedy=params.temperature == 0, rope=plan.state)
+                  greedy=params.temperature == 0, rope=plan.state, draft=spec.on,
+                  k=params.num_draft_tokens if spec.on else params.prompt_lookup_tokens if spec.lookup else 0,
+                  lookup=Lookup(plan.ids, params.prompt_lookup_tokens, spec.lookup_auto) if spec.lookup else None)
         emb = plan.embed(run.lease.reused) if plan.embed is not None else None
         at = stops(plan.checkpoints, run.lease.reused, run.n_prompt) if self.kit.cache.bounded else []
         self.admitting.append(Admission(job, run, seq, run.prefill_reporter(), emb, stops=at))
@@ -191,12 +194,24 @@ class Batcher:
             y, logprobs = sample(logits, seq.processors, context, seq.sampler)
             mx.async_eval(y, logprobs)
         seq.first, seq.on_prefill = True, a.on_prefill
-        self.batch.add(seq, cache, y, logprobs[0])
+        self.batch.add(seq, cache, y, logprobs[0], self._draft_prefill(seq) if seq.draft else None)
+
+    def _draft_prefill(self, seq: Seq) -> list:
+        """The draft's cache of a draft row: its best cached prefix, then the prompt but its last token."""
+        run, draft = seq.run, self.kit.draft
+        lease = draft.cache.take(run.plan.key, run.req.cache_key)
+        ids = run.plan.ids
+        quantize = functools.partial(maybe_quantize_kv_cache, **{**run.quant, "quantized_kv_start": 0})
+        with mx.stream(generation_stream):
+            prefill(draft.model, lease.cache, ids[lease.reused:], self.kit.options.prefill_step_size, quantize,
+                    lambda n: None)
+        seq.last, self.batch.draft_model = ids[-1], draft.model
+        return lease.cache
 
     def _decode_step(self) -> List[Finished]:
         rows = self.batch.step()
-        n_batch, ended = len(rows), []
-        for i, (seq, token, lp) in enumerate(rows):
+        n_batch, ended, left = len(rows), [], {}
+        for i, (seq, items) in enumerate(rows):
             run = seq.run
             run.peers = max(run.peers, n_batch)
             if seq.first:  # as generate_step: a snapshot of prompt + first token, then progress 1.0
@@ -204,17 +219,31 @@ class Batcher:
                 snapshot_policy.add(run.snapshots, run.n_prompt + 1, self._take(i))
                 total = run.n_prompt - run.lease.reused
                 seq.on_prefill(total, total)
-            stop = run.accept(int(token), lp)
-            n = len(run.out.generated)
-            if stop or n >= run.budget:
-                ended.append(i)
+            before = len(run.out.generated)
+            for j, (token, lp, from_draft) in enumerate(items):
+                stop = run.accept(int(token), lp, from_draft)
+                if stop or len(run.out.generated) >= run.budget:
+                    ended.append(i)
+                    left[i] = len(items) - j - 1  # fed (accepted proposals) but not reported
+                    break
             else:
-                snapshot_policy.while_decoding(run.decode_snaps, n, run.n_prompt + n, self._take(i))
+                n = len(run.out.generated)
+                if seq.lookup is not None:
+                    seq.lookup.extend(run.out.generated[before:])
+                every = snapshot_policy.DECODE_SNAPSHOT_EVERY  # a step of several tokens may pass a multiple
+                at = n if n // every == before // every else n - n % every
+                snapshot_policy.while_decoding(run.decode_snaps, at, run.n_prompt + n, self._take(i))
         out = []
         for i, cache in zip(ended, self.batch.remove(ended)):
             seq = rows[i][0]
+            if left[i]:
+                for c in cache:
+                    c.trim(left[i])
             seq.run.end_stream()
             out.append(Finished(seq.job, finish(seq.run, cache)))
+            if seq.draft_cache is not None:
+                run = seq.run
+                self.kit.draft.cache.put(run.plan.key + run.out.generated, seq.draft_cache, run.req.cache_key)
         return out
 
     def _take(self, row: int):

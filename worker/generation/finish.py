@@ -61,8 +61,9 @@ def stats(run: Run) -> Stats:
         generation_tps=round((n_gen - 1) / decode_s, 3) if n_gen > 1 and decode_s > 0 else None,
         peak_memory_bytes=int(mx.get_peak_memory()),
         total_s=round(toc - run.tic, 6),
-        speculative=spec.label, draft_tokens_accepted=out.from_draft if spec.on else None,
-        draft_tokens_proposed=run.proposed if spec.on else None,
+        speculative=spec.label, prompt_lookup=spec.lookup_label,
+        draft_tokens_accepted=out.from_draft if spec.proposing else None,
+        draft_tokens_proposed=run.proposed if spec.proposing else None,
         reasoning_tokens=run.stream.reasoning_tokens if run.stream.markers.think else None,
         batching=run.batching, concurrent=run.peers if run.batching else None,
     )

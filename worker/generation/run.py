@@ -59,7 +59,7 @@ class Run:
     extras: collections.deque = field(default_factory=collections.deque)  # (logprob report, from_draft)
     batching: Optional[str] = None  # what stats.batching says
     peers: int = 1  # most sequences decoded together while this one decoded
-    proposed: int = 0  # speculative: tokens the draft proposed
+    proposed: int = 0  # speculative / prompt lookup: tokens proposed
     on_first: Callable = lambda: None  # noqa: E731
 
     def __post_init__(self):
@@ -85,7 +85,7 @@ class Run:
             out.reason = "eos" if token in self.eos else "stop_token"
             out.stop_token = token
             return True
-        if self.want_lp or self.spec.on:
+        if self.want_lp or self.spec.proposing:
             report = logprob_report(self.kit, token, logprobs, params.top_logprobs) if self.want_lp else None
             self.extras.append((report, bool(from_draft)))
         self.release(self.stream.add(token))
@@ -106,7 +106,7 @@ class Run:
         thinking = self.stream.markers.think is not None
         for piece in pieces:
             ids = piece.ids
-            got = [extras.popleft() for _ in ids] if self.want_lp or spec.on else []
+            got = [extras.popleft() for _ in ids] if self.want_lp or spec.proposing else []
             if piece.kind == "tool_call":  # the call's ids go with its first event (no logprobs)
                 for call in piece.calls:
                     self.emit(ToolCallEvent(id=req.id, index=out.calls, call=wire_call(call), tokens=ids))
@@ -118,7 +118,7 @@ class Run:
                        channel=("reasoning" if piece.kind == "reasoning" else "answer") if thinking else None)
             if got:
                 ev.logprobs = [g[0] for g in got] if self.want_lp else None
-                ev.from_draft = [g[1] for g in got] if spec.on else None
+                ev.from_draft = [g[1] for g in got] if spec.proposing else None
             self.emit(ev)
 
     def prefill_reporter(self):
@@ -126,7 +126,7 @@ class Run:
         cached, last, n_prompt = self.lease.reused, [0.0], self.n_prompt
 
         def on_prefill(processed: int, total: int):
-            if processed >= total - 1 and not self.spec.on:  # the prompt but its last token; then + the first
+            if processed >= total - 1 and not self.spec.solo:  # the prompt but its last token; then + the first
                 snapshot_into(self.snapshots, self.lease.cache, cache_len(self.lease.cache))
             # the end of prefill is no cancel point: the first token is already being computed, and the
             # decode loop's check right after it keeps the cache consistent with the tokens (it is stored)

@@ -99,14 +99,14 @@ def run(kit: ModelKit, req: Generate, emit: Callable, cancelled: Callable[[], bo
     on_prefill = r.prefill_reporter()
     mx.reset_peak_memory()
     d_lease = None
-    if r.spec.on:
+    if r.spec.solo:
         d_lease = kit.draft.cache.take(r.plan.key, req.cache_key)
         gen = speculative_source(r, d_lease, on_prefill)
         n_new = r.n_prompt - r.lease.reused
         r.on_first = functools.partial(on_prefill, n_new, n_new)
     else:  # generate_step reports the end of prefill itself
         gen = plain_source(r, on_prefill)
-    if not r.spec.on and any(bounded(c) for c in r.lease.cache):
+    if not r.spec.solo and any(bounded(c) for c in r.lease.cache):
         gen = _with_snapshots(gen, r.lease.cache, r.decode_snaps)
     try:
         with r.plan.state if r.plan.state is not None else nullcontext():

@@ -1,5 +1,5 @@
-"""Speculative decoding with the loaded draft model (solo only, for now): whether a request may use it, and the
-token source (the main and draft caches prefilled here, then mlx-lm's ``speculative_generate_step``)."""
+"""Speculative decoding: whether a request may use the loaded draft model or prompt lookup (lookup.py), and the
+solo token source with a draft (the main and draft caches prefilled here, then mlx-lm's ``speculative_generate_step``)."""
 
 import functools
 from dataclasses import dataclass
@@ -17,27 +17,61 @@ from .sampling import processors_for
 
 @dataclass(frozen=True)
 class Speculation:
-    """Whether the draft model decodes this request; ``label`` is what ``stats.speculative`` says."""
+    """Whether the draft model decodes this request; ``label`` is what ``stats.speculative`` says. Prompt lookup
+    (lookup.py, in the batch only) likewise: ``lookup`` and ``stats.prompt_lookup``'s ``lookup_label``."""
 
     on: bool = False
     label: Optional[str] = None  # None without a draft model, else "on" or "off: <why>"
+    batched: bool = False  # decoded in the batch (batch_speculation.py), not by mlx-lm's speculative step
+    lookup: bool = False
+    lookup_auto: bool = False  # prompt_lookup null: stops proposing where it does not pay
+    lookup_label: Optional[str] = None
+
+    @property
+    def proposing(self) -> bool:
+        return self.on or self.lookup
+
+    @property
+    def solo(self) -> bool:
+        """mlx-lm's speculative_generate_step decodes it (its own prefill, no snapshots)."""
+        return self.on and not self.batched
 
 
-def speculation_for(kit, req: Generate, plan, budget: int) -> Speculation:
-    if kit.draft is None:
-        return Speculation()
-    spans = [s for s in (trimmable_span(kit.cache.fresh()), trimmable_span(kit.draft.cache.fresh())) if s is not None]
-    # mlx-lm rewinds rejected drafts: a sliding window must not wrap before the end (prompt + answer + drafts)
+def _refusal(kit, req: Generate, plan, budget: int, batched: bool, k: int) -> Optional[str]:
+    """Why proposals cannot be verified for this request, or None."""
+    spans = [s for s in (trimmable_span(kit.cache.fresh()),
+                         trimmable_span(kit.draft.cache.fresh()) if kit.draft is not None else None) if s is not None]
+    # rejected proposals are rewound: a sliding window must not wrap before the end (prompt + answer + proposals)
     # (a span of 0 is a recurrent state, e.g. SSM / gated-delta / conv layers, which never rewinds)
-    wraps = bool(spans) and len(plan.ids) + budget + req.params.num_draft_tokens >= min(spans)
-    rewinds = "recurrent state" if spans and min(spans) == 0 else "sliding window"
-    for cond, why in ((not req.params.speculative, "request"), (plan.embed is not None, "images or audio"),
-                      (req.params.json_schema is not None, "json_schema"),
+    # (in the batch a step that would wrap it decodes plainly instead: batch_speculation.py)
+    recurrent = bool(spans) and min(spans) == 0
+    wraps = recurrent or (bool(spans) and not batched and len(plan.ids) + budget + k >= min(spans))
+    rewinds = "recurrent state" if recurrent else "sliding window"
+    images = plan.embed is not None and (not batched or plan.state is not None)
+    for cond, why in ((images, "images or audio"), (req.params.json_schema is not None, "json_schema"),
                       (req.prompt.tools and req.prompt.tool_choice not in ("auto", "none"), "tool_choice"),
                       (kit.options.max_kv_size is not None, "max_kv_size"), (wraps, rewinds)):
         if cond:
-            return Speculation(False, f"off: {why}")
-    return Speculation(True, "on")
+            return why
+    return None
+
+
+def speculation_for(kit, req: Generate, plan, budget: int, batched: bool = False) -> Speculation:
+    params = req.params
+    draft = None
+    if kit.draft is not None:
+        why = "request" if not params.speculative else _refusal(kit, req, plan, budget, batched,
+                                                                 params.num_draft_tokens)
+        draft = Speculation(why is None, "on" if why is None else f"off: {why}", batched)
+        if draft.on:
+            return draft
+    wanted = params.prompt_lookup if params.prompt_lookup is not None else batched and kit.info.max_concurrent > 1
+    if not wanted:
+        return draft or Speculation()
+    why = "not batched" if not batched else _refusal(kit, req, plan, budget, batched, params.prompt_lookup_tokens)
+    return Speculation(on=False, label=draft.label if draft else None, batched=batched, lookup=why is None,
+                       lookup_auto=params.prompt_lookup is None,
+                       lookup_label="on" if why is None else f"off: {why}")
 
 
 def speculative_source(run, d_lease, on_prefill):

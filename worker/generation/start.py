@@ -40,7 +40,7 @@ def markers_for(kit: ModelKit, req: Generate) -> Markers:
     return Markers(think=think, tool=(fmt.start, fmt.end), parser=fmt.parse, tools=tools)
 
 
-def start(kit: ModelKit, req: Generate, emit, cancelled) -> Run:
+def start(kit: ModelKit, req: Generate, emit, cancelled, batched: bool = False) -> Run:
     """Validate, build the prompt, take the best cache: everything before the first forward pass."""
     tic = time.perf_counter()
     params, opts = req.params, kit.options
@@ -56,7 +56,7 @@ def start(kit: ModelKit, req: Generate, emit, cancelled) -> Run:
         budget = params.max_tokens if ctx is None else min(params.max_tokens, ctx - n_prompt)
         initial = initial_channel(kit.tokenizer, plan.ids)
         constraint = constraints.for_request(kit, req, initial)
-        spec = speculation_for(kit, req, plan, budget)
+        spec = speculation_for(kit, req, plan, budget, batched)
         if kit.kv is not None:  # refused before any compute when its KV cannot fit even alone (memory.py)
             kit.kv.check(n_prompt, budget, spec.on and kit.draft is not None)
         failure = None
@@ -70,7 +70,7 @@ def start(kit: ModelKit, req: Generate, emit, cancelled) -> Run:
     lease = kit.cache.take(plan.key, req.cache_key)
     out.marks["take"] = time.perf_counter()
     snapshots = list(lease.snapshots)
-    if lease.reused and not spec.on:  # where the previous turn ended: an edit of this turn's message resumes here
+    if lease.reused and not spec.solo:  # where the previous turn ended: an edit of this turn's message resumes here
         snapshot_into(snapshots, lease.cache, lease.reused)
     stream = Channels(kit.tokenizer.detokenizer, params.stop, markers_for(kit, req), initial)
     return Run(kit=kit, req=req, emit=emit, cancelled=cancelled, tic=tic, plan=plan, budget=budget,

@@ -12,7 +12,7 @@ from typing_extensions import Annotated
 
 from .errors import CODES
 
-PROTOCOL_VERSION = "1.7"
+PROTOCOL_VERSION = "1.8"
 
 from .ranks import RankInfo, Ranks, doc  # noqa: F401  (the world of several ranks; doc lives there)
 from .kv_memory import KvMemory  # noqa: E402  (status.kv_memory)
@@ -46,10 +46,8 @@ class LoadOptions(Struct, forbid_unknown_fields=True, kw_only=True):
     kv_bits: doc(Optional[Literal[4, 8]], "quantize the KV cache to this many bits") = None
     kv_group_size: doc(Literal[32, 64, 128], "KV quantization group size (must divide the head size)") = 64
     quantized_kv_start: doc(NonNeg, "quantize the KV cache once it holds this many tokens or joins the batch") = 0
-    draft_model_path: doc(Optional[Annotated[str, Meta(min_length=1)]],
-                          "a draft model for speculative decoding, loaded with the model") = None
-    max_memory: doc(Optional[Pos], "refuse to load when all weights (model, vision tower, draft) exceed "
-                    "this many bytes") = None
+    draft_model_path: doc(Optional[Annotated[str, Meta(min_length=1)]], "a draft model, loaded with it") = None
+    max_memory: doc(Optional[Pos], "refuse to load when all weights (model, tower, draft) exceed it") = None
     kv_memory: doc(Optional[Pos], "KV bytes the running generates may reserve (each its prompt + max_tokens); "
                    "null: 0.75 of what the device leaves after the weights and the prompt cache") = None
     warmup: doc(Optional[bool], "compile the decode kernels at load; null: on a GPU only") = None
@@ -189,6 +187,9 @@ class GenerateParams(Struct, forbid_unknown_fields=True, kw_only=True):
                      "(true: any JSON)") = None
     speculative: doc(bool, "use the draft model when one is loaded") = True
     num_draft_tokens: doc(Annotated[int, Meta(ge=1, le=32)], "tokens the draft proposes per step") = 3
+    prompt_lookup: doc(Optional[bool], "draft-free speculation from n-grams of the prompt and output (greedy "
+                       "output unchanged); null: on in the batch while it pays (PROTOCOL.md)") = None
+    prompt_lookup_tokens: doc(Annotated[int, Meta(ge=1, le=32)], "prompt lookup: most tokens per step") = 8
 
 
 class Generate(Request, tag="generate", kw_only=True):
@@ -294,7 +295,8 @@ class Token(Event, tag="token", kw_only=True):
     text: doc(str, "new text: complete UTF-8, stop strings held back until they cannot match")
     tokens: doc(list[int], "the token ids this event releases (possibly more than one, or none)")
     logprobs: doc(Optional[list[TokenLogprob]], "with params.top_logprobs > 0: one per id in `tokens`") = None
-    from_draft: doc(Optional[list[bool]], "when the draft model decodes: one per id in `tokens`") = None
+    from_draft: doc(Optional[list[bool]], "with a draft model or prompt lookup: one per id in `tokens`, true "
+                    "for an accepted proposal") = None
     channel: doc(Optional[Literal["reasoning", "answer"]], "for models with thinking markers: which part of the "
                  "output `text` belongs to (markers are not in it)") = None
 
@@ -312,17 +314,15 @@ class Stats(Event, tag="stats", kw_only=True):
     cached_tokens: doc(int, "of them, served from the prompt cache")
     cache_miss_reason: doc(Optional[str], "why fewer tokens than possible were reused") = None
     generated_tokens: doc(int, "tokens sampled, a final EOS / stop token included")
-    ttft_s: doc(Optional[float], "start of the request to its first token, in the engine; absent when no token "
-                "was generated") = None
-    prompt_tps: doc(Optional[float], "uncached prompt tokens per second (to the first token); absent when no "
-                    "token was generated") = None
-    generation_tps: doc(Optional[float], "tokens per second after the first; absent when fewer than 2 tokens "
-                        "were generated") = None
+    ttft_s: doc(Optional[float], "request start to first token, in the engine; absent without a token") = None
+    prompt_tps: doc(Optional[float], "uncached prompt tokens / ttft_s; absent without a token") = None
+    generation_tps: doc(Optional[float], "tokens per second after the first; absent with fewer than 2") = None
     peak_memory_bytes: doc(int, "MLX's peak memory during the request")
     total_s: doc(float, "the whole request, in the engine")
     speculative: doc(Optional[str], "with a draft model loaded: \"on\", or \"off: <why>\"") = None
-    draft_tokens_accepted: doc(Optional[int], "speculative: generated tokens that came from the draft") = None
-    draft_tokens_proposed: doc(Optional[int], "speculative: tokens the draft proposed") = None
+    prompt_lookup: doc(Optional[str], "prompt lookup asked for (or auto): \"on\", or \"off: <why>\"") = None
+    draft_tokens_accepted: doc(Optional[int], "speculative / prompt lookup: tokens proposed and accepted") = None
+    draft_tokens_proposed: doc(Optional[int], "speculative / prompt lookup: tokens proposed") = None
     reasoning_tokens: doc(Optional[int], "models with thinking markers: generated tokens of the reasoning") = None
     batching: doc(Optional[str], "with max_concurrent > 1: \"on\" (decoded in the batch), or \"off: <why>\" "
                   "(it ran alone)") = None
