@@ -57,9 +57,11 @@ def _run(w: Worker, rid: str, task: str, mt: int, lookup) -> dict:
             "accepted": st.get("draft_tokens_accepted"), "proposed": st.get("draft_tokens_proposed")}
 
 
-def measure(rounds: int = 3, max_tokens: int = 200, echo=print) -> dict:
+def measure(rounds: int = 3, max_tokens: int = 200, workers=(1, 2), echo=print) -> dict:
     path, out = smollm2_model(), {}
     for conc, (a, b) in ((1, (True, False)), (2, (None, False))):
+        if conc not in workers:
+            continue
         w = Worker()
         try:
             w.load(path, max_concurrent=conc)
@@ -91,10 +93,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=200)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="max_concurrent of each worker")
     args = ap.parse_args()
-    res = measure(args.rounds, args.max_tokens)
+    res = measure(args.rounds, args.max_tokens, args.workers)
     dst = Path(__file__).resolve().parents[1] / "results" / "lookup_cpu.json"
-    dst.write_text(json.dumps(res, indent=1))
+    old = json.loads(dst.read_text()) if dst.exists() else {}
+    dst.write_text(json.dumps({**old, **res}, indent=1))
     print(f"wrote {dst}")
 
 

@@ -181,3 +181,77 @@ def test_the_model_as_its_own_draft_has_every_proposal_accepted(llama_dir):
         assert marked == ([False] + ([False] + [True] * k) * 25)[:25], marked
         st = _stats(got[r["id"]])
         assert st["draft_tokens_accepted"] == sum(marked), st
+
+
+def test_a_draft_beside_kv_bits_in_the_batch(llama_dir, fixtures_root):
+    """With kv_bits both models' caches are quantized from the first chunk (as alone), and the batch's quantized
+    rows rewind rejected proposals row by row: mlx-lm's tokens with the same kv_bits alone."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    draft = fixture_dir(f"llama_noisy{NOISE['llama']}", fixtures_root)
+    kv = {"kv_bits": 4, "kv_group_size": 32}
+    reqs = [{"id": f"q{i}", "prompt": {"tokens": random_ids(15 + 20 * i, 150 + i)},
+             "params": {"max_tokens": 30, "num_draft_tokens": 2 + i}} for i in range(3)]
+    w = Worker()
+    try:
+        w.load(llama_dir, max_concurrent=3, draft_model_path=str(draft), **kv)
+        got = _send_all(w, reqs)
+    finally:
+        w.close()
+    model, tok = ref.load_model(llama_dir)
+    accepted = 0
+    for r in reqs:
+        want = [t for t, _ in generate_step(mx.array(r["prompt"]["tokens"]), model, max_tokens=30,
+                                            quantized_kv_start=0, **kv)]
+        want = want[:next((i for i, t in enumerate(want) if t in tok.eos_token_ids), len(want))]
+        assert_varied(want, 4)
+        assert generated_tokens(got[r["id"]]) == want, r["id"]
+        st = _stats(got[r["id"]])
+        assert st["batching"] == "on" and st["speculative"] == "on", st
+        accepted += st["draft_tokens_accepted"]
+    assert accepted > 0
+
+
+def test_image_requests_with_a_draft_and_with_prompt_lookup(tmp_path_factory):
+    """Gemma 3 vision: an image question drafted, another with prompt lookup (its output confined to a few
+    tokens so that it repeats) and a drafted text request, decoded together, give what they give alone without
+    speculation (tests/process/test_vision_exactness.py holds that path to mlx-vlm's)."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.support.fixtures import build_noisy_copy, build_once
+    from tests.support.vlm_fixtures import vlm_fixture_dir
+
+    root = tmp_path_factory.mktemp("spec-vlm")
+    path = vlm_fixture_dir("gemma3", root)
+    draft = build_once(root / "noisy", lambda tmp: build_noisy_copy(path, tmp, NOISE["gemma3_w64"]))
+    img = root / "a.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(img)
+    image_msg = [{"role": "user", "content": [{"type": "image", "path": str(img)},
+                                              {"type": "text", "text": "What is this?"}]}]
+    reqs = [{"id": "drafted", "prompt": {"messages": image_msg}, "params": {"max_tokens": 30}},
+            {"id": "looked", "prompt": {"messages": image_msg},
+             "params": {"max_tokens": 30, "speculative": False, "prompt_lookup": True, "logit_bias": _biased(3)}},
+            {"id": "text", "prompt": {"tokens": random_ids(30, 6)}, "params": {"max_tokens": 30}}]
+    outs = {}
+    for label, options in (("alone", {"max_concurrent": 1}),
+                           ("together", {"max_concurrent": 4, "draft_model_path": str(draft)})):
+        w = Worker()
+        try:
+            w.request({"type": "load", "id": "l", "model_path": str(path), "options": options})
+            if label == "alone":
+                off = [{**r, "params": {**r["params"], "prompt_lookup": False}} for r in reqs]
+                outs[label] = {r["id"]: w.request({"type": "generate", **r}) for r in off}
+            else:
+                outs[label] = _send_all(w, reqs)
+        finally:
+            w.close()
+    for r in reqs:
+        want = generated_tokens(outs["alone"][r["id"]])
+        assert_varied(want, 3, what=f"the {r['id']!r} request's output alone")
+        assert generated_tokens(outs["together"][r["id"]]) == want, r["id"]
+    st = {rid: _stats(evs) for rid, evs in outs["together"].items()}
+    assert st["drafted"]["speculative"] == "on" and st["looked"]["prompt_lookup"] == "on", st
+    assert st["drafted"]["draft_tokens_proposed"] > 0 and st["looked"]["draft_tokens_accepted"] > 0, st
+    assert all(s["batching"] == "on" for s in st.values())

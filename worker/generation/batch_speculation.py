@@ -51,7 +51,7 @@ def _lookup_proposals(s) -> List[int]:
     the pending token, the rest are proposed after it (verification holds whatever the guess)."""
     if s.first or s.lookup is None:
         return []
-    return s.lookup.propose()[1:s.k + 1]
+    return s.lookup.propose()[1:]
 
 
 def _sample_all(batch, logits: mx.array, inputs: mx.array):

@@ -106,7 +106,8 @@ class Batcher:
                   context=TokenBuffer(plan.ids) if procs else None, wants_logprobs=run.want_lp,
                   greedy=params.temperature == 0, rope=plan.state, draft=spec.on,
                   k=params.num_draft_tokens if spec.on else params.prompt_lookup_tokens if spec.lookup else 0,
-                  lookup=Lookup(plan.ids, params.prompt_lookup_tokens, spec.lookup_auto) if spec.lookup else None)
+                  # (+ 1: the continuation's first token is the lookup's guess of the pending token)
+                  lookup=Lookup(plan.ids, params.prompt_lookup_tokens + 1, spec.lookup_auto) if spec.lookup else None)
         emb = plan.embed(run.lease.reused) if plan.embed is not None else None
         at = stops(plan.checkpoints, run.lease.reused, run.n_prompt) if self.kit.cache.bounded else []
         self.admitting.append(Admission(job, run, seq, run.prefill_reporter(), emb, stops=at))
