@@ -3,7 +3,8 @@
 Two tasks, greedy: a code edit (SmolLM2 re-emits a 20-line function with one variable renamed: its answer repeats its
 prompt) and an ordinary chat (a story: little repeats). One stream at a time, in two workers:
 - ``max_concurrent: 1``: ``prompt_lookup: false`` (mlx-lm's generate_step, the solo path) against ``true`` (the
-  one-slot batch verifying proposals), alternated in each round;
+  batch's decode step for one, verifying 8 proposals a step) and against ``null`` (auto, the default), alternated
+  in each round;
 - ``max_concurrent: 2``: ``prompt_lookup: null`` (auto, the default there) against ``false``.
 Reported per task and pair: decode tok/s (``stats.generation_tps``), the paired ratio, the accepted share of the
 proposals and whether the tokens are identical. Results: bench/results/lookup_cpu.json.
@@ -59,13 +60,13 @@ def _run(w: Worker, rid: str, task: str, mt: int, lookup) -> dict:
 
 def measure(rounds: int = 3, max_tokens: int = 200, workers=(1, 2), echo=print) -> dict:
     path, out = smollm2_model(), {}
-    for conc, (a, b) in ((1, (True, False)), (2, (None, False))):
+    for conc, pairs in ((1, ((True, False), (None, False))), (2, ((None, False),))):
         if conc not in workers:
             continue
         w = Worker()
         try:
             w.load(path, max_concurrent=conc)
-            for task in TASKS:
+            for (a, b), task in ((pair, task) for pair in pairs for task in TASKS):
                 _run(w, "warm", task, 8, a), _run(w, "warm", task, 8, b)
                 runs = {a: [], b: []}
                 for r in range(rounds):
@@ -80,7 +81,7 @@ def measure(rounds: int = 3, max_tokens: int = 200, workers=(1, 2), echo=print) 
                        "acceptance": statistics.median(acc) if acc else None,
                        "generated": len(runs[a][0]["tokens"]),
                        "same_tokens": all(x["tokens"] == y["tokens"] for x, y in zip(runs[a], runs[b]))}
-                out[f"{conc}-{task}"] = row
+                out[f"{conc}-{'auto' if a is None else a}-{task}"] = row
                 echo(f"max_concurrent {conc} {task}: prompt_lookup {a} {row['on_tps']:.1f} tok/s vs {b} "
                      f"{row['off_tps']:.1f} -> {row['ratio_median']:.2f}x (acceptance {row['acceptance']}, "
                      f"{row['generated']} tokens, same tokens {row['same_tokens']})")

@@ -135,8 +135,8 @@ def test_every_kind_of_request_beside_drafted_ones(llama_dir, fixtures_root):
 
 
 def test_prompt_lookup_alone_and_its_defaults(llama_dir):
-    """prompt_lookup true with max_concurrent 1 verifies alone (the one-slot batch, stats.batching absent);
-    the default (null) is off there and on in the batch; false is off."""
+    """prompt_lookup true and null (auto) verify alone too (max_concurrent 1: the batch's decode step for one,
+    stats.batching absent) and in the batch; false is off (alone: mlx-lm's generate_step)."""
     ids = random_ids(30, 210)
     params = {"max_tokens": 40, "logit_bias": _biased(10)}
     want, _ = ref.generate_processed(llama_dir, ids, 40, logit_bias={int(k): v for k, v in _biased(10).items()})
@@ -155,7 +155,7 @@ def test_prompt_lookup_alone_and_its_defaults(llama_dir):
             w.close()
     assert seen[1, True]["prompt_lookup"] == "on" and seen[1, True].get("batching") is None
     assert seen[1, True]["draft_tokens_accepted"] > 0
-    assert seen[1, None].get("prompt_lookup") is None and seen[1, False].get("prompt_lookup") is None
+    assert seen[1, None]["prompt_lookup"] == "on" and seen[1, False].get("prompt_lookup") is None
     assert seen[2, None]["prompt_lookup"] == "on" and seen[2, None]["batching"] == "on"
     assert seen[2, False].get("prompt_lookup") is None and seen[2, False].get("draft_tokens_proposed") is None
 

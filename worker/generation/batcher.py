@@ -179,11 +179,11 @@ class Batcher:
                 raise PrefillFailed(a.job) from exc
             raise
         self.admitting.remove(a)
-        self._join(a, suffix[-1], cache, state)
-        return []
+        return self._join(a, suffix[-1], cache, state)
 
-    def _join(self, a: Admission, last: int, cache: list, state) -> None:
-        """The last prompt token's forward pass samples the first token; the sequence joins the batch."""
+    def _join(self, a: Admission, last: int, cache: list, state) -> List[Finished]:
+        """The last prompt token's forward pass samples the first token; the sequence joins the batch (with
+        ``max_tokens`` 0 it ends there, its prompt cached, as generate_step ends)."""
         seq, run = a.seq, a.run
         with mx.stream(generation_stream), state:
             emb = a.embeddings[-1:][None] if a.embeddings is not None else None
@@ -191,11 +191,18 @@ class Batcher:
             logits = self.kit.model(mx.array([last])[None], cache=cache, **kw)[:, -1, :]
             # kv_bits: a sequence joins quantized, whatever its length (PROTOCOL.md, quantized_kv_start)
             maybe_quantize_kv_cache(cache, **{**run.quant, "quantized_kv_start": 0})
+            if run.budget == 0:
+                mx.eval(logits, [c.state for c in cache])
+                total = run.n_prompt - run.lease.reused
+                a.on_prefill(total, total)
+                run.end_stream()
+                return [Finished(a.job, finish(run, cache))]
             context = mx.array(run.plan.ids) if seq.processors else None
             y, logprobs = sample(logits, seq.processors, context, seq.sampler)
             mx.async_eval(y, logprobs)
         seq.first, seq.on_prefill = True, a.on_prefill
         self.batch.add(seq, cache, y, logprobs[0], self._draft_prefill(seq) if seq.draft else None)
+        return []
 
     def _draft_prefill(self, seq: Seq) -> list:
         """The draft's cache of a draft row: its best cached prefix, then the prompt but its last token."""
