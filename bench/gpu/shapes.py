@@ -26,6 +26,11 @@ SHAPES["gemma3-1b"] = dict(model_type="gemma3_text", hidden_size=1152, num_hidde
                            max_position_embeddings=32768)
 SHAPES["smoke"] = dict(SHAPES["llama-3.2-1b"], hidden_size=128, num_hidden_layers=2, intermediate_size=256,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=4096)
+# drafts for speculative decoding (speculation.py): the same vocabulary (so the same tokenizer), fewer, narrower layers
+SHAPES["llama-3.2-1b-draft"] = dict(SHAPES["llama-3.2-1b"], hidden_size=1024, num_hidden_layers=4,
+                                    intermediate_size=4096, num_attention_heads=16, num_key_value_heads=4)
+SHAPES["smoke-draft"] = dict(SHAPES["smoke"], hidden_size=64, num_hidden_layers=1, intermediate_size=128,
+                             num_attention_heads=2, num_key_value_heads=1)
 
 
 def build(root: Path, shape: str, bits) -> Path:
