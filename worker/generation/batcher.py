@@ -11,6 +11,7 @@ logprobs, cancel); a request that ends leaves the batch with its own cache, stor
 
 import functools
 import logging
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Union
@@ -109,6 +110,7 @@ class Batcher:
                   # (+ 1: the continuation's first token is the lookup's guess of the pending token)
                   lookup=Lookup(plan.ids, params.prompt_lookup_tokens + 1, spec.lookup_auto) if spec.lookup else None)
         emb = plan.embed(run.lease.reused) if plan.embed is not None else None
+        run.out.marks["embedded"] = time.perf_counter()  # phases of MLX_WORKER_LOG=debug (finish.py)
         at = stops(plan.checkpoints, run.lease.reused, run.n_prompt) if self.kit.cache.bounded else []
         self.admitting.append(Admission(job, run, seq, run.prefill_reporter(), emb, stops=at))
 
@@ -185,6 +187,7 @@ class Batcher:
         """The last prompt token's forward pass samples the first token; the sequence joins the batch (with
         ``max_tokens`` 0 it ends there, its prompt cached, as generate_step ends)."""
         seq, run = a.seq, a.run
+        run.out.marks["prefilled"] = time.perf_counter()
         with mx.stream(generation_stream), state:
             emb = a.embeddings[-1:][None] if a.embeddings is not None else None
             kw = {"input_embeddings": emb} if emb is not None else {}
