@@ -89,3 +89,10 @@ def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
 
+
+def pytest_configure(config):
+    # pytest-xdist (3.8 here) sorts --dist loadfile's files by their number of tests, most first, unless told not
+    # to (--no-loadscope-reorder): LONGEST_FIRST's order was lost, and its files of few tests (test_real_gemma's 3,
+    # test_batch_soak's 1) started last, leaving a core idle at the end
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False

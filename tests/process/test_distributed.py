@@ -345,7 +345,7 @@ def test_a_batched_cancel_lands_within_one_step(ranks2, llama_dir):
     w = ranks2
     w.load(llama_dir, max_concurrent=2)
     keep = random_ids(20, 41)
-    w.send({"type": "generate", "id": "k", "prompt": {"tokens": keep}, "params": {"max_tokens": 60}})
+    w.send({"type": "generate", "id": "k", "prompt": {"tokens": keep}, "params": {"max_tokens": 30}})
     w.send({"type": "generate", "id": "c", "prompt": {"tokens": random_ids(20, 42)},
             "params": {"max_tokens": 400}})
     for _ in range(5):
@@ -357,7 +357,8 @@ def test_a_batched_cancel_lands_within_one_step(ranks2, llama_dir):
     late = [e for e in evs if e["type"] == "token" and e["seq"] > ack[-1]["seq"]]
     assert len(late) <= 1, late
     kept = w.collect("k")
-    assert generated_tokens(kept) == ref.generate(llama_dir, keep, 60)
+    assert kept[-1]["seq"] > ack[-1]["seq"], "k ended before the cancel: nothing ran on beside it"
+    assert generated_tokens(kept) == ref.generate(llama_dir, keep, 30)
 
 
 def test_the_disk_cache_over_two_ranks(ranks2, llama_dir, tmp_path):
@@ -472,6 +473,20 @@ READER_ONLY = {"parse_error_json", "parse_error_utf8", "invalid_request_not_obje
                "invalid_params_two_prompt_kinds", "line_too_long", "line_of_exactly_the_limit_ending_in_crlf",
                "oversized_request_is_answered_with_its_id", "empty_lines_ignored", "crlf_accepted"}
 CASES = [c for c in load_cases(sorted(CONFORMANCE.glob("*.jsonl"))) if c["name"] not in READER_ONLY]
+# cancelled_prefill_is_resumed prefills 1,500 tokens in chunks of 4, so that the cancel sent at the first progress
+# past 40 lands inside the prefill with one rank (~1 s of it left there). Over two ranks a chunk takes 5-110 ms
+# here, more the busier the two cores (the whole case: 5-45 s); 400 tokens leave the cancel 0.4-10 s to land in.
+SHORTER_PROMPTS = {"cancelled_prefill_is_resumed": 400}
+
+
+def _over_two_ranks(case: dict) -> dict:
+    case = copy.deepcopy(case)
+    if case["name"] in SHORTER_PROMPTS:
+        sends = [s["send"] for s in case["steps"] if s.get("send", {}).get("type") == "generate"]
+        assert [g["prompt"]["tokens"]["$repeat"][1] for g in sends] == [1500, 1500], sends  # the case as written
+        for g in sends:
+            g["prompt"]["tokens"]["$repeat"][1] = SHORTER_PROMPTS[case["name"]]
+    return case
 
 
 @pytest.fixture(scope="module")
@@ -484,6 +499,6 @@ def runner2(llama_dir):
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_conformance_over_two_ranks(runner2, case):
     try:
-        runner2.run_case(copy.deepcopy(case))
+        runner2.run_case(_over_two_ranks(case))
     except CaseFailure as e:
         pytest.fail(str(e), pytrace=False)

@@ -2,6 +2,7 @@
 worker process: greedy parity with mlx-lm itself, and the prompt cache past its 512-token sliding window
 (the windowed layers wrap, so reuse rests on the snapshots of worker/cache/snapshots.py)."""
 
+import functools
 import json
 import random
 
@@ -46,27 +47,28 @@ def gemma(gemma_dir):
 
 
 @pytest.fixture(scope="module")
-def cold(gemma, gemma_dir):
-    """Greedy tokens of a cold mlx-lm run (fresh cache, float32), EOS left out.
-
-    Thousands of prompt tokens need the fast BLAS the worker re-executed itself with, which this test
-    process lacks (MLX's reference BLAS prefills ~10 tok/s): so raw mlx-lm runs in bench.raw's child
-    process with the worker's own BLAS environment. Without one (no OpenBLAS, or no /proc) it runs here."""
-    from bench.raw import RawRunner, worker_blas_env
-
-    env = worker_blas_env(gemma.proc.pid)
-    if "LD_PRELOAD" not in env:
-        yield lambda ids, n: ref.generate(gemma_dir, ids, n, dtype="float32")
-        return
-    with RawRunner("matched", env) as raw:
-        raw.load(gemma_dir)
-        eos = set(json.loads((gemma_dir / "config.json").read_text())["eos_token_id"])
-        yield lambda ids, n: [t for t in raw.gen(ids, n)["tokens"] if t not in eos]
+def mlx_lm_ref(gemma):
+    """tests/support/reference.py's mlx-lm runs, in a child process with the worker's own BLAS: thousands of
+    prompt tokens need the fast BLAS the worker re-executed itself with, which this test process lacks (MLX's
+    reference BLAS prefills ~10 tok/s). Without one (no OpenBLAS, or no /proc) they run here."""
+    child = ref.InChild(gemma.proc.pid)
+    yield child
+    child.close()
 
 
+@pytest.fixture(scope="module")
+def cold(mlx_lm_ref, gemma_dir):
+    """Greedy tokens of a cold mlx-lm run (fresh cache, float32), EOS left out."""
+    return lambda ids, n: mlx_lm_ref.generate(gemma_dir, ids, n, dtype="float32")
+
+
+@functools.lru_cache(maxsize=1)
 def _tokenizer(gemma_dir):
-    """mlx-lm's tokenizer, from the float32 load the references use (one load for the whole module)."""
-    return ref.load_model(gemma_dir, "float32")[1]
+    """mlx-lm's tokenizer, as ``mlx_lm.load`` makes it (without loading the weights here)."""
+    from mlx_lm.utils import load_tokenizer
+
+    eos = json.loads((gemma_dir / "config.json").read_text())["eos_token_id"]
+    return load_tokenizer(gemma_dir, eos_token_ids=eos)
 
 
 def _chat_ids(gemma_dir, messages):
@@ -111,24 +113,11 @@ def _generate(w, rid, prompt, max_tokens):
     return generated_tokens(events), stats, events[-1]
 
 
-def _stream_generate(gemma_dir, prompt, max_tokens):
-    """mlx-lm's own stream_generate (float32, as the worker computes on the CPU): tokens without the EOS, text."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    model, tok = ref.load_model(gemma_dir, "float32")
-    responses = list(stream_generate(model, tok, prompt, max_tokens=max_tokens, sampler=make_sampler(0.0)))
-    tokens = [r.token for r in responses]
-    if responses[-1].finish_reason == "stop":
-        tokens = tokens[:-1]
-    return tokens, "".join(r.text for r in responses)
-
-
-def test_greedy_parity_with_mlx_lm(gemma, gemma_dir):
+def test_greedy_parity_with_mlx_lm(gemma, gemma_dir, mlx_lm_ref):
     gemma.request({"type": "cache_clear", "id": "cc-parity"})
     text = "The Eiffel Tower is located in the city of"
     tokens, stats, done = _generate(gemma, "text", {"text": text}, 16)
-    expected, expected_text = _stream_generate(gemma_dir, text, 16)
+    expected, expected_text = mlx_lm_ref.stream_generate(gemma_dir, text, 16, dtype="float32")
     assert stats["prompt_tokens"] == len(_tokenizer(gemma_dir).encode(text))  # BOS included
     assert tokens == expected and done["text"] == expected_text
     assert "Paris" in done["text"]
@@ -141,19 +130,20 @@ def test_greedy_parity_with_mlx_lm(gemma, gemma_dir):
         "<bos><start_of_turn>user\nYou answer in one short sentence.\n\n"
         "What is the tallest mountain in the world?<end_of_turn>\n<start_of_turn>model\n")
     tokens, stats, done = _generate(gemma, "chat", {"messages": chat}, 16)
-    expected, expected_text = _stream_generate(gemma_dir, ids, 16)
+    expected, expected_text = mlx_lm_ref.stream_generate(gemma_dir, ids, 16, dtype="float32")
     assert stats["prompt_tokens"] == len(ids)
     assert tokens == expected and done["text"] == expected_text
 
 
 def test_long_conversation_reuses_each_turn(gemma, gemma_dir, cold):
-    """Five turns, ~2,400 tokens at the end (over four windows): each follow-up is served from the cache
-    but for its new message, and answers as a cold mlx-lm run of the whole prompt does."""
+    """Three turns of ~700 new tokens each (more than the window), ~2,150 tokens at the end (over four windows):
+    each follow-up is served from the cache but for its new message (the second through snapshots the first
+    follow-up inherited), and answers as a cold mlx-lm run of the whole prompt does."""
     w = gemma
     w.request({"type": "cache_clear", "id": "cc-long"})
-    messages = [{"role": "user", "content": passage(0, 50)}]
+    messages = [{"role": "user", "content": passage(0, 72)}]
     entry, seen = None, []
-    for turn in range(5):
+    for turn in range(3):
         tokens, stats, done = _generate(w, f"long{turn}", {"messages": messages}, 8)
         ids = _chat_ids(gemma_dir, messages)
         seen.append((stats["prompt_tokens"], stats["cached_tokens"], stats.get("cache_miss_reason")))
@@ -166,7 +156,7 @@ def test_long_conversation_reuses_each_turn(gemma, gemma_dir, cold):
         assert tokens == want, (turn, seen)
         entry = _entry(ids, stats, done, tokens, entry[1] if entry else ())
         messages += [{"role": "assistant", "content": done["text"]},
-                     {"role": "user", "content": passage(turn + 1, 50)}]
+                     {"role": "user", "content": passage(turn + 1, 72)}]
     print("turns (prompt_tokens, cached_tokens, cache_miss_reason):", seen)
     assert seen[-1][0] > 4 * WINDOW, seen
 

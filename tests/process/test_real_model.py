@@ -26,8 +26,16 @@ def real_worker(smollm2):
     w.close()
 
 
+@pytest.fixture(scope="module")
+def mlx_lm_ref(real_worker):
+    """tests/support/reference.py's mlx-lm runs, with the worker's BLAS (in-process they prefill ~10 tok/s)."""
+    child = ref.InChild(real_worker.proc.pid)
+    yield child
+    child.close()
+
+
 @pytest.mark.parametrize("dtype,ref_dtype", [("auto", "float32"), ("stored", None)])
-def test_paris_matches_mlx_lm(real_worker, smollm2, dtype, ref_dtype):
+def test_paris_matches_mlx_lm(real_worker, mlx_lm_ref, smollm2, dtype, ref_dtype):
     info = real_worker.load(smollm2, dtype=dtype)
     assert info["compute_dtype"] == (ref_dtype or "bfloat16") and info["stored_dtype"] == "bfloat16"
     events = real_worker.request({"type": "generate", "id": f"paris-{dtype}",
@@ -35,13 +43,13 @@ def test_paris_matches_mlx_lm(real_worker, smollm2, dtype, ref_dtype):
     done = events[-1]
     assert done["stop_reason"] == "eos"
     assert "Paris" in done["text"]
-    ids = ref.chat_ids(smollm2, QUESTION)
-    expected = ref.generate(smollm2, ids, 20, dtype=ref_dtype)
+    ids = mlx_lm_ref.chat_ids(smollm2, QUESTION)
+    expected = mlx_lm_ref.generate(smollm2, ids, 20, dtype=ref_dtype)
     assert generated_tokens(events) == expected
-    assert done["text"] == ref.decode(smollm2, expected)
+    assert done["text"] == mlx_lm_ref.decode(smollm2, expected)
 
 
-def test_three_turn_chat_uses_the_cache(real_worker, smollm2):
+def test_three_turn_chat_uses_the_cache(real_worker, mlx_lm_ref, smollm2):
     real_worker.load(smollm2)
     chat = list(QUESTION)
     previous = None
@@ -49,9 +57,9 @@ def test_three_turn_chat_uses_the_cache(real_worker, smollm2):
         events = real_worker.request({"type": "generate", "id": f"chat{turn}",
                                       "prompt": {"messages": chat}, "params": {"max_tokens": 24}})
         stats = next(e for e in events if e["type"] == "stats")
-        ids = ref.chat_ids(smollm2, chat)
+        ids = mlx_lm_ref.chat_ids(smollm2, chat)
         assert stats["prompt_tokens"] == len(ids)
-        assert generated_tokens(events) == ref.generate(smollm2, ids, 24, dtype="float32")
+        assert generated_tokens(events) == mlx_lm_ref.generate(smollm2, ids, 24, dtype="float32")
         if previous is not None:
             assert stats["cached_tokens"] >= previous, stats
         previous = stats["prompt_tokens"] + len(generated_tokens(events))
@@ -65,7 +73,7 @@ WEATHER = [{"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 
 
-def test_a_tool_call_turn_is_reused_whole_and_exactly(real_worker, smollm2):
+def test_a_tool_call_turn_is_reused_whole_and_exactly(real_worker, mlx_lm_ref, smollm2):
     """Issue #29 item 1: SmolLM2 emits its call's end as `"}` + `}`, which the tokenizer writes `"` + `}}`. The
     follow-up (the call re-rendered, then the tool's result) reuses the whole earlier turn, the model's own ids;
     and its greedy output equals a cold run (raw mlx-lm) of exactly those ids. SmolLM2's template ignores tools:
@@ -109,6 +117,6 @@ def test_a_tool_call_turn_is_reused_whole_and_exactly(real_worker, smollm2):
     rest = text2[len(tok.decode(said, skip_special_tokens=False, clean_up_tokenization_spaces=False)):]
     used = said + tok.encode(rest, add_special_tokens=False)
     assert st2["prompt_tokens"] == len(used)
-    expected = ref.generate(smollm2, used, 16, dtype="float32")
+    expected = mlx_lm_ref.generate(smollm2, used, 16, dtype="float32")
     assert len(set(expected)) >= 3, expected
     assert generated_tokens(second) == expected

@@ -1,4 +1,4 @@
-"""One rank of a tensor-parallel Gemma 3, run under ``mlx.launch`` by tests/unit/test_patches.py: for each job of
+"""One rank of a tensor-parallel Gemma 3, started as a ring rank by tests/unit/test_patches.py: for each job of
 the JSON file named on the command line, load the checkpoint with mlx-lm, shard it with
 worker/patches/gemma3_text_shard.py and write the rank's logits (``logits_of``) and its heads per layer.
 The test computes the unsharded reference with the same ``logits_of`` on mlx-lm's model."""

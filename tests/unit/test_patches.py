@@ -7,10 +7,10 @@ import json
 import os
 import pkgutil
 import re
-import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -157,33 +157,42 @@ def test_mlx_lm_gemma3_text_has_no_shard():
             fixed(f"the missing {cls.__module__}.Model.shard", "gemma3_text_shard")
 
 
-def _free_ports(n: int) -> int:
-    """The first of ``n`` consecutive free local ports (mlx.launch's ring backend's default is fixed, 32323:
-    two launches at once would meet there)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
-        try:
-            for p in range(first, first + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-            return first
-        except OSError:
-            continue
-
-
-def _launch(cmd: list[str], timeout: float) -> str:
-    """Run ``mlx.launch`` (in its own session, whose processes are all killed past ``timeout``); its output.
-    (mlx.launch exits 0 even when a rank fails: the caller checks what the ranks wrote.)"""
-    env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
-    proc = subprocess.Popen(cmd, cwd=TESTS.parent, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def _free_ports(n: int) -> list:
+    socks = [socket.socket() for _ in range(n)]
     try:
-        return proc.communicate(timeout=timeout)[0][-6000:]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _run_ring(argv: list[str], n: int, tmp_path: Path, timeout: float) -> str:
+    """Run ``argv`` as ``n`` ring ranks on this machine, set up as ``mlx.launch --backend ring`` sets them up
+    (``MLX_HOSTFILE``: one ``ip:port`` per rank; ``MLX_RANK``), but started here: mlx.launch's I/O relay threads
+    spin ~1.3 cores while the ranks run. Their output (each rank's own file); every rank killed past ``timeout``."""
+    hostfile = tmp_path / "ring.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent), MLX_HOSTFILE=str(hostfile))
+    logs = [tmp_path / f"rank{r}.log" for r in range(n)]
+    procs = []
+    try:
+        for r in range(n):
+            with open(logs[r], "w") as out:
+                procs.append(subprocess.Popen(argv, cwd=TESTS.parent, env={**env, "MLX_RANK": str(r)},
+                                              stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.wait(max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"mlx.launch ran past {timeout} s:\n{proc.communicate()[0][-6000:]}")
+        pytest.fail(f"the ranks ran past {timeout} s:\n" + "".join(f.read_text()[-3000:] for f in logs))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return "".join(f"--- rank {r} (exit {p.returncode})\n{logs[r].read_text()[-3000:]}" for r, p in enumerate(procs))
 
 
 def test_gemma3_sharded_over_two_ranks_gives_the_unsharded_logits(tmp_path, gemma3_dir, fixtures_root):
@@ -200,10 +209,8 @@ def test_gemma3_sharded_over_two_ranks_gives_the_unsharded_logits(tmp_path, gemm
         ids = random_ids(text["sliding_window"] + 40, 30 + i)
         jobs.append(dict(name=name, path=str(path), ids=ids, decode=3, out=str(tmp_path / name), text=text))
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    launch = Path(sys.executable).parent / "mlx.launch"
-    cmd = [str(launch), "-n", "2", "--backend", "ring", "-p", str(_free_ports(2)), sys.executable,
-           str(TESTS / "support" / "shard_ranks.py"), str(tmp_path / "jobs.json")]
-    log = _launch(cmd, timeout=120)
+    log = _run_ring([sys.executable, str(TESTS / "support" / "shard_ranks.py"), str(tmp_path / "jobs.json")], 2,
+                    tmp_path, timeout=120)
     for job in jobs:
         want = logits_of(load_model(Path(job["path"]))[0], job["ids"], job["decode"])
         assert_varied(want.argmax(-1).tolist(), 5, f"mlx-lm {job['name']} argmax")
