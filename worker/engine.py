@@ -121,8 +121,7 @@ class Engine:
         if self.batcher is None or not isinstance(req, Generate):
             return Route.ALONE
         if self.kit.info.max_concurrent == 1:  # one at a time: the batch's decode step takes prompt lookup's
-            drafted = self.kit.draft is not None and req.params.speculative  # mlx-lm's speculative step
-            return Route.ALONE if drafted or req.params.prompt_lookup is False else Route.BATCH
+            return Route.BATCH if req.params.prompt_lookup else Route.ALONE
         return Route.BATCH
 
     @property

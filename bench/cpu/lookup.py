@@ -3,8 +3,8 @@
 Two tasks, greedy: a code edit (SmolLM2 re-emits a 20-line function with one variable renamed: its answer repeats its
 prompt) and an ordinary chat (a story: little repeats). One stream at a time, in two workers:
 - ``max_concurrent: 1``: ``prompt_lookup: false`` (mlx-lm's generate_step, the solo path) against ``true`` (the
-  batch's decode step for one, verifying 8 proposals a step) and against ``null`` (auto, the default), alternated
-  in each round;
+  batch's decode step for one, verifying 8 proposals a step) and against ``null`` (auto: off alone since
+  2026-12-05, so this pair now measures generate_step twice), alternated in each round;
 - ``max_concurrent: 2``: ``prompt_lookup: null`` (auto, the default there) against ``false``.
 Reported per task and pair: decode tok/s (``stats.generation_tps``), the paired ratio, the accepted share of the
 proposals and whether the tokens are identical. Results: bench/results/lookup_cpu.json.

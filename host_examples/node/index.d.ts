@@ -170,7 +170,7 @@ export interface GenerateParams {
   num_draft_tokens?: number;
   /** subtracted once per seen token */
   presence_penalty?: number;
-  /** draft-free speculation from n-grams of the prompt and output (greedy output unchanged); null: on while it pays (PROTOCOL.md) */
+  /** draft-free speculation from n-grams of the prompt and output (greedy output unchanged); null: greedy ones in the batch, while it pays (PROTOCOL.md) */
   prompt_lookup?: boolean | null;
   /** prompt lookup: most tokens per step */
   prompt_lookup_tokens?: number;

@@ -135,8 +135,8 @@ def test_every_kind_of_request_beside_drafted_ones(llama_dir, fixtures_root):
 
 
 def test_prompt_lookup_alone_and_its_defaults(llama_dir):
-    """prompt_lookup true and null (auto) verify alone too (max_concurrent 1: the batch's decode step for one,
-    stats.batching absent) and in the batch; false is off (alone: mlx-lm's generate_step)."""
+    """prompt_lookup true verifies alone too (max_concurrent 1: the batch's decode step for one, stats.batching
+    absent); the default (null) is off there (mlx-lm's generate_step) and on in the batch; false is off."""
     ids = random_ids(30, 210)
     params = {"max_tokens": 40, "logit_bias": _biased(10)}
     want, _ = ref.generate_processed(llama_dir, ids, 40, logit_bias={int(k): v for k, v in _biased(10).items()})
@@ -155,7 +155,7 @@ def test_prompt_lookup_alone_and_its_defaults(llama_dir):
             w.close()
     assert seen[1, True]["prompt_lookup"] == "on" and seen[1, True].get("batching") is None
     assert seen[1, True]["draft_tokens_accepted"] > 0
-    assert seen[1, None]["prompt_lookup"] == "on" and seen[1, False].get("prompt_lookup") is None
+    assert seen[1, None].get("prompt_lookup") is None and seen[1, False].get("prompt_lookup") is None
     assert seen[2, None]["prompt_lookup"] == "on" and seen[2, None]["batching"] == "on"
     assert seen[2, False].get("prompt_lookup") is None and seen[2, False].get("draft_tokens_proposed") is None
 
@@ -255,3 +255,33 @@ def test_image_requests_with_a_draft_and_with_prompt_lookup(tmp_path_factory):
     assert st["drafted"]["speculative"] == "on" and st["looked"]["prompt_lookup"] == "on", st
     assert st["drafted"]["draft_tokens_proposed"] > 0 and st["looked"]["draft_tokens_accepted"] > 0, st
     assert all(s["batching"] == "on" for s in st.values())
+
+
+def test_auto_lookup_leaves_a_seeded_sample_as_alone(llama_dir):
+    """Auto prompt lookup takes greedy requests only: a seeded sampled request whose output repeats (a logit_bias
+    confining it to 8 tokens, so n-grams recur) draws in the batch exactly mlx-lm's seeded sample alone (verifying
+    proposals would sample several positions per draw); asking for lookup explicitly is the caller's choice."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    ids, bias = random_ids(20, 220), _biased(20)
+    params = {"max_tokens": 40, "temperature": 0.7, "seed": 5, "logit_bias": bias}
+    w = Worker()
+    try:
+        w.load(llama_dir, max_concurrent=2)  # one after the other: a row alone computes as generate_step does
+        got = {"auto": w.request({"type": "generate", "id": "auto", "prompt": {"tokens": ids}, "params": params}),
+               "on": w.request({"type": "generate", "id": "on", "prompt": {"tokens": ids},
+                                "params": {**params, "prompt_lookup": True}})}
+    finally:
+        w.close()
+    model, tok = ref.load_model(llama_dir)
+    mx.random.seed(5)
+    procs = make_logits_processors(logit_bias={int(k): v for k, v in bias.items()})
+    want = [t for t, _ in generate_step(mx.array(ids), model, max_tokens=40, sampler=make_sampler(0.7),
+                                        logits_processors=procs)]
+    want = want[:next((i for i, t in enumerate(want) if t in tok.eos_token_ids), len(want))]
+    assert_varied(want, 3)
+    assert generated_tokens(got["auto"]) == want and _stats(got["auto"]).get("prompt_lookup") is None
+    st = _stats(got["on"])  # the same request with lookup asked for: proposals were verified
+    assert st["prompt_lookup"] == "on" and st["draft_tokens_proposed"] > 0, st

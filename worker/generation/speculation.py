@@ -65,7 +65,10 @@ def speculation_for(kit, req: Generate, plan, budget: int, batched: bool = False
         draft = Speculation(why is None, "on" if why is None else f"off: {why}", batched)
         if draft.on:
             return draft
-    wanted = params.prompt_lookup if params.prompt_lookup is not None else batched
+    # auto: in the batch, greedy requests only (a sampled one keeps the draws it makes alone: verifying samples
+    # several positions per draw); alone, mlx-lm's generate_step stays the reference path (engine.route)
+    auto = batched and kit.info.max_concurrent > 1 and params.temperature == 0
+    wanted = params.prompt_lookup if params.prompt_lookup is not None else auto
     if not wanted:
         return draft or Speculation()
     why = "not batched" if not batched else _refusal(kit, req, plan, budget, batched, params.prompt_lookup_tokens)

@@ -188,7 +188,7 @@ class GenerateParams(Struct, forbid_unknown_fields=True, kw_only=True):
     speculative: doc(bool, "use the draft model when one is loaded") = True
     num_draft_tokens: doc(Annotated[int, Meta(ge=1, le=32)], "tokens the draft proposes per step") = 3
     prompt_lookup: doc(Optional[bool], "draft-free speculation from n-grams of the prompt and output (greedy "
-                       "output unchanged); null: on while it pays (PROTOCOL.md)") = None
+                       "output unchanged); null: greedy ones in the batch, while it pays (PROTOCOL.md)") = None
     prompt_lookup_tokens: doc(Annotated[int, Meta(ge=1, le=32)], "prompt lookup: most tokens per step") = 8
 
 
