@@ -151,6 +151,11 @@ def test_prompt_lookup_alone_and_its_defaults(llama_dir):
                                  "params": {**params, "prompt_lookup": mode}})
                 assert generated_tokens(evs) == want, (conc, mode)
                 seen[conc, mode] = _stats(evs)
+            # max_tokens 0 (in the batch too): the prompt is processed and cached, nothing generated
+            evs = w.request({"type": "generate", "id": f"z{conc}", "prompt": {"tokens": ids},
+                             "params": {"max_tokens": 0, "prompt_lookup": True}})
+            assert evs[-1]["stop_reason"] == "max_tokens" and evs[-1]["text"] == "" and not generated_tokens(evs)
+            assert _stats(evs)["generated_tokens"] == 0 and "ttft_s" not in _stats(evs), _stats(evs)
         finally:
             w.close()
     assert seen[1, True]["prompt_lookup"] == "on" and seen[1, True].get("batching") is None

@@ -42,7 +42,7 @@ MUTANTS = [
       ("tests/process/test_batch_speculation.py::test_image_requests_with_a_draft_and_with_prompt_lookup",)),
     M("batch-max-tokens-zero-samples-one", "worker/generation/batcher.py",
       "            if run.budget == 0:\n", "            if False:\n",
-      ("tests/process/test_generate.py::test_max_tokens_zero_and_context_full",)),
+      ("tests/process/test_batch_speculation.py::test_prompt_lookup_alone_and_its_defaults",)),
     M("lookup-auto-on-sampled-requests", "worker/generation/speculation.py",
       "kit.info.max_concurrent > 1 and params.temperature == 0", "kit.info.max_concurrent > 1",
       ("tests/process/test_batch_speculation.py::test_auto_lookup_leaves_a_seeded_sample_as_alone",)),
